@@ -1,0 +1,39 @@
+"""ckptops: Safety Arithmetic (Hazra et al., EMNLP 2024) on checkpoint files.
+
+The public API is re-exported here lazily, so that ``import ckptops`` stays fast and the
+checkpoint engine never imports transformers::
+
+    import ckptops
+    report = ckptops.sanitize(base="base/", harmful="harmful/", target="target/", out="safe/")
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "sanitize": "ckptops.hdr.sanitize",
+    "SanitizeOptions": "ckptops.hdr.sanitize",
+    "SanitizeReport": "ckptops.hdr.sanitize",
+    "open_checkpoint": "ckptops.checkpoint.resolve",
+    "Checkpoint": "ckptops.checkpoint.resolve",
+    "compute_icv": "ckptops.icv.compute",
+    "ICV": "ckptops.icv.file",
+    "load_icv": "ckptops.icv.file",
+    "apply_icv": "ckptops.icv.patch",
+    "from_pretrained": "ckptops.icv.patch",
+    "patch_transformers": "ckptops.icv.patch",
+    "CkptopsError": "ckptops.errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ckptops' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
