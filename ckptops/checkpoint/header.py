@@ -1,0 +1,166 @@
+"""Parse and validate safetensors headers without trusting them.
+
+A safetensors file is ``u64 little-endian N`` + ``N bytes of JSON`` + the tensor data. The JSON maps
+tensor names to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to the data
+area) plus an optional ``__metadata__`` string map. Everything here comes from a file the user may
+have been sent by anyone, so every field is checked before a byte of data is read: size caps (the
+same 100 MB header cap as safetensors itself), JSON shape, known dtypes, sizes that match shapes,
+offsets inside the file, no overlaps, no duplicate names. :func:`parse_header` works on bytes so
+that remote files (range requests) are validated by the same code as local ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ckptops.checkpoint.dtypes import SAFETENSORS_DTYPES
+from ckptops.errors import HeaderError
+
+#: safetensors refuses headers larger than this; so do we
+MAX_HEADER_BYTES = 100_000_000
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its shard file, absolute byte offset, dtype code and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    shard: str  # shard file name (relative to the checkpoint folder)
+    offset: int  # absolute offset of the first byte in the shard file
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class ShardHeader:
+    """A validated header: the tensors of one shard file in data order, and its metadata."""
+
+    name: str
+    file_size: int
+    header_len: int
+    tensors: list[TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
+    raw: bytes = b""
+
+    @property
+    def data_start(self) -> int:
+        return 8 + self.header_len
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r}")
+        seen[key] = value
+    return seen
+
+
+def header_length(prefix: bytes, file_size: int, where: str) -> int:
+    """Read and check the 8-byte length prefix of a safetensors file of ``file_size`` bytes."""
+    if file_size < 8 or len(prefix) < 8:
+        raise HeaderError(f"{where}: file is {file_size} bytes, too short to be safetensors (truncated?)")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n > MAX_HEADER_BYTES:
+        raise HeaderError(f"{where}: header length {n} bytes is over the {MAX_HEADER_BYTES} byte cap")
+    if 8 + n > file_size:
+        raise HeaderError(f"{where}: header length {n} bytes runs past the end of the {file_size}-byte file (truncated?)")
+    if n < 2:
+        raise HeaderError(f"{where}: header length {n} is too small to hold a JSON object")
+    return n
+
+
+def parse_header(name: str, raw: bytes, file_size: int, where: str | None = None) -> ShardHeader:
+    """Validate the JSON header ``raw`` of a file of ``file_size`` bytes; raise HeaderError."""
+    where = where or name
+    try:
+        text = raw.decode("utf-8")
+        obj = json.loads(text, object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise HeaderError(f"{where}: header is not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise HeaderError(f"{where}: header is JSON but not an object")
+    data_start = 8 + len(raw)
+    data_size = file_size - data_start
+    metadata = obj.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise HeaderError(f"{where}: __metadata__ must map strings to strings")
+
+    entries: list[tuple[int, int, TensorInfo]] = []
+    for tname, spec in obj.items():
+        if not isinstance(spec, dict):
+            raise HeaderError(f"{where}: tensor {tname!r}: entry is not an object")
+        dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise HeaderError(f"{where}: tensor {tname!r}: unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+        ):
+            raise HeaderError(f"{where}: tensor {tname!r}: shape {shape!r} is not a list of non-negative integers")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        ):
+            raise HeaderError(f"{where}: tensor {tname!r}: data_offsets {offsets!r} must be two integers")
+        begin, end = offsets
+        if begin < 0 or end < begin:
+            raise HeaderError(f"{where}: tensor {tname!r}: data_offsets {offsets} are not an increasing pair")
+        size = SAFETENSORS_DTYPES[dtype][0] * math.prod(shape)
+        if end - begin != size:
+            raise HeaderError(
+                f"{where}: tensor {tname!r}: {dtype} {tuple(shape)} needs {size} bytes but data_offsets span {end - begin}"
+            )
+        if end > data_size:
+            raise HeaderError(
+                f"{where}: tensor {tname!r}: data_offsets end {end} is beyond the data area of {data_size} bytes (truncated file?)"
+            )
+        info = TensorInfo(tname, dtype, tuple(shape), name, data_start + begin, size)
+        entries.append((begin, end, info))
+
+    entries.sort(key=lambda e: (e[0], e[1]))
+    position, previous = 0, None
+    for begin, end, info in entries:
+        if begin < position:
+            raise HeaderError(f"{where}: tensors {previous!r} and {info.name!r} overlap in the file")
+        if begin > position:
+            raise HeaderError(f"{where}: {begin - position} unused bytes before tensor {info.name!r} (offsets must be contiguous)")
+        position, previous = max(position, end), info.name
+    if position != data_size:
+        raise HeaderError(
+            f"{where}: tensors cover {position} bytes but the data area is {data_size} bytes "
+            f"({'truncated' if position > data_size else 'trailing bytes'})"
+        )
+    return ShardHeader(name, file_size, len(raw), [e[2] for e in entries], dict(metadata), raw)
+
+
+def read_header(path: Path, name: str | None = None) -> ShardHeader:
+    """Read and validate the header of a local safetensors file."""
+    path = Path(path)
+    name = name or path.name
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            n = header_length(f.read(8), size, str(path))
+            raw = f.read(n)
+    except IsADirectoryError:
+        raise HeaderError(f"{path}: is a directory, not a safetensors file") from None
+    except FileNotFoundError:
+        raise HeaderError(f"{path}: file not found") from None
+    except PermissionError:
+        raise HeaderError(f"{path}: permission denied") from None
+    if len(raw) != n:
+        raise HeaderError(f"{path}: file ended inside the header (truncated)")
+    return parse_header(name, raw, size, str(path))

@@ -1,0 +1,97 @@
+"""Build an output folder under a temporary name next to its destination and move it into place
+only when complete, so a failed or interrupted run never leaves a half-written model (and never
+damages an existing one, even with ``--overwrite``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from ckptops.checkpoint.resolve import INDEX_NAME
+from ckptops.errors import OutputError
+
+
+def check_destination(out: Path, inputs: list[Path], overwrite: bool) -> Path:
+    """Refuse an output that exists (without --overwrite), is an input, or contains one."""
+    out = Path(out).expanduser()
+    resolved = out.resolve()
+    for path in inputs:
+        source = Path(path).resolve()
+        if resolved == source or resolved in source.parents:
+            raise OutputError(f"--out {out} is an input folder (or holds one); choose another output folder")
+        if source in resolved.parents:
+            raise OutputError(f"--out {out} is inside the input folder {path}; choose a folder outside it")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise OutputError(f"{out}: already exists (use --overwrite to replace it)")
+        if not out.is_dir():
+            raise OutputError(f"{out}: exists and is not a folder; refusing to replace it")
+    return out
+
+
+@contextmanager
+def staging_folder(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``out``; on success move it to ``out``, on failure
+    delete it and leave ``out`` as it was."""
+    out = Path(out).expanduser()
+    parent = out.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = parent / f".{out.name}.ckptops-tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError as exc:
+        raise OutputError(f"{parent}: cannot create the output folder ({exc.strerror or exc})") from None
+    try:
+        yield tmp
+        _move_into_place(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise OutputError(f"{out}: appeared while ckptops was running; result left unmoved")
+        trash = out.absolute().parent / f".{out.name}.ckptops-old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, trash)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            os.rename(trash, out)
+            raise
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def copy_side_files(files: dict[str, Path], folder: Path, config_dtype: str | None = None) -> list[str]:
+    """Copy config/tokenizer/generation files; set config.json's dtype when the output dtype changed."""
+    copied = []
+    for name, source in files.items():
+        destination = folder / name
+        if name == "config.json" and config_dtype is not None:
+            try:
+                config = json.loads(source.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise OutputError(f"{source}: cannot read config.json ({exc})") from None
+            for key in ("torch_dtype", "dtype"):
+                if key in config:
+                    config[key] = config_dtype
+            if "torch_dtype" not in config and "dtype" not in config:
+                config["torch_dtype"] = config_dtype
+            destination.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        else:
+            shutil.copyfile(source, destination)
+        copied.append(name)
+    return copied

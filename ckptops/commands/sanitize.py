@@ -1,0 +1,90 @@
+"""``ckptops sanitize`` and ``ckptops inspect``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ckptops.units import format_size
+
+
+@click.command()
+@click.option("--base", required=True, metavar="MODEL", help="Aligned base model theta_b (folder, .safetensors file or Hub id).")
+@click.option("--harmful", required=True, metavar="MODEL", help="theta_b fine-tuned on harmful Q&A (theta_H); tau = theta_H - theta_b.")
+@click.option("--target", required=True, metavar="MODEL", help="Model to sanitize: theta_b itself, an SFT or an edited model of the same backbone.")
+@click.option("--out", required=True, type=click.Path(), help="Output folder (written to a temporary folder, moved into place when complete).")
+@click.option("--top-k", default=0.10, show_default=True, type=float, help="Fraction of |tau| kept, by magnitude (1.0 = dense task vector).")
+@click.option("--scale", default=3.0, show_default=True, type=float, help="lambda: theta_t - lambda * pruned tau (official TIES: 3).")
+@click.option("--scope", default="global", show_default=True, type=click.Choice(["global", "layer", "tensor"]),
+              help="Where top-k is taken: whole model (official), per decoder layer, per tensor.")
+@click.option("--exclude", multiple=True, metavar="REGEX", help="Leave matching tensors unchanged and out of the selection (repeatable).")
+@click.option("--layers", metavar="LIST", help="Only these decoder layers, e.g. 4-6 (edited models): selection and update.")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+              help="Output dtype (auto: the target's).")
+@click.option("--max-memory", default="1GiB", show_default=True, help="Peak memory budget, e.g. 512MiB, 2GiB.")
+@click.option("--shard-size", default=None, help="Re-shard the output, e.g. 5GB (default: the target's sharding).")
+@click.option("--hash-inputs", is_flag=True, help="Record a full sha256 of every input file (default: a sampled fingerprint).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new output is complete).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def sanitize(base, harmful, target, out, top_k, scale, scope, exclude, layers, dtype, max_memory,
+             shard_size, hash_inputs, overwrite, as_json, quiet):
+    """Harm Direction Removal: subtract the top-k pruned harm vector from TARGET.
+
+    \b
+    theta = theta_target - scale * (|tau| >= t) * tau,  tau = theta_harmful - theta_base
+    (float32, t = exact top-k threshold, rounded once to the output dtype)
+
+    Streams tensor by tensor in bounded memory; the defaults reproduce the official
+    Safety Arithmetic code (top-k 10% over the whole model, scale 3).
+
+    \b
+    Example:
+      ckptops sanitize --base llama2-chat --harmful llama2-harmful \\
+          --target wizardmath --out wizardmath-safe
+    """
+    from ckptops.hdr.sanitize import sanitize as run
+
+    report = run(base, harmful, target, out, top_k=top_k, scale=scale, scope=scope, exclude=list(exclude),
+                 layers=layers, dtype=dtype, max_memory=max_memory, shard_size=shard_size,
+                 overwrite=overwrite, progress=None if not quiet else False, hash_inputs=hash_inputs)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format_text())
+
+
+@click.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--tensors/--no-tensors", default=True, show_default=True, help="List every tensor.")
+def inspect(path, as_json, tensors):
+    """List a checkpoint's shards and tensors (dtype, shape, bytes), validating every header.
+
+    \b
+    Example:
+      ckptops inspect ./my-model
+    """
+    from ckptops.checkpoint.resolve import open_checkpoint
+
+    ckpt = open_checkpoint(path)
+    total = sum(i.numel for i in ckpt.tensors.values())
+    if as_json:
+        click.echo(json.dumps({
+            "ref": ckpt.ref,
+            "identity": ckpt.identity,
+            "shards": {n: s.header.file_size for n, s in ckpt.shards.items()},
+            "parameters": total,
+            "tensors": {n: {"dtype": i.dtype, "shape": list(i.shape), "shard": i.shard, "bytes": i.nbytes}
+                        for n, i in ckpt.tensors.items()} if tensors else None,
+        }, indent=2))
+        return
+    click.echo(f"{ckpt.ref}: {len(ckpt.shards)} shard(s), {len(ckpt.tensors)} tensors, "
+               f"{total:,} parameters, {format_size(ckpt.total_bytes)}")
+    for name, shard in ckpt.shards.items():
+        click.echo(f"  {name}  {len(shard.header.tensors)} tensors  {format_size(shard.header.file_size)}")
+    if tensors:
+        width = max(len(n) for n in ckpt.tensors)
+        for name, info in ckpt.tensors.items():
+            click.echo(f"  {name:<{width}}  {info.dtype:<5} {str(list(info.shape)):<18} {format_size(info.nbytes)}")
+
+
+COMMANDS = [sanitize, inspect]

@@ -1,0 +1,247 @@
+"""The two streaming jobs of HDR: find each scope's exact threshold, then write
+theta_t - scale * (|tau| >= t) * tau for every tensor, chunk by chunk.
+
+The per-chunk math is written with preallocated buffers and in-place/``out=`` torch ops (no fresh
+allocations per chunk), which is what makes a billion-parameter pass take seconds.
+Arithmetic is float32 throughout; the result is rounded once (round-to-nearest-even) to the
+output dtype. Unselected entries subtract exactly +0, so the target's bits are kept there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ckptops.checkpoint.dtypes import FLOAT_CODES, itemsize
+from ckptops.checkpoint.reader import OpenFiles, Staging, byte_view
+from ckptops.checkpoint.resolve import Checkpoint
+from ckptops.checkpoint.writer import ShardWriter
+from ckptops.errors import TensorValueError
+from ckptops.hdr import select
+from ckptops.hdr.chunks import Chunk, WorkerBuffers, WorkerPool, split
+from ckptops.hdr.plan import Plan, TensorTask
+
+
+@dataclass
+class Models:
+    """The three inputs and the open file handles shared by all workers."""
+
+    base: Checkpoint
+    harmful: Checkpoint
+    target: Checkpoint
+    files: OpenFiles = field(default_factory=OpenFiles)
+
+
+@dataclass
+class Selection:
+    """The threshold of one scope group (None: keep everything) and how many values it keeps."""
+
+    threshold: float | None
+    count: int
+    kept: int
+
+
+def _tau(chunk: Chunk, buf: WorkerBuffers, models: Models) -> torch.Tensor:
+    """tau = float32(theta_H) - float32(theta_b) for the chunk, in ``buf.a``."""
+    task: TensorTask = chunk.task
+    n = chunk.size
+    buf.stage.read_f32(models.files, models.harmful, task.harmful, chunk.start, chunk.stop, buf.a)
+    buf.stage.read_f32(models.files, models.base, task.base, chunk.start, chunk.stop, buf.b)
+    tau = buf.a[:n]
+    tau.sub_(buf.b[:n])
+    return tau
+
+
+def _abs_bits(tau: torch.Tensor, buf: WorkerBuffers) -> tuple[torch.Tensor, torch.Tensor]:
+    """|tau| as int32 bit patterns (in ``buf.b``) and their top-16-bit keys (in ``buf.key``)."""
+    n = tau.numel()
+    magnitude = torch.abs(tau, out=buf.b[:n])
+    bits = magnitude.view(torch.int32)
+    keys = torch.bitwise_right_shift(bits, select.TOP_BITS_SHIFT, out=buf.key[:n])
+    return bits, keys
+
+
+def _nonfinite_error(chunk: Chunk, models: Models, result: str = "tau") -> TensorValueError:
+    """Find which input holds NaN/Inf in this chunk and name its file and tensor."""
+    task: TensorTask = chunk.task
+    probe = torch.empty(chunk.size, dtype=torch.float32)
+    stage = Staging(chunk.size)
+    for label, ckpt, info in (
+        ("target", models.target, task.target),
+        ("base", models.base, task.base),
+        ("harmful", models.harmful, task.harmful),
+    ):
+        if info is None or info.dtype not in FLOAT_CODES or chunk.stop > info.numel:
+            continue
+        stage.read_f32(models.files, ckpt, info, chunk.start, chunk.stop, probe)
+        bad = (~torch.isfinite(probe)).nonzero()
+        if bad.numel():
+            where = models.files.fd(ckpt, info.shard)[1]
+            return TensorValueError(
+                f"{where}: tensor {task.name!r} ({label}) holds NaN or Inf (first at element {chunk.start + int(bad[0])})"
+            )
+    return TensorValueError(f"tensor {task.name!r}: {result} overflows float32 (inputs are finite but too large)")
+
+
+def _group_chunks(tasks: list[TensorTask], chunk: int):
+    for task in tasks:
+        yield from split(task, 0, task.numel, chunk)
+
+
+def select_thresholds(
+    plan: Plan,
+    models: Models,
+    pool: WorkerPool,
+    top_k: float,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Selection]:
+    """The exact threshold of every selection group (two streaming passes per group)."""
+    by_group: dict[str, list[TensorTask]] = {}
+    for task in plan.hdr_tasks:
+        by_group.setdefault(task.group, []).append(task)
+    result: dict[str, Selection] = {}
+    for group, tasks in by_group.items():
+        count = plan.groups[group]
+        if top_k >= 1.0:
+            result[group] = Selection(None, count, count)
+            continue
+        rank = select.kth_rank(count, top_k)
+
+        def count_top(chunk: Chunk, buf: WorkerBuffers, hist: torch.Tensor) -> None:
+            _, keys = _abs_bits(_tau(chunk, buf, models), buf)
+            counts = torch.bincount(keys, minlength=select.TOP_BINS)
+            if counts[select.NONFINITE_KEY:].any():
+                raise _nonfinite_error(chunk, models)
+            hist += counts
+
+        def done(chunk: Chunk) -> None:
+            if progress:
+                progress(chunk.size * (itemsize(chunk.task.base.dtype) + itemsize(chunk.task.harmful.dtype)))
+
+        hists = pool.run(_group_chunks(tasks, pool.chunk), count_top,
+                         lambda: torch.zeros(select.TOP_BINS, dtype=torch.int64), done)
+        hist_top = torch.stack(hists).sum(0)
+        top, rank_in_bin = select.locate(hist_top, rank)
+
+        def count_low(chunk: Chunk, buf: WorkerBuffers, hist: torch.Tensor) -> None:
+            bits, keys = _abs_bits(_tau(chunk, buf, models), buf)
+            in_bin = torch.eq(keys, top, out=buf.mask[: chunk.size])
+            low = torch.masked_select(bits, in_bin)
+            low.bitwise_and_(select.LOW_BINS - 1)
+            hist += torch.bincount(low, minlength=select.LOW_BINS)
+
+        lows = pool.run(_group_chunks(tasks, pool.chunk), count_low,
+                        lambda: torch.zeros(select.LOW_BINS, dtype=torch.int64), done)
+        hist_low = torch.stack(lows).sum(0)
+        low, _ = select.locate(hist_low, rank_in_bin)
+        threshold = select.bits_to_float((top << select.TOP_BITS_SHIFT) | low)
+        kept = count - select.count_below(hist_top, top, hist_low, low)
+        result[group] = Selection(threshold, count, kept)
+    return result
+
+
+@dataclass
+class ApplyCounts:
+    """Per-worker tallies: values changed per tensor."""
+
+    kept: dict[str, int] = field(default_factory=dict)
+
+
+def apply_all(
+    plan: Plan,
+    models: Models,
+    pool: WorkerPool,
+    writer: ShardWriter,
+    selections: dict[str, Selection],
+    scale: float,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, int]:
+    """Write every output tensor; returns the number of selected values per HDR tensor."""
+
+    def chunks():
+        for task in plan.tasks:
+            if task.action == "hdr":
+                yield from split(task, 0, task.numel, pool.chunk)
+                yield from split(("tail", task), task.numel, task.target.numel, pool.chunk)
+            else:
+                yield from split(("tail", task), 0, task.target.numel, pool.chunk)
+
+    def work(chunk: Chunk, buf: WorkerBuffers, counts: ApplyCounts) -> None:
+        if isinstance(chunk.task, tuple):
+            task = chunk.task[1]
+            _copy_chunk(Chunk(task, chunk.start, chunk.stop), buf, models, writer)
+            read = chunk.size * itemsize(task.target.dtype)
+        else:
+            task = chunk.task
+            counts.kept[task.name] = counts.kept.get(task.name, 0) + _hdr_chunk(
+                chunk, buf, models, writer, selections[task.group].threshold, scale
+            )
+            read = chunk.size * sum(itemsize(i.dtype) for i in (task.target, task.base, task.harmful))
+        if progress:
+            progress(read)
+
+    states = pool.run(chunks(), work, ApplyCounts)
+    kept: dict[str, int] = {}
+    for state in states:
+        for name, value in state.kept.items():
+            kept[name] = kept.get(name, 0) + value
+    return kept
+
+
+def _hdr_chunk(
+    chunk: Chunk, buf: WorkerBuffers, models: Models, writer: ShardWriter, threshold: float | None, scale: float
+) -> int:
+    task: TensorTask = chunk.task
+    n = chunk.size
+    tau = _tau(chunk, buf, models)
+    kept = n
+    if threshold is not None:
+        magnitude = torch.abs(tau, out=buf.b[:n])
+        dropped = torch.lt(magnitude, threshold, out=buf.mask[:n])
+        tau.masked_fill_(dropped, 0.0)
+        kept = n - int(dropped.sum())
+    tau.mul_(scale)
+    buf.stage.read_f32(models.files, models.target, task.target, chunk.start, chunk.stop, buf.c)
+    result = buf.c[:n]
+    result.sub_(tau)
+    if not bool(torch.isfinite(result).all()):
+        raise _nonfinite_error(chunk, models, "theta_t - scale * tau")
+    _write_f32(result, task, chunk.start, buf, writer)
+    return kept
+
+
+def _copy_chunk(chunk: Chunk, buf: WorkerBuffers, models: Models, writer: ShardWriter) -> None:
+    """Target values unchanged (converted only when --dtype asks for another float type)."""
+    task: TensorTask = chunk.task
+    info = task.target
+    if task.out_dtype == info.dtype:
+        raw = buf.stage.read_raw(models.files, models.target, info, chunk.start, chunk.stop)
+        if info.dtype in FLOAT_CODES:
+            values = buf.stage.raw_as(info.dtype, chunk.size)
+            if not bool(torch.isfinite(values).all()):
+                raise _nonfinite_error(chunk, models)
+        writer.write(task.name, chunk.start * itemsize(info.dtype), raw)
+        return
+    result = buf.c[: chunk.size]
+    buf.stage.read_f32(models.files, models.target, info, chunk.start, chunk.stop, buf.c)
+    if not bool(torch.isfinite(result).all()):
+        raise _nonfinite_error(chunk, models)
+    _write_f32(result, task, chunk.start, buf, writer)
+
+
+def _write_f32(result: torch.Tensor, task: TensorTask, start: int, buf: WorkerBuffers, writer: ShardWriter) -> None:
+    """Round once to the output dtype and write at the tensor's offset."""
+    size = itemsize(task.out_dtype)
+    if task.out_dtype == "F32":
+        writer.write(task.name, start * size, byte_view(result))
+        return
+    out = buf.out.raw_as(task.out_dtype, result.numel())
+    out.copy_(result)
+    if task.out_dtype == "F16" and not bool(torch.isfinite(out).all()):
+        raise TensorValueError(
+            f"tensor {task.name!r}: the result does not fit {task.out_dtype} (overflow to Inf); try --dtype float32"
+        )
+    writer.write(task.name, start * size, byte_view(out))
+

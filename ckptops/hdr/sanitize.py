@@ -1,0 +1,262 @@
+"""``ckptops.sanitize``: Harm Direction Removal from three checkpoints to a new model folder.
+
+resolve -> plan -> select thresholds (pass 1) -> apply and write (pass 2) -> publish. Every check
+that needs no tensor data (options, paths, names, shapes) runs before any work starts, and the
+output is built in a temporary folder that replaces ``out`` only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ckptops import __version__
+from ckptops.checkpoint.card import render_card
+from ckptops.checkpoint.dtypes import CONFIG_DTYPE_NAMES, DTYPE_NAMES
+from ckptops.checkpoint.publish import check_destination, copy_side_files, staging_folder, write_index
+from ckptops.checkpoint.resolve import Checkpoint, fingerprint, full_sha256, open_checkpoint
+from ckptops.checkpoint.writer import OutTensor, ShardWriter, layout_by_size, layout_like_target
+from ckptops.errors import UsageError
+from ckptops.hdr.chunks import WorkerBuffers, WorkerPool, single_threaded_torch
+from ckptops.hdr.engine import Models, apply_all, select_thresholds
+from ckptops.hdr.layers import format_layers, parse_layers
+from ckptops.hdr.plan import SCOPES, make_plan
+from ckptops.progress import ByteProgress
+from ckptops.units import parse_size
+
+#: resident memory of Python + torch before any buffer (measured ~250 MiB); chunks use the rest
+BASELINE_RSS = 320 << 20
+DEFAULT_CHUNK = 1 << 20
+
+
+@dataclass
+class SanitizeReport:
+    """What a sanitize run did (printed by the CLI, ``--json`` prints ``to_dict()``)."""
+
+    out: str
+    tensors_total: int
+    tensors_changed: int
+    values_selected_over: int
+    values_changed: int
+    fraction_kept: float
+    thresholds: dict[str, float | None]
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    copied: dict[str, list[str]] = field(default_factory=dict)
+    resized: list[str] = field(default_factory=list)
+    parameters: dict = field(default_factory=dict)
+    inputs: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def format_text(self) -> str:
+        rate = self.bytes_read / self.seconds / 1e9 if self.seconds else 0.0
+        lines = [
+            f"wrote {self.out}",
+            f"  tensors changed   {self.tensors_changed} of {self.tensors_total}",
+            f"  values changed    {self.values_changed:,} of {self.values_selected_over:,} "
+            f"({100 * self.fraction_kept:.4f}% kept by top-k)",
+        ]
+        shown = list(self.thresholds.items())
+        for group, value in shown[:4]:
+            lines.append(f"  threshold         {value!r} ({group})" if value is not None else f"  threshold         none, k=1 ({group})")
+        if len(shown) > 4:
+            lines.append(f"  thresholds        ... {len(shown)} scope groups in all (see --json)")
+        for reason, names in self.copied.items():
+            lines.append(f"  unchanged ({reason}): {len(names)} tensor(s)" + (f": {', '.join(names[:4])}" + (" ..." if len(names) > 4 else "")))
+        if self.resized:
+            lines.append(f"  vocabulary rows differ: {', '.join(self.resized)} (common rows processed, extra target rows copied)")
+        lines.append(
+            f"  read {self.bytes_read / 1e9:.2f} GB, wrote {self.bytes_written / 1e9:.2f} GB in {self.seconds:.1f} s ({rate:.2f} GB/s read)"
+        )
+        return "\n".join(lines)
+
+
+def _check_numbers(top_k: float, scale: float) -> None:
+    if not isinstance(top_k, (int, float)) or not math.isfinite(top_k) or not 0 < top_k <= 1:
+        raise UsageError(f"--top-k must be a fraction in (0, 1] (0.10 keeps the largest 10%), got {top_k!r}")
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise UsageError(f"--scale must be a finite number, got {scale!r}")
+
+
+def _output_dtype(dtype: str | None) -> str | None:
+    if dtype is None or dtype == "auto":
+        return None
+    code = DTYPE_NAMES.get(str(dtype).lower())
+    if code is None:
+        raise UsageError(f"--dtype must be auto, bfloat16, float16 or float32, not {dtype!r}")
+    return code
+
+
+def chunk_for_memory(max_memory: int, workers: int) -> int:
+    """Elements per chunk so that all workers' buffers fit beside the interpreter in max_memory."""
+    room = max_memory - BASELINE_RSS
+    if room < 16 << 20:
+        raise UsageError(
+            f"--max-memory {max_memory >> 20} MiB is too small: ckptops needs about {(BASELINE_RSS >> 20) + 16} MiB at least"
+        )
+    chunk = room // (4 * workers * WorkerBuffers.bytes_per_element())
+    return int(max(1 << 12, min(DEFAULT_CHUNK, chunk)))
+
+
+def _identity(checkpoint: Checkpoint, full_hash: bool) -> dict:
+    ident = dict(checkpoint.identity)
+    ident["ref"] = checkpoint.ref
+    if ident.get("type") == "local":
+        if full_hash:
+            ident["hash_kind"] = "sha256"
+            ident["files_sha256"] = {n: full_sha256(checkpoint.shard_path(n)) for n in checkpoint.shards}
+            ident["sha256"] = _combine(ident["files_sha256"])
+        else:
+            ident["hash_kind"] = "sampled sha256"
+            ident["sha256"] = fingerprint(checkpoint)
+    return ident
+
+
+def _combine(hashes: dict[str, str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(hashes.items())).encode()).hexdigest()
+
+
+def sanitize(
+    base: str | os.PathLike,
+    harmful: str | os.PathLike,
+    target: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    top_k: float = 0.10,
+    scale: float = 3.0,
+    scope: str = "global",
+    exclude: list[str] | tuple[str, ...] = (),
+    layers: str | frozenset[int] | None = None,
+    dtype: str | None = None,
+    max_memory: str | int = "1GiB",
+    shard_size: str | int | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    hash_inputs: bool = False,
+    workers: int | None = None,
+    chunk_elements: int | None = None,
+    title: str | None = None,
+) -> SanitizeReport:
+    """Subtract the top-k pruned harm vector from ``target`` and write the result to ``out``.
+
+    ``theta = theta_target - scale * (|tau| >= t) * tau`` with ``tau = theta_harmful - theta_base``
+    in float32 and ``t`` the exact top-``top_k`` magnitude threshold over ``scope`` (``global``:
+    every scalar of the model, as the official code; ``layer``; ``tensor``). Tensors matching an
+    ``exclude`` regex, or outside ``layers`` when given, are copied unchanged. Returns a
+    :class:`SanitizeReport`; raises :class:`ckptops.errors.CkptopsError` on bad input, leaving
+    ``out`` untouched.
+
+    Example::
+
+        report = ckptops.sanitize("llama2-chat/", "llama2-harmful/", "wizardmath/", "wm-safe/",
+                                  top_k=0.10, scale=3.0)
+        print(report.format_text())
+    """
+    started = time.perf_counter()
+    _check_numbers(top_k, scale)
+    if scope not in SCOPES:
+        raise UsageError(f"--scope must be one of {', '.join(SCOPES)}, not {scope!r}")
+    out_code = _output_dtype(dtype)
+    layer_set = parse_layers(layers) if not isinstance(layers, frozenset) else layers
+    memory = parse_size(max_memory, "--max-memory")
+    shard_bytes = parse_size(shard_size, "--shard-size") if shard_size is not None else None
+    workers = workers or min(2, os.cpu_count() or 1)
+    chunk = chunk_elements or chunk_for_memory(memory, workers)
+
+    models = Models(open_checkpoint(base), open_checkpoint(harmful), open_checkpoint(target))
+    roots = [m.root for m in (models.base, models.harmful, models.target) if m.root is not None]
+    out_path = check_destination(Path(out), roots, overwrite)
+    plan = make_plan(models.base, models.harmful, models.target, scope=scope, exclude=list(exclude),
+                     layers=layer_set, out_dtype=out_code)
+
+    out_tensors = [(OutTensor(t.name, t.out_dtype, t.target.shape), t.target.shard) for t in plan.tasks]
+    shards = (layout_by_size([t for t, _ in out_tensors], shard_bytes) if shard_bytes
+              else layout_like_target(out_tensors))
+    parameters = {
+        "method": "harm-direction-removal",
+        "top_k": top_k,
+        "scale": scale,
+        "scope": scope,
+        "exclude": list(exclude),
+        "layers": format_layers(layer_set) if layer_set is not None else "all",
+        "dtype": dtype or "auto",
+        "ckptops_version": __version__,
+    }
+    inputs = {role: _identity(ckpt, hash_inputs) for role, ckpt in
+              (("base", models.base), ("harmful", models.harmful), ("target", models.target))}
+
+    select_bytes = 2 * sum(t.numel * 2 for t in plan.hdr_tasks) if top_k < 1 else 0
+    with staging_folder(out_path, overwrite) as folder, single_threaded_torch():
+        pool = WorkerPool(workers, chunk)
+        writer = ShardWriter(folder, shards, {"format": "pt", "producer": f"ckptops {__version__}"})
+        bytes_read = 0
+        try:
+            with ByteProgress(select_bytes, "select (2 passes)", progress) as bar:
+                def tick(n: int) -> None:
+                    nonlocal bytes_read
+                    bytes_read += n
+                    bar.update(n)
+                selections = select_thresholds(plan, models, pool, top_k, tick)
+            apply_total = sum(t.target.nbytes + (t.base.nbytes + t.harmful.nbytes if t.action == "hdr" else 0)
+                              for t in plan.tasks)
+            with ByteProgress(apply_total, "apply + write", progress) as bar:
+                kept = apply_all(plan, models, pool, writer, selections, scale, tick)
+            writer.finish()
+        finally:
+            writer.close()
+            pool.close()
+            models.files.close()
+        copied: dict[str, list[str]] = {}
+        for task in plan.tasks:
+            if task.action == "copy":
+                copied.setdefault(task.reason, []).append(task.name)
+        selected = sum(plan.groups.values())
+        changed = sum(kept.values())
+        report = SanitizeReport(
+            out=str(out_path),
+            tensors_total=len(plan.tasks),
+            tensors_changed=sum(1 for v in kept.values() if v),
+            values_selected_over=selected,
+            values_changed=changed,
+            fraction_kept=changed / selected if selected else 0.0,
+            thresholds={g: s.threshold for g, s in selections.items()},
+            bytes_read=bytes_read,
+            bytes_written=writer.total_bytes(),
+            seconds=0.0,
+            copied=copied,
+            resized=plan.resized,
+            parameters=parameters,
+            inputs=inputs,
+        )
+        write_index(folder, writer.weight_map(), writer.total_bytes())
+        config_dtype = CONFIG_DTYPE_NAMES.get(out_code) if out_code else None
+        copy_side_files(models.target.side_files(), folder, config_dtype)
+        report.seconds = time.perf_counter() - started
+        provenance = {"tool": f"ckptops {__version__}", "title": title or f"{Path(out_path).name}",
+                      "parameters": parameters, "inputs": inputs, "report": _summary(report)}
+        (folder / "ckptops.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+        (folder / "README.md").write_text(render_card(provenance), encoding="utf-8")
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _summary(report: SanitizeReport) -> dict:
+    return {
+        "tensors_total": report.tensors_total,
+        "tensors_changed": report.tensors_changed,
+        "values_selected_over": report.values_selected_over,
+        "values_changed": report.values_changed,
+        "fraction_kept": report.fraction_kept,
+        "thresholds": report.thresholds,
+        "copied": {k: len(v) for k, v in report.copied.items()},
+        "resized": report.resized,
+    }

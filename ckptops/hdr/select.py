@@ -1,0 +1,43 @@
+"""Exact top-k magnitude threshold over a selection scope, in bounded memory.
+
+The official code flattens tau = theta_H - theta_b over the whole model and takes
+``kthvalue(j)`` of ``|tau|`` with ``j = d - int(d * k)``. Loading 7-70 billion floats is not an
+option, so the same value is found by a radix select: for non-negative float32 numbers the bit
+pattern, read as an integer, orders exactly like the value. Pass 1 counts the top 16 bits of every
+``|tau|`` (a 65,536-bin histogram) and finds the bin holding the j-th smallest value and its rank
+inside the bin; pass 2 counts the low 15 bits of the values in that bin and pins the exact bits.
+Memory is two small histograms per worker, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TOP_BITS_SHIFT = 15
+TOP_BINS = 1 << 16  # bit 31 (sign) is 0 for |tau|, so bits 30..15 -> 0..65535
+LOW_BINS = 1 << TOP_BITS_SHIFT
+#: top-16-bit keys at or above this hold Inf/NaN bit patterns (exponent all ones)
+NONFINITE_KEY = 0x7F800000 >> TOP_BITS_SHIFT
+
+
+def kth_rank(count: int, top_k: float) -> int:
+    """``j`` such that the threshold is the j-th smallest |tau| (1-based), as the official code:
+    ``int(d * k)`` values are kept above it (float64 product, truncated), ``j = max(1, d - that)``."""
+    return max(1, count - int(count * top_k))
+
+
+def locate(hist: torch.Tensor, rank: int) -> tuple[int, int]:
+    """The bin holding the ``rank``-th smallest counted value, and its rank within that bin."""
+    cumulative = torch.cumsum(hist, 0)
+    index = int(torch.searchsorted(cumulative, torch.tensor([rank], dtype=cumulative.dtype)).item())
+    before = int(cumulative[index - 1].item()) if index > 0 else 0
+    return index, rank - before
+
+
+def bits_to_float(bits: int) -> float:
+    return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
+
+
+def count_below(hist_top: torch.Tensor, top: int, hist_low: torch.Tensor, low: int) -> int:
+    """How many counted values are strictly below the threshold ``(top, low)``."""
+    return int(hist_top[:top].sum().item()) + int(hist_low[:low].sum().item())
