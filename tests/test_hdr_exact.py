@@ -1,0 +1,137 @@
+"""The streamed output equals an independent in-memory reference bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ckptops
+from conftest import llama_state, write_folder
+from hdr_reference import bits_equal, load_folder, read_index, reference_hdr
+
+
+def _check(out, expected):
+    got = load_folder(out)
+    assert set(got) == set(expected)
+    bad = [n for n in expected if not bits_equal(got[n], expected[n])]
+    assert not bad, f"differs from the reference: {bad[:5]}"
+
+
+@pytest.mark.parametrize("scope", ["global", "layer", "tensor"])
+@pytest.mark.parametrize("chunk", [None, 1000])
+def test_scopes_match_reference(triple, tmp_path, scope, chunk):
+    paths, states = triple
+    report = ckptops.sanitize(paths["base"], paths["harmful"], paths["target"], tmp_path / "out",
+                              scope=scope, chunk_elements=chunk, progress=False)
+    expected, thresholds = reference_hdr(states["base"], states["harmful"], states["target"], scope=scope)
+    _check(tmp_path / "out", expected)
+    assert report.thresholds == pytest.approx(thresholds)
+
+
+def test_ties_are_kept(tmp_path):
+    """Coarse values make huge ties at the threshold: every tied entry is kept."""
+    base = llama_state(0)
+    harmful = {n: (v.float() + torch.randint(-2, 3, v.shape).float() * 2**-8).to(torch.bfloat16) for n, v in base.items()}
+    target = llama_state(5, base=base, delta=0.003)
+    p = [write_folder(tmp_path / r, s) for r, s in (("b", base), ("h", harmful), ("t", target))]
+    report = ckptops.sanitize(*p, tmp_path / "out", top_k=0.3, chunk_elements=777, progress=False)
+    expected, thresholds = reference_hdr(base, harmful, target, top_k=0.3)
+    _check(tmp_path / "out", expected)
+    # far more than 30% kept because of ties at the threshold
+    assert report.fraction_kept > 0.3
+    assert report.thresholds["all"] == thresholds["all"]
+
+
+def test_radix_select_matches_kthvalue_on_hard_distributions():
+    from ckptops.hdr import select
+
+    g = torch.Generator().manual_seed(3)
+    cases = [
+        torch.zeros(5000),
+        torch.randn(10000, generator=g) * 1e-30,  # subnormal-ish magnitudes
+        torch.cat([torch.zeros(900), torch.ones(100) * 3.5]),
+        torch.randn(20000, generator=g).exp() * 1e10,
+        torch.tensor([1.0]),
+    ]
+    for values in cases:
+        mag = values.abs()
+        for k in (0.001, 0.1, 0.5, 0.9999):
+            d = mag.numel()
+            rank = select.kth_rank(d, k)
+            bits = mag.view(torch.int32)
+            top, r = select.locate(torch.bincount(bits >> 15, minlength=select.TOP_BINS), rank)
+            low_vals = bits[(bits >> 15) == top] & (select.LOW_BINS - 1)
+            low, _ = select.locate(torch.bincount(low_vals, minlength=select.LOW_BINS), r)
+            got = select.bits_to_float((top << 15) | low)
+            assert got == mag.kthvalue(max(1, d - int(d * k))).values.item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_other_input_dtypes_and_output_dtype(tmp_path, dtype):
+    base = llama_state(0, dtype=dtype)
+    harmful = llama_state(1, dtype=torch.bfloat16, base=base, delta=0.01)  # mixed input dtypes
+    target = llama_state(2, dtype=dtype, base=base, delta=0.004)
+    p = [write_folder(tmp_path / r, s) for r, s in (("b", base), ("h", harmful), ("t", target))]
+    ckptops.sanitize(*p, tmp_path / "out", chunk_elements=500, progress=False)
+    expected, _ = reference_hdr(base, harmful, target)
+    _check(tmp_path / "out", expected)
+    ckptops.sanitize(*p, tmp_path / "out32", dtype="float32", progress=False)
+    expected, _ = reference_hdr(base, harmful, target, out_dtype=torch.float32)
+    _check(tmp_path / "out32", expected)
+
+
+def test_exclude_layers_and_dense(triple, tmp_path):
+    paths, s = triple
+    args = (paths["base"], paths["harmful"], paths["target"])
+    ckptops.sanitize(*args, tmp_path / "ex", exclude=["embed_tokens", r"norm\.weight$"], chunk_elements=999, progress=False)
+    expected, _ = reference_hdr(s["base"], s["harmful"], s["target"], exclude=["embed_tokens", r"norm\.weight$"])
+    _check(tmp_path / "ex", expected)
+    assert bits_equal(load_folder(tmp_path / "ex")["model.embed_tokens.weight"], s["target"]["model.embed_tokens.weight"])
+
+    ckptops.sanitize(*args, tmp_path / "ly", layers="1-2", chunk_elements=999, progress=False)
+    expected, _ = reference_hdr(s["base"], s["harmful"], s["target"], layers={1, 2})
+    _check(tmp_path / "ly", expected)
+    got = load_folder(tmp_path / "ly")
+    for name, value in s["target"].items():  # nothing outside layers 1-2 changes
+        if ".layers.1." not in name and ".layers.2." not in name:
+            assert bits_equal(got[name], value), name
+
+    ckptops.sanitize(*args, tmp_path / "dense", top_k=1.0, scale=0.1, progress=False)
+    expected, _ = reference_hdr(s["base"], s["harmful"], s["target"], top_k=1.0, scale=0.1)
+    _check(tmp_path / "dense", expected)
+
+
+def test_vocab_resized_target_and_target_only_tensor(tmp_path):
+    base = llama_state(0)
+    harmful = llama_state(1, base=base, delta=0.01)
+    target = llama_state(2, vocab=99, base=base, delta=0.004)  # SFT added 3 tokens
+    target["model.extra_buffer.weight"] = torch.ones(4, dtype=torch.bfloat16)
+    p = [write_folder(tmp_path / r, s) for r, s in (("b", base), ("h", harmful), ("t", target))]
+    report = ckptops.sanitize(*p, tmp_path / "out", chunk_elements=1000, progress=False)
+    expected, _ = reference_hdr(base, harmful, target)
+    _check(tmp_path / "out", expected)
+    got = load_folder(tmp_path / "out")
+    assert bits_equal(got["model.embed_tokens.weight"][96:], target["model.embed_tokens.weight"][96:])
+    assert set(report.resized) == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert report.copied["only in target"] == ["model.extra_buffer.weight"]
+
+
+def test_single_file_inputs_and_resharding(triple, tmp_path):
+    paths, s = triple
+    ckptops.sanitize(paths["base"] / "model.safetensors", paths["harmful"], paths["target"], tmp_path / "out",
+                     shard_size="40KB", progress=False)
+    expected, _ = reference_hdr(s["base"], s["harmful"], s["target"])
+    _check(tmp_path / "out", expected)
+    index = read_index(tmp_path / "out")
+    files = set(index["weight_map"].values())
+    assert len(files) >= 2 and all((tmp_path / "out" / f).exists() for f in files)
+    for f in files:  # no shard over 40 kB unless it holds a single larger tensor
+        names = [n for n, v in index["weight_map"].items() if v == f]
+        size = sum(expected[n].numel() * expected[n].element_size() for n in names)
+        assert size <= 40_000 or len(names) == 1
+
+
+def test_target_sharding_is_kept(triple, tmp_path):
+    paths, _ = triple
+    ckptops.sanitize(paths["base"], paths["harmful"], paths["target"], tmp_path / "out", progress=False)
+    assert read_index(tmp_path / "out")["weight_map"] == read_index(paths["target"])["weight_map"]
