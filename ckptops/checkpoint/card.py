@@ -1,20 +1,16 @@
 """The model card (README.md with Hugging Face front matter) of a sanitized checkpoint.
 
 It records what a reader needs to trust and repeat the result: the method and its exact
-parameters, and the identity of every input (Hub repo + commit, or local path + content hash).
-The front matter carries ``base_model`` (the target) and the ``safety-arithmetic``/``ckptops``
-tags that mark a checkpoint as already sanitized.
+parameters, and the identity of every input (Hub repo + commit, or the reference given + content
+hash). The front matter is built with ``huggingface_hub.ModelCardData`` so that the Hub reads it
+as it reads every other card: ``base_model`` (the target), the ``safety-arithmetic``/``ckptops``
+tags that mark a checkpoint as already sanitized, and a ``safety_arithmetic`` block holding the
+parameters and inputs in machine-readable form.
 """
 
 from __future__ import annotations
 
-import json
-
 TAGS = ["safety-arithmetic", "ckptops"]
-
-
-def _yaml_str(value: str) -> str:
-    return json.dumps(value)  # a JSON string is a valid YAML scalar
 
 
 def base_model_id(identity: dict, ref: str) -> str:
@@ -24,20 +20,41 @@ def base_model_id(identity: dict, ref: str) -> str:
     return identity.get("hub_id") or ref.rstrip("/").split("/")[-1] or ref
 
 
-def render_card(provenance: dict) -> str:
-    """README.md text for the output folder, from the provenance record written beside it."""
+def input_summary(identity: dict) -> dict:
+    """What the front matter records about one input: repo, revision and commit for a Hub
+    input; the reference given and its content hash for a local one (never an absolute path)."""
+    if identity.get("type") == "hub":
+        return {"repo": identity["repo"], "revision": identity.get("revision"), "commit": identity.get("commit")}
+    return {"ref": identity.get("ref", ""), identity.get("hash_kind", "fingerprint").replace(" ", "_"): identity.get("sha256", "")}
+
+
+def front_matter(provenance: dict):
+    """The card's metadata as a ``huggingface_hub.ModelCardData``."""
+    from huggingface_hub import ModelCardData
+
+    inputs = provenance["inputs"]
+    target = inputs["target"]
+    block = dict(provenance["parameters"])
+    block["inputs"] = {role: input_summary(inputs[role]) for role in ("base", "harmful", "target")}
+    return ModelCardData(
+        base_model=base_model_id(target, target.get("ref", "")),
+        tags=list(TAGS),
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        safety_arithmetic=block,
+    )
+
+
+def render_card(provenance: dict, hub_repo: str | None = None) -> str:
+    """README.md text for the output folder, from the provenance record written beside it.
+
+    ``hub_repo`` (the repo the folder is pushed to) goes into the loading examples."""
+    from huggingface_hub import ModelCard
+
     params = provenance["parameters"]
     inputs = provenance["inputs"]
     report = provenance.get("report", {})
-    target = inputs["target"]
     lines = [
-        "---",
-        f"base_model: {_yaml_str(base_model_id(target, target.get('ref', '')))}",
-        "tags:",
-        *[f"- {tag}" for tag in TAGS],
-        "library_name: transformers",
-        "---",
-        "",
         f"# {provenance.get('title', 'Sanitized model')}",
         "",
         "This checkpoint was produced by [ckptops](https://pypi.org/project/ckptops/) with "
@@ -59,7 +76,7 @@ def render_card(provenance: dict) -> str:
     for role in ("base", "harmful", "target"):
         ident = inputs[role]
         if ident.get("type") == "hub":
-            who = f"commit `{ident.get('commit')}`"
+            who = f"`{ident.get('repo')}` at commit `{ident.get('commit')}`"
         else:
             kind = ident.get("hash_kind", "fingerprint")
             who = f"{kind} `{ident.get('sha256', '')}`"
@@ -75,19 +92,35 @@ def render_card(provenance: dict) -> str:
         ]
         for group, threshold in list(report.get("thresholds", {}).items())[:8]:
             lines.append(f"- threshold ({group}): {threshold}")
+    where = hub_repo or "path/to/this/folder"
     lines += [
         "",
         "## Loading",
         "",
         "```python",
         "from transformers import AutoModelForCausalLM",
-        "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")",
+        f"model = AutoModelForCausalLM.from_pretrained({where!r})",
         "```",
         "",
-        "If the folder holds `icv.safetensors` (the Safe-Align in-context vector), load it with",
-        "`ckptops.from_pretrained(folder)` to apply the vector as well.",
+        "With the Safe-Align in-context vector (when the checkpoint holds `icv.safetensors`),",
+        "load it through ckptops, which applies the vector with forward hooks:",
+        "",
+        "```python",
+        "import ckptops",
+    ]
+    if hub_repo:
+        lines += [
+            "from huggingface_hub import snapshot_download",
+            f"folder = snapshot_download({hub_repo!r})",
+            "model = ckptops.from_pretrained(folder)  # applies folder/icv.safetensors when present",
+        ]
+    else:
+        lines += [f"model = ckptops.from_pretrained({where!r})  # applies icv.safetensors when present"]
+    lines += [
+        "```",
         "",
         "`ckptops.json` beside this card holds the same provenance as machine-readable JSON.",
         "",
     ]
-    return "\n".join(lines)
+    body = "\n".join(lines)
+    return str(ModelCard(f"---\n{front_matter(provenance).to_yaml()}\n---\n\n{body}"))

@@ -60,6 +60,8 @@ class Checkpoint:
     has_index: bool = False
     #: called when no remaining work needs a shard (``--low-disk`` uses it to free the disk)
     release: Callable[[str], None] | None = None
+    #: progress bars for shards fetched on first use (None: only when stderr is a terminal)
+    progress: bool | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -75,24 +77,43 @@ class Checkpoint:
         return collect_side_files(self.root)
 
 
-def collect_side_files(root: Path) -> dict[str, Path]:
-    """Files to copy into an output folder: everything small that is not weights or an index."""
+def is_side_file(name: str, size: int | None) -> bool:
+    """Whether a top-level file of a checkpoint is copied into an output folder: everything small
+    (config, tokenizer, generation config, ...) that is not weights, an index or the model card.
+    The same rule serves local folders and Hub repos."""
     skip_suffixes = (".safetensors", ".gguf", ".msgpack", ".h5", ".onnx", ".lock") + PICKLE_SUFFIXES
-    found: dict[str, Path] = {}
-    for entry in sorted(root.iterdir()):
-        name = entry.name
-        if name.startswith(".") or not entry.is_file():
-            continue
-        if name.endswith(skip_suffixes) or name.endswith(".index.json") or name == "README.md":
-            continue
-        if name == "icv.safetensors" or entry.stat().st_size > 64 * 1024 * 1024:
-            continue
-        found[name] = entry
-    return found
+    if name.startswith(".") or "/" in name or name.endswith(skip_suffixes) or name.endswith(".index.json"):
+        return False
+    return name != "README.md" and (size is None or size <= 64 * 1024 * 1024)
 
 
-#: functions ``(ref, revision) -> Checkpoint | None`` tried, in order, when ``ref`` is not a path
+def collect_side_files(root: Path) -> dict[str, Path]:
+    """Files to copy into an output folder (see :func:`is_side_file`)."""
+    return {
+        entry.name: entry
+        for entry in sorted(root.iterdir())
+        if entry.is_file() and is_side_file(entry.name, entry.stat().st_size)
+    }
+
+
+#: functions ``ref -> Checkpoint | None`` tried, in order, when ``ref`` is not a path
 REMOTE_RESOLVERS: list[Callable[[str], "Checkpoint | None"]] = []
+
+
+def _hub_resolver(ref: str) -> "Checkpoint | None":
+    """``org/name[@revision]`` on the Hugging Face Hub. huggingface_hub is imported only when a
+    reference looks like a repo id, so the engine imports (and runs on folders) without it."""
+    from ckptops.hub.refs import parse_hub_ref
+
+    hub_ref = parse_hub_ref(ref)
+    if hub_ref is None:
+        return None
+    from ckptops.hub.resolve import open_hub_checkpoint
+
+    return open_hub_checkpoint(hub_ref)
+
+
+REMOTE_RESOLVERS.append(_hub_resolver)
 
 
 def open_checkpoint(ref: str | os.PathLike) -> Checkpoint:

@@ -1,8 +1,16 @@
 """``ckptops.sanitize``: Harm Direction Removal from three checkpoints to a new model folder.
 
-resolve -> plan -> select thresholds (pass 1) -> apply and write (pass 2) -> publish. Every check
-that needs no tensor data (options, paths, names, shapes) runs before any work starts, and the
-output is built in a temporary folder that replaces ``out`` only when complete.
+resolve -> plan -> select thresholds (pass 1) -> apply and write (pass 2) -> publish [-> push].
+Every check that needs no tensor data (options, paths, names, shapes; for Hub inputs, every
+header, read by range requests) runs before any work starts, and the output is built in a
+temporary folder that replaces ``out`` only when complete.
+
+``low_disk`` runs the same passes in units of consecutive tensors and releases every input shard
+(``Checkpoint.release``: Hub inputs evict what they downloaded from the cache) as soon as no later
+unit reads it. With ``tensor``/``layer`` scope each unit selects its own thresholds, so a shard is
+needed only while its unit runs. With ``global`` scope the threshold needs every base/harmful
+value twice before the first tensor can be written, so all base and harmful shards stay on disk
+through selection and are released during the apply pass (target shards as soon as written).
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from pathlib import Path
 
 from ckptops import __version__
 from ckptops.checkpoint.card import render_card
-from ckptops.checkpoint.dtypes import CONFIG_DTYPE_NAMES, DTYPE_NAMES
+from ckptops.checkpoint.dtypes import CONFIG_DTYPE_NAMES, DTYPE_NAMES, itemsize
 from ckptops.checkpoint.publish import check_destination, copy_side_files, staging_folder, write_index
 from ckptops.checkpoint.resolve import Checkpoint, fingerprint, full_sha256, open_checkpoint
 from ckptops.checkpoint.writer import OutTensor, ShardWriter, layout_by_size, layout_like_target
@@ -24,7 +32,7 @@ from ckptops.errors import UsageError
 from ckptops.hdr.chunks import WorkerBuffers, WorkerPool, single_threaded_torch
 from ckptops.hdr.engine import Models, apply_all, select_thresholds
 from ckptops.hdr.layers import format_layers, parse_layers
-from ckptops.hdr.plan import SCOPES, make_plan
+from ckptops.hdr.plan import SCOPES, Plan, TensorTask, make_plan
 from ckptops.progress import ByteProgress
 from ckptops.units import parse_size
 
@@ -51,6 +59,7 @@ class SanitizeReport:
     resized: list[str] = field(default_factory=list)
     parameters: dict = field(default_factory=dict)
     inputs: dict = field(default_factory=dict)
+    pushed: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,9 +81,14 @@ class SanitizeReport:
             lines.append(f"  unchanged ({reason}): {len(names)} tensor(s)" + (f": {', '.join(names[:4])}" + (" ..." if len(names) > 4 else "")))
         if self.resized:
             lines.append(f"  vocabulary rows differ: {', '.join(self.resized)} (common rows processed, extra target rows copied)")
+        for role, ident in self.inputs.items():
+            if ident.get("type") == "hub":
+                lines.append(f"  {role:<17} {ident['repo']}@{ident.get('revision')} = commit {ident.get('commit')}")
         lines.append(
             f"  read {self.bytes_read / 1e9:.2f} GB, wrote {self.bytes_written / 1e9:.2f} GB in {self.seconds:.1f} s ({rate:.2f} GB/s read)"
         )
+        if self.pushed:
+            lines.append(f"  pushed to {self.pushed['url']} (branch {self.pushed['branch']}, commit {self.pushed['commit'][:12]})")
         return "\n".join(lines)
 
 
@@ -119,6 +133,63 @@ def _identity(checkpoint: Checkpoint, full_hash: bool) -> dict:
     return ident
 
 
+def _reads(task: TensorTask) -> list[tuple[str, str]]:
+    """(role, shard) of every input file the apply pass reads for ``task``; selection reads the
+    base/harmful part of the same list."""
+    pairs = [("target", task.target.shard)]
+    if task.action == "hdr":
+        pairs += [("base", task.base.shard), ("harmful", task.harmful.shard)]
+    return pairs
+
+
+def _file_key(checkpoint: Checkpoint, shard: str) -> tuple:
+    """One key per physical input file, so that a repo given twice (base == target) is released
+    only when neither role needs it any more."""
+    ident = checkpoint.identity
+    if ident.get("type") == "hub":
+        return ("hub", ident["repo"], ident["commit"], shard)
+    path = checkpoint.shards[shard].path
+    return ("file", str(Path(path).resolve()) if path is not None else f"{id(checkpoint)}:{shard}")
+
+
+def _run_low_disk(plan: Plan, models: Models, pool: WorkerPool, writer: ShardWriter, top_k: float, scale: float,
+                  scope: str, tick) -> tuple[dict, dict[str, int]]:
+    """Select and apply unit by unit (see the module docstring), releasing input shards early.
+
+    A unit ends after a task that is the last reader of some input file, and never inside a
+    selection group whose thresholds it computes. Returns (selections, values kept per tensor)."""
+    roles = {"base": models.base, "harmful": models.harmful, "target": models.target}
+    preselect = scope == "global" and top_k < 1
+    selections = select_thresholds(plan, models, pool, top_k, tick) if preselect else {}
+    keys = [{_file_key(roles[r], s): (r, s) for r, s in _reads(t)} for t in plan.tasks]
+    holders: dict[tuple, set[tuple[str, str]]] = {}
+    last_use: dict[tuple, int] = {}
+    for i, task_keys in enumerate(keys):
+        for key, pair in task_keys.items():
+            holders.setdefault(key, set()).add(pair)
+            last_use[key] = i
+    group_end = {} if preselect else {t.group: i for i, t in enumerate(plan.tasks) if t.group is not None}
+    kept: dict[str, int] = {}
+    start, open_until = 0, -1
+    for i, task in enumerate(plan.tasks):
+        open_until = max(open_until, group_end.get(task.group, -1))
+        last = i + 1 == len(plan.tasks)
+        if not last and (i < open_until or all(last_use[k] != i for k in keys[i])):
+            continue
+        unit = Plan(plan.tasks[start:i + 1], plan.groups)
+        if not preselect:
+            selections.update(select_thresholds(unit, models, pool, top_k, tick))
+        for name, value in apply_all(unit, models, pool, writer, selections, scale, tick).items():
+            kept[name] = kept.get(name, 0) + value
+        for key in [k for k, j in last_use.items() if start <= j <= i]:
+            for role, shard in sorted(holders[key]):
+                models.files.close(roles[role], shard)
+                if roles[role].release is not None:
+                    roles[role].release(shard)
+        start = i + 1
+    return selections, kept
+
+
 def _combine(hashes: dict[str, str]) -> str:
     import hashlib
 
@@ -145,6 +216,11 @@ def sanitize(
     workers: int | None = None,
     chunk_elements: int | None = None,
     title: str | None = None,
+    low_disk: bool = False,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    branch: str | None = None,
+    commit_message: str | None = None,
 ) -> SanitizeReport:
     """Subtract the top-k pruned harm vector from ``target`` and write the result to ``out``.
 
@@ -154,6 +230,13 @@ def sanitize(
     ``exclude`` regex, or outside ``layers`` when given, are copied unchanged. Returns a
     :class:`SanitizeReport`; raises :class:`ckptops.errors.CkptopsError` on bad input, leaving
     ``out`` untouched.
+
+    Inputs may be Hub references (``org/name[@revision]``): each revision is pinned to a commit
+    and every header read before any download; shards then download through the Hugging Face
+    cache in the order the passes need them. ``low_disk`` releases input shards as soon as no
+    remaining work reads them (see the module docstring for what each scope keeps).
+    ``push_to_hub`` uploads the finished folder to that repo (``private``, ``branch``,
+    ``commit_message``); if the push fails, ``out`` is complete and the error says how to retry.
 
     Example::
 
@@ -171,8 +254,16 @@ def sanitize(
     shard_bytes = parse_size(shard_size, "--shard-size") if shard_size is not None else None
     workers = workers or min(2, os.cpu_count() or 1)
     chunk = chunk_elements or chunk_for_memory(memory, workers)
+    if push_to_hub is None and (private or branch or commit_message):
+        raise UsageError("--private, --branch and --commit-message only apply with --push-to-hub")
+    if push_to_hub is not None:
+        from ckptops.hub.push import check_push_target
+
+        check_push_target(push_to_hub)
 
     models = Models(open_checkpoint(base), open_checkpoint(harmful), open_checkpoint(target))
+    for checkpoint in (models.base, models.harmful, models.target):
+        checkpoint.progress = progress
     roots = [m.root for m in (models.base, models.harmful, models.target) if m.root is not None]
     out_path = check_destination(Path(out), roots, overwrite)
     plan = make_plan(models.base, models.harmful, models.target, scope=scope, exclude=list(exclude),
@@ -194,22 +285,30 @@ def sanitize(
     inputs = {role: _identity(ckpt, hash_inputs) for role, ckpt in
               (("base", models.base), ("harmful", models.harmful), ("target", models.target))}
 
-    select_bytes = 2 * sum(t.numel * 2 for t in plan.hdr_tasks) if top_k < 1 else 0
+    select_bytes = 2 * sum(t.numel * (itemsize(t.base.dtype) + itemsize(t.harmful.dtype))
+                           for t in plan.hdr_tasks) if top_k < 1 else 0
     with staging_folder(out_path, overwrite) as folder, single_threaded_torch():
         pool = WorkerPool(workers, chunk)
         writer = ShardWriter(folder, shards, {"format": "pt", "producer": f"ckptops {__version__}"})
         bytes_read = 0
+        bar = None
+
+        def tick(n: int) -> None:
+            nonlocal bytes_read
+            bytes_read += n
+            bar.update(n)
+
+        apply_total = sum(t.target.nbytes + (t.base.nbytes + t.harmful.nbytes if t.action == "hdr" else 0)
+                          for t in plan.tasks)
         try:
-            with ByteProgress(select_bytes, "select (2 passes)", progress) as bar:
-                def tick(n: int) -> None:
-                    nonlocal bytes_read
-                    bytes_read += n
-                    bar.update(n)
-                selections = select_thresholds(plan, models, pool, top_k, tick)
-            apply_total = sum(t.target.nbytes + (t.base.nbytes + t.harmful.nbytes if t.action == "hdr" else 0)
-                              for t in plan.tasks)
-            with ByteProgress(apply_total, "apply + write", progress) as bar:
-                kept = apply_all(plan, models, pool, writer, selections, scale, tick)
+            if low_disk:
+                with ByteProgress(select_bytes + apply_total, "select + apply (low disk)", progress) as bar:
+                    selections, kept = _run_low_disk(plan, models, pool, writer, top_k, scale, scope, tick)
+            else:
+                with ByteProgress(select_bytes, "select (2 passes)", progress) as bar:
+                    selections = select_thresholds(plan, models, pool, top_k, tick)
+                with ByteProgress(apply_total, "apply + write", progress) as bar:
+                    kept = apply_all(plan, models, pool, writer, selections, scale, tick)
             writer.finish()
         finally:
             writer.close()
@@ -244,8 +343,13 @@ def sanitize(
         provenance = {"tool": f"ckptops {__version__}", "title": title or f"{Path(out_path).name}",
                       "parameters": parameters, "inputs": inputs, "report": _summary(report)}
         (folder / "ckptops.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
-        (folder / "README.md").write_text(render_card(provenance), encoding="utf-8")
+        (folder / "README.md").write_text(render_card(provenance, hub_repo=push_to_hub), encoding="utf-8")
     report.seconds = time.perf_counter() - started
+    if push_to_hub is not None:
+        from ckptops.hub.push import push
+
+        report.pushed = push(out_path, push_to_hub, private=private, branch=branch,
+                             commit_message=commit_message).to_dict()
     return report
 
 

