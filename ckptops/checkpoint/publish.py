@@ -48,13 +48,13 @@ def staging_folder(out: Path, overwrite: bool) -> Iterator[Path]:
         raise OutputError(f"{parent}: cannot create the output folder ({exc.strerror or exc})") from None
     try:
         yield tmp
-        _move_into_place(tmp, out, overwrite)
+        move_into_place(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+def move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise OutputError(f"{out}: appeared while ckptops was running; result left unmoved")

@@ -7,8 +7,9 @@ per file (``--label harmful``), or from a ``label`` column in the file itself, a
 
 Accepted files:
 
-- **JSON lines** (``.jsonl``, ``.ndjson``, ``.json`` holding one object per line): each line an
-  object with a prompt field and, optionally, a ``label`` field.
+- **JSON lines** (``.jsonl``, ``.ndjson``, or ``.json``): one object per line, with a prompt
+  field and, optionally, a ``label`` field. A ``.json`` file may instead hold one JSON array of
+  such objects (rows are then numbered by their position in the array).
 - **CSV** (``.csv``; ``.tsv`` with tabs): a header row with a prompt column and, optionally, a
   ``label`` column.
 
@@ -59,7 +60,7 @@ class Prompt:
     text: str
     label: Label
     set_name: str
-    row: int  # 1-based line in the source file (for CSV, the line where the row ends)
+    row: int  # 1-based line in the file (CSV: the line where the row ends; JSON array: the item)
     meta: dict = field(default_factory=dict, compare=False, hash=False)
 
 
@@ -101,7 +102,8 @@ def load_prompt_set(
     """Read one prompt file.
 
     Args:
-        path: a ``.jsonl`` / ``.json`` (one object per line), ``.csv`` or ``.tsv`` file.
+        path: a ``.jsonl`` / ``.json`` (one object per line, or a ``.json`` array), ``.csv`` or
+            ``.tsv`` file.
         label: ``harmful`` or ``benign`` (or ``unsafe`` / ``safe``) for every row; ``None`` or
             ``"auto"`` reads each row's ``label`` field instead.
         prompt_field: the column holding the prompt; by default the first of
@@ -139,7 +141,9 @@ def load_prompt_set(
         raise EvalError(f"{shown}: not UTF-8 text (byte {exc.start})") from None
 
     suffix = path.suffix.lower()
-    if suffix in _JSONL_SUFFIXES:
+    if suffix == ".json" and text.lstrip().startswith("["):
+        rows = list(_read_json_array(text, shown))
+    elif suffix in _JSONL_SUFFIXES:
         rows = list(_read_jsonl(text, shown))
     elif suffix in _CSV_SUFFIXES:
         rows = list(_read_csv(text, shown, delimiter=_CSV_SUFFIXES[suffix]))
@@ -207,6 +211,19 @@ def load_prompt_sets(paths: Sequence[str | Path], labels: Sequence[str] = (), **
     return sets
 
 
+def _read_json_array(text: str, shown: str) -> Iterable[tuple[int, dict]]:
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise EvalError(f"{shown}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+    if not isinstance(rows, list):
+        raise EvalError(f"{shown}: expected a JSON array of objects, got {type(rows).__name__}")
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise EvalError(f"{shown}: item {number}: expected a JSON object, got {type(row).__name__}")
+        yield number, row
+
+
 def _read_jsonl(text: str, shown: str) -> Iterable[tuple[int, dict]]:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -214,8 +231,7 @@ def _read_jsonl(text: str, shown: str) -> Iterable[tuple[int, dict]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            hint = " (a .json file must hold one object per line)" if number == 1 and line.lstrip().startswith("[") else ""
-            raise EvalError(f"{shown}:{number}: not valid JSON: {exc.msg}{hint}") from None
+            raise EvalError(f"{shown}:{number}: not valid JSON: {exc.msg}") from None
         if not isinstance(row, dict):
             raise EvalError(f"{shown}:{number}: expected a JSON object, got {type(row).__name__}")
         yield number, row

@@ -221,6 +221,8 @@ def sanitize(
     private: bool = False,
     branch: str | None = None,
     commit_message: str | None = None,
+    edit_area: str | None = None,
+    force: bool = False,
 ) -> SanitizeReport:
     """Subtract the top-k pruned harm vector from ``target`` and write the result to ``out``.
 
@@ -237,6 +239,10 @@ def sanitize(
     remaining work reads them (see the module docstring for what each scope keeps).
     ``push_to_hub`` uploads the finished folder to that repo (``private``, ``branch``,
     ``commit_message``); if the push fails, ``out`` is complete and the error says how to retry.
+
+    ``edit_area="auto"`` (edited models) compares target and base, and restricts selection and
+    update to layers l-1, l, l+1 around every layer l where they differ. A target whose model card
+    says it was already sanitized is refused unless ``force``.
 
     Example::
 
@@ -262,6 +268,22 @@ def sanitize(
         check_push_target(push_to_hub)
 
     models = Models(open_checkpoint(base), open_checkpoint(harmful), open_checkpoint(target))
+    if not force:
+        refuse_if_sanitized(models.target)
+    area_report = None
+    if edit_area is not None:
+        if edit_area != "auto":
+            raise UsageError(f"--edit-area must be 'auto', not {edit_area!r}")
+        if layer_set is not None:
+            raise UsageError("give --layers or --edit-area auto, not both")
+        from ckptops.hdr.diff import diff_checkpoints
+
+        area_report = diff_checkpoints(models.base, models.target, workers=workers)
+        if not area_report.edit_area:
+            raise UsageError(
+                f"--edit-area auto: {models.target.ref} does not differ from {models.base.ref} in any decoder layer"
+            )
+        layer_set = frozenset(area_report.edit_area)
     for checkpoint in (models.base, models.harmful, models.target):
         checkpoint.progress = progress
     roots = [m.root for m in (models.base, models.harmful, models.target) if m.root is not None]
@@ -279,6 +301,7 @@ def sanitize(
         "scope": scope,
         "exclude": list(exclude),
         "layers": format_layers(layer_set) if layer_set is not None else "all",
+        "edit_area": "auto" if area_report is not None else "",
         "dtype": dtype or "auto",
         "ckptops_version": __version__,
     }
@@ -351,6 +374,22 @@ def sanitize(
         report.pushed = push(out_path, push_to_hub, private=private, branch=branch,
                              commit_message=commit_message).to_dict()
     return report
+
+
+def refuse_if_sanitized(target: Checkpoint) -> None:
+    """A target whose card carries the safety-arithmetic tag (or a ckptops provenance file) was
+    sanitized already; doing it twice subtracts the harm vector twice."""
+    if target.root is None:
+        return
+    card = target.root / "README.md"
+    marked = (target.root / "ckptops.json").exists()
+    if not marked and card.is_file():
+        text = card.read_text(encoding="utf-8", errors="replace")
+        if text.startswith("---"):
+            front = text.split("---", 2)[1] if text.count("---") >= 2 else ""
+            marked = "safety-arithmetic" in front
+    if marked:
+        raise UsageError(f"{target.ref}: already sanitized (its model card says so); use --force to sanitize it again")
 
 
 def _summary(report: SanitizeReport) -> dict:

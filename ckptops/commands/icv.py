@@ -1,0 +1,258 @@
+"""``ckptops icv compute|inspect|export-gguf`` and ``ckptops generate``.
+
+Thin wrappers over :mod:`ckptops.icv`: parse options, call the library, print. transformers and
+friends are imported inside the commands, so ``ckptops --help`` works without the ``[icv]`` extra.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from typing import Iterator
+
+import click
+
+_RULES = ["official", "paper"]
+
+
+@contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Show ckptops' own warnings as one ``warning:`` line each; others keep Python's format."""
+    original = warnings.showwarning
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "ckptops" not in str(filename):
+            return original(message, category, filename, lineno, file, line)
+        text = " ".join(str(message).split())
+        if text not in seen:
+            seen.add(text)
+            click.echo(f"warning: {text}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
+def _progress(quiet: bool) -> bool | None:
+    return False if quiet else None
+
+
+def _quiet_libraries(quiet: bool) -> bool:
+    """transformers' own loading bars and notices: only on a terminal, and never with --quiet."""
+    return quiet or not sys.stderr.isatty()
+
+
+@click.group("icv")
+def icv_group() -> None:
+    """Safe-Align: compute, inspect and export safety in-context vectors (ICV).
+
+    \b
+    compute      demonstrations -> icv.safetensors (official Safety Arithmetic recipe)
+    inspect      print an ICV file's metadata and per-layer norms
+    export-gguf  write a llama.cpp control vector (plain addition; differs from the official rule)
+
+    Put icv.safetensors in a checkpoint folder and `ckptops generate` or
+    `ckptops.from_pretrained(folder)` apply it at load time. See docs/icv.md.
+    """
+
+
+@icv_group.command("compute")
+@click.option("--model", "model_ref", required=True, metavar="MODEL",
+              help="Checkpoint folder (safetensors) or Hub id, ideally after `ckptops sanitize`.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="ICV file to write, e.g. icv.safetensors.")
+@click.option("--demos", type=click.Path(dir_okay=False), default=None,
+              help="JSON lines {question, unsafe[, safe]} (default: the ~30 shipped pairs).")
+@click.option("--positions", type=click.Choice(["last4", "last"]), default="last4", show_default=True,
+              help="Pool the mean of the last 4 tokens (official) or the last token (paper).")
+@click.option("--method", type=click.Choice(["pc1+mean", "pc1"]), default="pc1+mean", show_default=True,
+              help="Vector = PC1 + mean of the differences (official) or PC1 alone (paper).")
+@click.option("--layers", metavar="LIST", default=None,
+              help="Keep only these decoder layers, e.g. 4-6 (an edited model's edit area). Default: all.")
+@click.option("--rule", type=click.Choice(_RULES), default="official", show_default=True,
+              help="How the file says to apply it: official (MLP output, gated, s=0.1*alpha) or paper (h + alpha*v).")
+@click.option("--alpha", type=float, default=None, help="Strength recorded in the file (default 0.12).")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Cap resident weights, e.g. 4GiB; the rest is offloaded to disk (slower, low RAM).")
+@click.option("--offload-folder", type=click.Path(file_okay=False), default=None,
+              help="Where accelerate may write offloaded weights (default: a temporary folder).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def compute(model_ref, out, demos, positions, method, layers, rule, alpha, max_memory, offload_folder, overwrite, quiet):
+    """Compute the safety ICV of MODEL and write it to --out.
+
+    Runs every demonstration pair (unsafe and safe answer to a harmful question) through the
+    model in float32, one sequence per forward pass, reads each decoder layer's residual
+    output, fits a 1-component PCA to the differences and stores the safe-ward vector.
+
+    \b
+    Examples:
+      ckptops icv compute --model llama2-safe --out llama2-safe/icv.safetensors
+      ckptops icv compute --model big-model --out icv.safetensors --max-memory 4GiB
+      ckptops icv compute --model edited --out icv.safetensors --layers 4-6 --demos my_pairs.jsonl
+    """
+    from pathlib import Path
+
+    from ckptops.errors import OutputError
+    from ckptops.hdr.layers import parse_layers
+    from ckptops.icv.compute import compute_icv
+    from ckptops.icv.demos import load_demos
+    from ckptops.icv.load import load_model
+
+    target = Path(out)
+    if target.exists() and not overwrite:
+        raise OutputError(f"{target}: already exists (use --overwrite to replace it)")
+    chosen = parse_layers(layers)
+    pairs = load_demos(demos)  # validate before the (slow) model load
+    started = time.perf_counter()
+    with _warnings_as_lines(), load_model(model_ref, max_memory=max_memory, offload_folder=offload_folder,
+                                          quiet=_quiet_libraries(quiet)) as loaded:
+        icv = compute_icv(loaded.model, loaded.tokenizer, pairs, positions=positions, method=method,
+                          layers=None if chosen is None else sorted(chosen), rule=rule, alpha=alpha,
+                          progress=_progress(quiet), source=loaded.source, source_sha256=loaded.source_sha256)
+    icv.save(target, overwrite=True)
+    seconds = time.perf_counter() - started
+    click.echo(
+        f"wrote {target}: {len(icv.layers)}/{icv.num_layers} layers, hidden size {icv.hidden_size}, "
+        f"{icv.rule} rule, alpha {icv.alpha:g} (strength {icv.strength:g}), {icv.num_demos} demonstration pairs, "
+        f"{seconds:.1f} s"
+    )
+
+
+@icv_group.command("inspect")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (metadata and per-layer norms).")
+def inspect_icv(path, as_json):
+    """Print an ICV file's metadata and the norm of each layer's vector.
+
+    \b
+    Example:
+      ckptops icv inspect llama2-safe/icv.safetensors
+    """
+    from ckptops.hdr.layers import format_layers
+    from ckptops.icv.file import get_rule, load_icv
+
+    icv = load_icv(path)
+    norms = {i: float(icv.vectors[i].norm()) for i in icv.layers}
+    if as_json:
+        click.echo(json.dumps({"path": str(path), "metadata": icv.metadata(),
+                               "layer_norms": {str(i): n for i, n in norms.items()}}, indent=2))
+        return
+    meta = icv.metadata()
+    click.echo(f"{path}")
+    click.echo(f"  format          {meta['format']} v{meta['format_version']} ({meta.get('created_by', '?')})")
+    click.echo(f"  rule            {icv.rule}: {get_rule(icv.rule).summary}")
+    click.echo(f"  site            {icv.site}")
+    click.echo(f"  alpha           {icv.alpha:g} x scale factor {icv.scale_factor:g} = strength {icv.strength:g}")
+    click.echo(f"  sign            {meta['sign_convention']}")
+    click.echo(f"  method          {icv.method}, positions {icv.positions}")
+    click.echo(f"  demonstrations  {icv.num_demos} pairs, sha256 {icv.demos_sha256 or '-'}")
+    click.echo(f"  model           {icv.model_type or '?'}, hidden size {icv.hidden_size}, {icv.num_layers} layers")
+    click.echo(f"  source          {icv.source or '-'}" + (f" (sha256 {icv.source_sha256})" if icv.source_sha256 else ""))
+    click.echo(f"  layers          {format_layers(icv.layers)} ({len(icv.layers)} of {icv.num_layers})")
+    for key in sorted(set(meta) - {"format", "format_version", "created_by", "rule", "site", "alpha", "scale_factor",
+                                   "strength", "sign_convention", "method", "positions", "num_demos", "demos_sha256",
+                                   "model_type", "hidden_size", "num_layers", "source", "source_sha256"}):
+        click.echo(f"  {key:<15} {meta[key]}")
+    click.echo("  layer  |v|")
+    for i, n in norms.items():
+        click.echo(f"  {i:>5}  {n:.6g}")
+
+
+@icv_group.command("export-gguf")
+@click.argument("icv_path", metavar="ICV", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--model-hint", default=None, help="controlvector.model_hint (default: the ICV's model type, e.g. llama).")
+@click.option("--alpha", type=float, default=None, help="Scale of the exported vector (default: the file's alpha).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def export_gguf_command(icv_path, out, model_hint, alpha, overwrite):
+    """Write ICV as a llama.cpp control vector (GGUF) holding alpha * v per layer.
+
+    llama.cpp adds the vector plainly to each layer's output (no gate, no renormalisation, and
+    never to layer 0), which is the paper's rule without rescaling -- not the official rule.
+    Check the behaviour on your model.
+
+    \b
+    Example:
+      ckptops icv export-gguf icv.safetensors safety.gguf
+      llama-cli -m model.gguf --control-vector safety.gguf -p "..."
+    """
+    from ckptops.icv.gguf_export import export_gguf
+
+    with _warnings_as_lines():
+        result = export_gguf(icv_path, out, model_hint=model_hint, alpha=alpha, overwrite=overwrite)
+    click.echo(f"wrote {result.path}: {len(result.layers)} direction tensors (alpha {result.alpha:g}, "
+               f"model hint {result.model_hint!r})")
+    click.echo("note: llama.cpp adds the vector plainly (paper rule without rescaling); it does not reproduce "
+               "the official gated rule")
+
+
+@click.command("generate")
+@click.option("--model", "model_ref", required=True, metavar="MODEL", help="Checkpoint folder or Hub id.")
+@click.option("--icv", "icv_path", type=click.Path(dir_okay=False), default=None,
+              help="ICV file to apply (default: MODEL/icv.safetensors when present).")
+@click.option("--no-icv", is_flag=True, help="Do not apply any ICV, even MODEL/icv.safetensors.")
+@click.option("--alpha", type=float, default=None, help="Override the file's alpha.")
+@click.option("--rule", type=click.Choice(_RULES), default=None, help="Override the file's rule.")
+@click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt text (repeatable).")
+@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=64, show_default=True)
+@click.option("--chat/--raw", default=False, show_default=True,
+              help="Wrap the prompt in the tokenizer's chat template (--chat) or send it as is.")
+@click.option("--compare", is_flag=True, help="Also generate without the ICV and print both.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="Model dtype (auto: the checkpoint's).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or loading messages.")
+def generate(model_ref, icv_path, no_icv, alpha, rule, prompts, max_new_tokens, chat, compare, dtype, quiet):
+    """Greedy-generate from MODEL, steered by an ICV -- a quick way to try one.
+
+    \b
+    Examples:
+      ckptops generate --model llama2-safe --prompt "How do I pick a lock?"
+      ckptops generate --model llama2 --icv icv.safetensors --alpha 0.12 --compare --chat \\
+          --prompt "How do I pick a lock?"
+    """
+    from pathlib import Path
+
+    from ckptops.errors import UsageError
+    from ckptops.icv.generate import generate_text
+    from ckptops.icv.load import load_model
+    from ckptops.icv.patch import ICV_FILENAME, apply_icv
+
+    if no_icv and icv_path:
+        raise UsageError("--icv and --no-icv contradict each other")
+    chosen = None if no_icv else (Path(icv_path) if icv_path else None)
+    if chosen is None and not no_icv and Path(model_ref, ICV_FILENAME).is_file():
+        chosen = Path(model_ref, ICV_FILENAME)
+    if chosen is None and (alpha is not None or rule is not None or compare):
+        raise UsageError(f"--alpha/--rule/--compare need an ICV (--icv FILE or {ICV_FILENAME} in the model folder)")
+    if chosen is not None and not chosen.is_file():
+        raise UsageError(f"{chosen}: no such ICV file")
+    with _warnings_as_lines(), load_model(model_ref, dtype=dtype, quiet=_quiet_libraries(quiet),
+                                                hash_weights=False) as loaded:
+        model, tokenizer = loaded.model, loaded.tokenizer
+        for prompt in prompts:
+            if compare:
+                plain = generate_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, chat=chat)
+            if chosen is not None:
+                with apply_icv(model, chosen, alpha=alpha, rule=rule) as handle:
+                    text = generate_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, chat=chat)
+                label = f"with ICV ({handle.rule}, alpha {handle.alpha:g})"
+            else:
+                text = generate_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, chat=chat)
+                label = "without ICV"
+            if len(prompts) > 1 or compare:
+                click.echo(f"### {prompt}")
+            if compare:
+                click.echo("--- without ICV")
+                click.echo(plain)
+                click.echo(f"--- {label}")
+            elif not quiet:
+                click.echo(f"[{label}]", err=True)
+            click.echo(text)
+    sys.stdout.flush()
+
+
+COMMANDS = [icv_group, generate]

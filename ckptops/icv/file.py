@@ -1,0 +1,290 @@
+"""The ICV file: one float32 vector per steered decoder layer plus the metadata to apply it safely.
+
+Layout (SPEC §3), a safetensors file of a few kilobytes::
+
+    icv.layers.{i}   float32[hidden_size]   0-based decoder-layer index i, stored toward *safe*
+    __metadata__     format, format_version, rule, site, alpha, scale_factor, strength,
+                     sign_convention, method, positions, num_demos, demos_sha256, model_type,
+                     hidden_size, num_layers, source, source_sha256, created_by, ...
+
+The file records how it is meant to be applied (rule, α and the scale factor) so that whoever
+loads it later gets the same behaviour without remembering the flags. Loading validates
+everything a hand-edited or foreign file could get wrong, and :meth:`ICV.check_fits` refuses a
+model whose hidden size or layer count differs, naming both.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from ckptops.errors import ICVError, OutputError, UsageError
+
+FORMAT_NAME = "ckptops-icv"
+FORMAT_VERSION = 1
+TENSOR_PREFIX = "icv.layers."
+SIGN_CONVENTION = "toward_safe: stored = -(direction of h(unsafe) - h(safe))"
+_TENSOR_NAME = re.compile(r"icv\.layers\.(0|[1-9][0-9]{0,5})")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How a rule applies the vector, and its defaults."""
+
+    name: str
+    site: str  # "mlp_output": each decoder layer's MLP block output; "residual": each decoder layer's output
+    scale_factor: float  # effective strength s = scale_factor * alpha
+    default_alpha: float
+    summary: str
+
+
+RULES: dict[str, Rule] = {
+    "official": Rule(
+        "official", "mlp_output", 0.1, 0.12,
+        "x <- normalize(x/|x| + s*(1+relu(cos(x,-v)))*v/|v|)*|x| on each MLP block output, s = 0.1*alpha",
+    ),
+    "paper": Rule(
+        "paper", "residual", 1.0, 0.12,
+        "h <- (h + alpha*v) * |h|/|h + alpha*v| on each decoder layer output",
+    ),
+}
+METHODS = ("pc1+mean", "pc1")
+POSITIONS = ("last4", "last")
+
+
+def get_rule(name: str) -> Rule:
+    try:
+        return RULES[name]
+    except KeyError:
+        raise UsageError(f"unknown ICV rule {name!r}; choose one of: {', '.join(RULES)}") from None
+
+
+@dataclass(frozen=True, eq=False)
+class ICV:
+    """A safety in-context vector: per-layer float32 vectors (toward safe) and how to apply them.
+
+    ``vectors`` maps the 0-based decoder-layer index to a 1-D float32 CPU tensor of
+    ``hidden_size`` values. Only the listed layers are steered.
+    """
+
+    vectors: dict[int, torch.Tensor]
+    hidden_size: int
+    num_layers: int
+    rule: str = "official"
+    alpha: float = 0.12
+    scale_factor: float = 0.1
+    method: str = "pc1+mean"
+    positions: str = "last4"
+    num_demos: int = 0
+    demos_sha256: str = ""
+    model_type: str = ""
+    source: str = ""
+    source_sha256: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    # -- derived -------------------------------------------------------------------------
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.vectors)
+
+    @property
+    def site(self) -> str:
+        return get_rule(self.rule).site
+
+    @property
+    def strength(self) -> float:
+        """The effective strength s = scale_factor * alpha (0.012 for the official defaults)."""
+        return self.scale_factor * self.alpha
+
+    def with_application(self, alpha: float | None = None, rule: str | None = None) -> "ICV":
+        """The same vectors applied differently: a new α and/or rule (the rule's own scale factor)."""
+        new_rule = self.rule if rule is None else get_rule(rule).name
+        scale = self.scale_factor if new_rule == self.rule else get_rule(new_rule).scale_factor
+        new_alpha = self.alpha if alpha is None else check_alpha(alpha)
+        return replace(self, rule=new_rule, scale_factor=scale, alpha=new_alpha)
+
+    # -- validation ----------------------------------------------------------------------
+    def check_fits(self, hidden_size: int, num_layers: int, model_name: str = "the model") -> None:
+        """Refuse a model the vectors were not computed for, naming both shapes."""
+        if hidden_size != self.hidden_size or num_layers != self.num_layers:
+            raise ICVError(
+                f"ICV does not fit {model_name}: the ICV is for hidden size {self.hidden_size} and "
+                f"{self.num_layers} layers, the model has hidden size {hidden_size} and {num_layers} layers"
+            )
+
+    # -- file I/O ------------------------------------------------------------------------
+    def metadata(self) -> dict[str, str]:
+        rule = get_rule(self.rule)
+        meta = dict(self.extra)
+        meta.update({
+            "format": FORMAT_NAME,
+            "format_version": str(FORMAT_VERSION),
+            "rule": rule.name,
+            "site": rule.site,
+            "alpha": repr(float(self.alpha)),
+            "scale_factor": repr(float(self.scale_factor)),
+            "strength": repr(float(self.strength)),
+            "sign_convention": SIGN_CONVENTION,
+            "method": self.method,
+            "positions": self.positions,
+            "num_demos": str(int(self.num_demos)),
+            "demos_sha256": self.demos_sha256,
+            "model_type": self.model_type,
+            "hidden_size": str(int(self.hidden_size)),
+            "num_layers": str(int(self.num_layers)),
+            "source": self.source,
+            "source_sha256": self.source_sha256,
+        })
+        meta.setdefault("created_by", _created_by())
+        return meta
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+        """Write the file atomically (temporary file + rename); returns the path."""
+        from safetensors.torch import save_file
+
+        _validate_vectors(self.vectors, self.hidden_size, self.num_layers, "ICV")
+        target = Path(path)
+        if target.exists() and not overwrite:
+            raise OutputError(f"{target}: already exists (use --overwrite to replace it)")
+        if target.is_dir():
+            raise OutputError(f"{target}: is a folder, expected a file name such as icv.safetensors")
+        tensors = {f"{TENSOR_PREFIX}{i}": self.vectors[i].detach().to("cpu", torch.float32).contiguous() for i in self.layers}
+        parent = target.parent if str(target.parent) else Path(".")
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=self.metadata())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
+
+
+def _created_by() -> str:
+    from ckptops import __version__
+
+    return f"ckptops {__version__}"
+
+
+def check_alpha(alpha: float) -> float:
+    value = float(alpha)
+    if not math.isfinite(value) or value < 0:
+        raise UsageError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    return value
+
+
+def _validate_vectors(vectors: dict[int, torch.Tensor], hidden: int, num_layers: int, where: str) -> None:
+    if not vectors:
+        raise ICVError(f"{where}: holds no layer vectors")
+    for index, vector in vectors.items():
+        name = f"{TENSOR_PREFIX}{index}"
+        if not isinstance(index, int) or not 0 <= index < num_layers:
+            raise ICVError(f"{where}: {name} is outside the model's {num_layers} layers")
+        if vector.dtype != torch.float32:
+            raise ICVError(f"{where}: {name} is {str(vector.dtype).removeprefix('torch.')}, expected float32")
+        if tuple(vector.shape) != (hidden,):
+            raise ICVError(f"{where}: {name} has shape {list(vector.shape)}, expected [{hidden}] (hidden size)")
+        if not bool(torch.isfinite(vector).all()):
+            raise ICVError(f"{where}: {name} holds NaN or Inf values")
+
+
+def _meta_int(meta: dict, key: str, where: str) -> int:
+    try:
+        value = int(meta[key])
+    except KeyError:
+        raise ICVError(f"{where}: metadata lacks {key!r}") from None
+    except ValueError:
+        raise ICVError(f"{where}: metadata {key}={meta[key]!r} is not an integer") from None
+    if value < 0:
+        raise ICVError(f"{where}: metadata {key}={value} is negative")
+    return value
+
+
+def _meta_float(meta: dict, key: str, where: str) -> float:
+    try:
+        value = float(meta[key])
+    except KeyError:
+        raise ICVError(f"{where}: metadata lacks {key!r}") from None
+    except ValueError:
+        raise ICVError(f"{where}: metadata {key}={meta[key]!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise ICVError(f"{where}: metadata {key}={meta[key]!r} must be a finite number >= 0")
+    return value
+
+
+_KNOWN_KEYS = {
+    "format", "format_version", "rule", "site", "alpha", "scale_factor", "strength", "sign_convention",
+    "method", "positions", "num_demos", "demos_sha256", "model_type", "hidden_size", "num_layers",
+    "source", "source_sha256",
+}
+
+
+def load_icv(path: str | os.PathLike) -> ICV:
+    """Read and validate an ICV file; raise ICVError naming the file and the problem."""
+    from safetensors import SafetensorError, safe_open
+
+    where = str(path)
+    file = Path(path)
+    if not file.is_file():
+        raise ICVError(f"{where}: no such ICV file" if not file.exists() else f"{where}: not a file")
+    try:
+        with safe_open(file, framework="pt", device="cpu") as handle:
+            meta = dict(handle.metadata() or {})
+            names = list(handle.keys())
+            if meta.get("format") != FORMAT_NAME:
+                raise ICVError(f"{where}: not a ckptops ICV file (metadata 'format' is {meta.get('format')!r}, expected {FORMAT_NAME!r})")
+            version = meta.get("format_version")
+            if version != str(FORMAT_VERSION):
+                raise ICVError(f"{where}: unknown ICV format version {version!r}; this ckptops reads version {FORMAT_VERSION} (upgrade ckptops)")
+            vectors: dict[int, torch.Tensor] = {}
+            for name in names:
+                match = _TENSOR_NAME.fullmatch(name)
+                if match is None:
+                    raise ICVError(f"{where}: unexpected tensor {name!r} (an ICV file holds only icv.layers.<i>)")
+                vectors[int(match.group(1))] = handle.get_tensor(name)
+    except SafetensorError as exc:
+        raise ICVError(f"{where}: not a readable safetensors file ({exc})") from None
+    except OSError as exc:
+        raise ICVError(f"{where}: cannot read ({exc.strerror or exc})") from None
+
+    rule_name = meta.get("rule", "")
+    if rule_name not in RULES:
+        raise ICVError(f"{where}: unknown rule {rule_name!r} (known: {', '.join(RULES)})")
+    rule = RULES[rule_name]
+    if meta.get("site", rule.site) != rule.site:
+        raise ICVError(f"{where}: site {meta.get('site')!r} does not match rule {rule_name!r} (expected {rule.site!r})")
+    method = meta.get("method", "")
+    if method not in METHODS:
+        raise ICVError(f"{where}: unknown method {method!r} (known: {', '.join(METHODS)})")
+    positions = meta.get("positions", "")
+    if positions not in POSITIONS:
+        raise ICVError(f"{where}: unknown positions {positions!r} (known: {', '.join(POSITIONS)})")
+    hidden = _meta_int(meta, "hidden_size", where)
+    num_layers = _meta_int(meta, "num_layers", where)
+    if hidden == 0 or num_layers == 0:
+        raise ICVError(f"{where}: hidden_size and num_layers must be positive")
+    _validate_vectors(vectors, hidden, num_layers, where)
+    return ICV(
+        vectors=vectors,
+        hidden_size=hidden,
+        num_layers=num_layers,
+        rule=rule_name,
+        alpha=_meta_float(meta, "alpha", where),
+        scale_factor=_meta_float(meta, "scale_factor", where),
+        method=method,
+        positions=positions,
+        num_demos=_meta_int(meta, "num_demos", where),
+        demos_sha256=meta.get("demos_sha256", ""),
+        model_type=meta.get("model_type", ""),
+        source=meta.get("source", ""),
+        source_sha256=meta.get("source_sha256", ""),
+        extra={k: v for k, v in meta.items() if k not in _KNOWN_KEYS},
+    )

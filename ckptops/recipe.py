@@ -1,0 +1,293 @@
+"""TOML recipes: one file per Safety Arithmetic setup, validated whole before any work, then run
+as HDR -> ICV computed on the HDR output -> ICV file placed in the output folder -> optional push.
+
+A recipe names the three models (with revisions), the HDR parameters, the ICV parameters and the
+output. ``--set section.key=value`` overrides any field. The resolved recipe is written into the
+output folder as ``recipe.toml``, so ``ckptops run OUT/recipe.toml`` repeats the run exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from ckptops.errors import CkptopsError, RecipeError
+
+# section -> key -> (expected python types, default, required)
+_NUM = (int, float)
+SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any, bool]]] = {
+    "models": {
+        "base": ((str,), None, True),
+        "harmful": ((str,), None, True),
+        "target": ((str,), None, True),
+    },
+    "hdr": {
+        "top_k": (_NUM, 0.10, False),
+        "scale": (_NUM, 3.0, False),
+        "scope": ((str,), "global", False),
+        "exclude": ((list,), [], False),
+        "layers": ((str,), "", False),
+        "edit_area": ((str,), "", False),
+        "dtype": ((str,), "auto", False),
+        "max_memory": ((str,), "1GiB", False),
+        "shard_size": ((str,), "", False),
+    },
+    "icv": {
+        "enabled": ((bool,), True, False),
+        "demos": ((str,), "", False),
+        "positions": ((str,), "last4", False),
+        "method": ((str,), "pc1+mean", False),
+        "alpha": (_NUM, 0.12, False),
+        "rule": ((str,), "official", False),
+        "layers": ((str,), "", False),
+        "max_memory": ((str,), "", False),
+    },
+    "output": {
+        "out": ((str,), None, True),
+        "push_to_hub": ((str,), "", False),
+        "private": ((bool,), False, False),
+        "overwrite": ((bool,), False, False),
+    },
+}
+_CHOICES = {
+    ("hdr", "scope"): ("global", "layer", "tensor"),
+    ("hdr", "edit_area"): ("", "auto"),
+    ("hdr", "dtype"): ("auto", "bfloat16", "float16", "float32"),
+    ("icv", "positions"): ("last4", "last"),
+    ("icv", "method"): ("pc1+mean", "pc1"),
+    ("icv", "rule"): ("official", "paper"),
+}
+
+
+@dataclass
+class Recipe:
+    """A validated recipe: every section and key present, with defaults filled in."""
+
+    data: dict[str, dict[str, Any]]
+    source: str = "<recipe>"
+
+    def __getitem__(self, section: str) -> dict[str, Any]:
+        return self.data[section]
+
+    def to_toml(self) -> str:
+        return dump_toml(self.data)
+
+
+def _parse_value(text: str) -> Any:
+    """A ``--set`` value: TOML syntax when it parses (numbers, booleans, quoted strings, lists),
+    else the raw text as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply ``section.key=value`` overrides to a raw recipe dict (a copy is returned)."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected section.key=value, e.g. hdr.scale=2.5")
+        path, value = item.split("=", 1)
+        parts = path.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise RecipeError(f"--set {item!r}: the key must be section.key, e.g. hdr.scale")
+        section, key = parts
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise RecipeError(f"--set {item!r}: [{section}] is not a table")
+        data[section][key] = _parse_value(value.strip())
+    return data
+
+
+def validate(data: dict, source: str = "<recipe>") -> Recipe:
+    """Check sections, keys, types and choices; fill defaults. Errors name the key."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a TOML table")
+    for section in data:
+        if section not in SCHEMA:
+            raise RecipeError(f"{source}: unknown section [{section}] (known: {', '.join(SCHEMA)})")
+    result: dict[str, dict[str, Any]] = {}
+    for section, keys in SCHEMA.items():
+        given = data.get(section, {})
+        if not isinstance(given, dict):
+            raise RecipeError(f"{source}: [{section}] must be a table")
+        for key in given:
+            if key not in keys:
+                raise RecipeError(f"{source}: unknown key {section}.{key} (known: {', '.join(keys)})")
+        out: dict[str, Any] = {}
+        for key, (types, default, required) in keys.items():
+            if key not in given:
+                if required:
+                    raise RecipeError(f"{source}: {section}.{key} is required")
+                out[key] = json.loads(json.dumps(default))
+                continue
+            value = given[key]
+            if isinstance(value, bool) and bool not in types:
+                raise RecipeError(f"{source}: {section}.{key} must be {_type_name(types)}, got a boolean")
+            if not isinstance(value, types):
+                raise RecipeError(f"{source}: {section}.{key} must be {_type_name(types)}, got {type(value).__name__} {value!r}")
+            if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+                raise RecipeError(f"{source}: {section}.{key} must be a list of strings")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise RecipeError(f"{source}: {section}.{key} must be finite, got {value}")
+            if isinstance(value, str) and required and not value.strip():
+                raise RecipeError(f"{source}: {section}.{key} is empty")
+            choices = _CHOICES.get((section, key))
+            if choices and value not in choices:
+                raise RecipeError(f"{source}: {section}.{key} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+            out[key] = value
+        result[section] = out
+    hdr = result["hdr"]
+    if not 0 < hdr["top_k"] <= 1:
+        raise RecipeError(f"{source}: hdr.top_k must be a fraction in (0, 1], got {hdr['top_k']}")
+    if hdr["layers"] and hdr["edit_area"]:
+        raise RecipeError(f"{source}: set hdr.layers or hdr.edit_area, not both")
+    return Recipe(result, source)
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    names = {int: "a number", float: "a number", str: "a string", bool: "true or false", list: "a list"}
+    return " or ".join(dict.fromkeys(names[t] for t in types))
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe file."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: no such recipe file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: cannot read ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"{path}: not valid TOML ({exc})") from None
+    return validate(apply_overrides(data, overrides), str(path))
+
+
+def dump_toml(data: dict[str, dict[str, Any]]) -> str:
+    """Write a two-level recipe dict as TOML (strings, numbers, booleans, lists of strings)."""
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(v)
+
+    lines: list[str] = []
+    for section, items in data.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {value(v)}" for key, v in items.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def check_models_exist(recipe: Recipe) -> None:
+    """Missing local models are reported before any work (Hub refs are checked when resolved)."""
+    from ckptops.checkpoint.resolve import REMOTE_RESOLVERS
+
+    for role in ("base", "harmful", "target"):
+        ref = recipe["models"][role]
+        looks_remote = "/" in ref and not ref.startswith((".", "/", "~")) and ref.count("/") == 1
+        if not Path(ref).expanduser().exists() and not (looks_remote and REMOTE_RESOLVERS):
+            raise RecipeError(f"{recipe.source}: models.{role} = {ref!r} does not exist")
+
+
+def run_recipe(recipe: Recipe, *, out: str | None = None, progress: bool | None = None,
+               force: bool = False) -> dict:
+    """HDR, then the ICV on the HDR output, then the card and recipe; move into place; push.
+
+    Returns a summary dict (``sanitize`` report, ``icv`` metadata, ``out``, ``pushed``).
+    """
+    from ckptops.checkpoint.publish import check_destination, move_into_place
+    from ckptops.hdr.sanitize import sanitize
+
+    data = json.loads(json.dumps(recipe.data))
+    if out:
+        data["output"]["out"] = out
+    recipe = validate(data, recipe.source)
+    check_models_exist(recipe)
+    models, hdr, icv, output = recipe["models"], recipe["hdr"], recipe["icv"], recipe["output"]
+    destination = Path(output["out"]).expanduser()
+    roots = [Path(models[r]) for r in ("base", "harmful", "target") if Path(models[r]).exists()]
+    check_destination(destination, roots, output["overwrite"])
+    work = destination.absolute().parent / f".{destination.name}.recipe-{uuid.uuid4().hex[:8]}"
+    try:
+        report = sanitize(
+            models["base"], models["harmful"], models["target"], work,
+            top_k=hdr["top_k"], scale=hdr["scale"], scope=hdr["scope"], exclude=hdr["exclude"],
+            layers=hdr["layers"] or None, edit_area=hdr["edit_area"] or None, dtype=hdr["dtype"],
+            max_memory=hdr["max_memory"], shard_size=hdr["shard_size"] or None, progress=progress,
+            force=force,
+        )
+        summary: dict[str, Any] = {"sanitize": report.to_dict(), "icv": None, "out": str(destination), "pushed": None}
+        if icv["enabled"]:
+            icv_layers = icv["layers"] or (report.parameters.get("layers") if report.parameters.get("layers") != "all" else "")
+            summary["icv"] = _compute_icv_into(work, icv, icv_layers, progress)
+        (work / "recipe.toml").write_text(
+            "# resolved by ckptops; run again with: ckptops run recipe.toml --out NEW_FOLDER\n" + recipe.to_toml(),
+            encoding="utf-8",
+        )
+        _record_in_card(work, summary["icv"], recipe)
+        move_into_place(work, destination, output["overwrite"])
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if output["push_to_hub"]:
+        summary["pushed"] = _push(destination, output["push_to_hub"], output["private"])
+    return summary
+
+
+def _compute_icv_into(folder: Path, icv: dict, layers: str, progress: bool | None) -> dict:
+    """Compute the ICV on the sanitized model in ``folder`` and save ``folder/icv.safetensors``."""
+    try:
+        from ckptops.icv.pipeline import compute_icv_for_folder
+    except ImportError as exc:  # the ICV extra is optional
+        raise CkptopsError(f"the [icv] step needs the ICV extra: pip install 'ckptops[icv]' ({exc})") from None
+    icv_obj = compute_icv_for_folder(
+        folder, demos=icv["demos"] or None, positions=icv["positions"], method=icv["method"],
+        alpha=icv["alpha"], rule=icv["rule"], layers=layers or None, max_memory=icv["max_memory"] or None,
+        progress=progress,
+    )
+    icv_obj.save(folder / "icv.safetensors")
+    return dict(getattr(icv_obj, "metadata", {}) or {})
+
+
+def _record_in_card(folder: Path, icv_meta: dict | None, recipe: Recipe) -> None:
+    provenance_path = folder / "ckptops.json"
+    provenance = json.loads(provenance_path.read_text(encoding="utf-8"))
+    provenance["recipe"] = recipe.data
+    if icv_meta is not None:
+        provenance["icv"] = icv_meta
+    provenance_path.write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+    if icv_meta is not None:
+        with open(folder / "README.md", "a", encoding="utf-8") as card:
+            card.write(
+                "\n## Safe-Align in-context vector\n\n"
+                "`icv.safetensors` holds the safety in-context vector computed on this sanitized model "
+                f"(rule `{icv_meta.get('rule', '?')}`, alpha `{icv_meta.get('alpha', '?')}`, method "
+                f"`{icv_meta.get('method', '?')}`, positions `{icv_meta.get('positions', '?')}`). Apply it at load time:\n\n"
+                "```python\nimport ckptops\nmodel = ckptops.from_pretrained(\"path/to/this/folder\")\n```\n"
+            )
+
+
+def _push(folder: Path, repo: str, private: bool) -> Any:
+    try:
+        from ckptops.hub.push import push_folder
+    except ImportError as exc:
+        raise CkptopsError(f"pushing needs the Hub module ({exc})") from None
+    return push_folder(folder, repo, private=private)
