@@ -254,17 +254,22 @@ def run_recipe(recipe: Recipe, *, out: str | None = None, progress: bool | None 
 
 def _compute_icv_into(folder: Path, icv: dict, layers: str, progress: bool | None) -> dict:
     """Compute the ICV on the sanitized model in ``folder`` and save ``folder/icv.safetensors``."""
-    try:
-        from ckptops.icv.pipeline import compute_icv_for_folder
-    except ImportError as exc:  # the ICV extra is optional
-        raise CkptopsError(f"the [icv] step needs the ICV extra: pip install 'ckptops[icv]' ({exc})") from None
-    icv_obj = compute_icv_for_folder(
-        folder, demos=icv["demos"] or None, positions=icv["positions"], method=icv["method"],
-        alpha=icv["alpha"], rule=icv["rule"], layers=layers or None, max_memory=icv["max_memory"] or None,
-        progress=progress,
-    )
-    icv_obj.save(folder / "icv.safetensors")
-    return dict(getattr(icv_obj, "metadata", {}) or {})
+    from ckptops.hdr.layers import parse_layers
+    from ckptops.icv.compute import compute_icv
+    from ckptops.icv.demos import load_demos
+    from ckptops.icv.load import load_model
+
+    pairs = load_demos(icv["demos"] or None)
+    chosen = parse_layers(layers) if layers else None
+    with load_model(folder, max_memory=icv["max_memory"] or None, quiet=progress is False) as loaded:
+        vector = compute_icv(loaded.model, loaded.tokenizer, pairs, positions=icv["positions"],
+                             method=icv["method"], layers=None if chosen is None else sorted(chosen),
+                             rule=icv["rule"], alpha=icv["alpha"], progress=progress,
+                             source=loaded.source, source_sha256=loaded.source_sha256)
+    vector.save(folder / "icv.safetensors", overwrite=True)
+    return {"rule": vector.rule, "alpha": vector.alpha, "strength": vector.strength, "method": vector.method,
+            "positions": vector.positions, "layers": vector.layers, "num_demos": vector.num_demos,
+            "demos_sha256": vector.demos_sha256}
 
 
 def _record_in_card(folder: Path, icv_meta: dict | None, recipe: Recipe) -> None:

@@ -1,0 +1,152 @@
+"""Recipes: validation, end-to-end runs on tiny models, reproducibility, edited models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from ckptops.cli import main
+from ckptops.recipe import load_recipe
+from hdr_reference import bits_equal, load_folder, reference_hdr
+
+transformers = pytest.importorskip("transformers")
+
+RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.toml"))
+
+
+def _tiny_llama_triple(root: Path, layers: int = 8, edit_layer: int | None = None) -> dict[str, Path]:
+    """base / harmful / target saved by transformers itself, with a word-level tokenizer."""
+    from icv_fixtures import VOCAB_SIZE, make_tokenizer
+
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB_SIZE,
+                                      max_position_embeddings=128, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    tokenizer = make_tokenizer()
+    paths = {}
+    g = torch.Generator().manual_seed(1)
+    for role, delta in (("base", 0.0), ("harmful", 0.01), ("target", 0.004)):
+        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+        state = {}
+        for name, value in base.state_dict().items():
+            noise = delta * torch.randn(value.shape, generator=g)
+            if role == "target" and edit_layer is not None:
+                noise = noise * 0 if f"layers.{edit_layer}." not in name else 0.01 * torch.randn(value.shape, generator=g)
+            state[name] = (value.float() + noise).to(torch.bfloat16)
+        model.load_state_dict(state)
+        folder = root / role
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        paths[role] = folder
+    return paths
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return _tiny_llama_triple(tmp_path_factory.mktemp("tiny"))
+
+
+def _overrides(paths: dict[str, Path], out: Path) -> list[str]:
+    args = []
+    for role in ("base", "harmful", "target"):
+        args += ["--set", f"models.{role}={json.dumps(str(paths[role]))}"]
+    return args + ["--out", str(out), "-q"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_shipped_recipe_validates(recipe):
+    resolved = load_recipe(recipe)
+    assert 0 < resolved["hdr"]["top_k"] <= 1 and resolved["icv"]["enabled"]
+    assert "harmful" in recipe.read_text().lower() and "YOUR-ORG" in resolved["models"]["harmful"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_shipped_recipe_runs_end_to_end_and_repeats(recipe, tiny, tmp_path):
+    from ckptops.icv.patch import from_pretrained
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["run", str(recipe), *_overrides(tiny, out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "icv.safetensors").exists() and (out / "recipe.toml").exists()
+    card = (out / "README.md").read_text()
+    assert "icv.safetensors" in card and "safety-arithmetic" in card
+
+    plain = transformers.AutoModelForCausalLM.from_pretrained(out)
+    steered = from_pretrained(out)
+    ids = torch.tensor([[1, 5, 9, 12, 7]])
+    assert not torch.equal(plain(ids).logits, steered(ids).logits)  # the ICV is applied
+
+    again = tmp_path / "again"
+    result = CliRunner().invoke(main, ["run", str(out / "recipe.toml"), "--out", str(again), "-q"])
+    assert result.exit_code == 0, result.output
+    for shard in out.glob("model*.safetensors"):
+        assert shard.read_bytes() == (again / shard.name).read_bytes()
+    first, second = load_file(str(out / "icv.safetensors")), load_file(str(again / "icv.safetensors"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_edited_model_edit_area(tmp_path):
+    paths = _tiny_llama_triple(tmp_path / "m", layers=6, edit_layer=3)
+    result = CliRunner().invoke(main, ["diff", str(paths["base"]), str(paths["target"]), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["differing_layers"] == [3] and report["edit_area"] == "2-4"
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["sanitize", "--base", str(paths["base"]), "--harmful", str(paths["harmful"]),
+                                       "--target", str(paths["target"]), "--out", str(out), "--edit-area", "auto", "-q"])
+    assert result.exit_code == 0, result.output
+    states = {r: load_folder(p) for r, p in paths.items()}
+    expected, _ = reference_hdr(states["base"], states["harmful"], states["target"], layers={2, 3, 4})
+    got = load_folder(out)
+    for name, value in got.items():
+        assert bits_equal(value, expected[name]), name
+        if not any(f"layers.{i}." in name for i in (2, 3, 4)):
+            assert bits_equal(value, states["target"][name]), name
+
+
+def test_already_sanitized_is_refused_without_force(tiny, tmp_path):
+    out = tmp_path / "once"
+    args = ["sanitize", "--base", str(tiny["base"]), "--harmful", str(tiny["harmful"]), "-q"]
+    assert CliRunner().invoke(main, args + ["--target", str(tiny["target"]), "--out", str(out)]).exit_code == 0
+    twice = CliRunner().invoke(main, args + ["--target", str(out), "--out", str(tmp_path / "twice")])
+    assert twice.exit_code != 0 and "already sanitized" in twice.stderr and "--force" in twice.stderr
+    forced = CliRunner().invoke(main, args + ["--target", str(out), "--out", str(tmp_path / "twice"), "--force"])
+    assert forced.exit_code == 0, forced.output
+
+
+@pytest.mark.parametrize("content,override,needle", [
+    ("[hdr]\ntopk = 0.1\n", None, "unknown key hdr.topk"),
+    ("[hdr]\nscale = \"three\"\n", None, "hdr.scale must be a number"),
+    ("[hdr]\ntop_k = 2.0\n", None, "hdr.top_k"),
+    ("[models2]\nx = 1\n", None, "unknown section [models2]"),
+    ("", "hdr.scale", "section.key=value"),
+    ("", "scale=3", "section.key"),
+    ("[icv]\nrule = \"mine\"\n", None, "icv.rule must be one of"),
+    ("this is = not toml [", None, "not valid TOML"),
+])
+def test_recipe_errors_are_one_line(tiny, tmp_path, content, override, needle):
+    models = "".join(f'{r} = {json.dumps(str(tiny[r]))}\n' for r in ("base", "harmful", "target"))
+    text = content if content.startswith("this") else f"[models]\n{models}\n[output]\nout = \"o\"\n\n{content}"
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(text)
+    args = ["run", str(recipe), "--check"] + (["--set", override] if override else [])
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0
+    err = result.stderr.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_recipe_missing_model_is_named(tiny, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[models]\nbase = "{tiny["base"]}"\nharmful = "./nowhere/at-all"\ntarget = "{tiny["target"]}"\n'
+                      '[output]\nout = "o"\n')
+    result = CliRunner().invoke(main, ["run", str(recipe), "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0 and "models.harmful" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
