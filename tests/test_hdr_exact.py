@@ -135,3 +135,35 @@ def test_target_sharding_is_kept(triple, tmp_path):
     paths, _ = triple
     ckptops.sanitize(paths["base"], paths["harmful"], paths["target"], tmp_path / "out", progress=False)
     assert read_index(tmp_path / "out")["weight_map"] == read_index(paths["target"])["weight_map"]
+
+
+@pytest.mark.parametrize("mode", ["band disabled", "band missed"])
+def test_two_pass_fallback_is_exact(triple, tmp_path, monkeypatch, mode):
+    """Pass 1 guesses a band from a sample; when there is no band, or the guess misses, the
+    second pass must still give the exact threshold."""
+    from ckptops.hdr import engine, select
+
+    paths, s = triple
+    calls = {"low": 0}
+    original_low = engine._count_low_kernel
+
+    def counting_low(*args):
+        calls["low"] += 1
+        return original_low(*args)
+
+    monkeypatch.setattr(engine, "_count_low_kernel", counting_low)
+    if mode == "band disabled":
+        monkeypatch.setattr(engine, "MIN_CHUNKS_FOR_BAND", 10**9)
+    else:
+        original_locate, seen = select.locate, {"n": 0}
+
+        def wrong_first_guess(hist, rank):
+            seen["n"] += 1
+            return (0, 1) if seen["n"] == 1 else original_locate(hist, rank)
+
+        monkeypatch.setattr(select, "locate", wrong_first_guess)
+    ckptops.sanitize(paths["base"], paths["harmful"], paths["target"], tmp_path / "out", chunk_elements=1000,
+                     progress=False)
+    expected, _ = reference_hdr(s["base"], s["harmful"], s["target"])
+    _check(tmp_path / "out", expected)
+    assert calls["low"] == 1

@@ -98,7 +98,7 @@ def select_thresholds(
     top_k: float,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Selection]:
-    """The exact threshold of every selection group (two streaming passes per group)."""
+    """The exact threshold of every selection group (one or two streaming passes per group)."""
     by_group: dict[str, list[TensorTask]] = {}
     for task in plan.hdr_tasks:
         by_group.setdefault(task.group, []).append(task)
@@ -107,41 +107,92 @@ def select_thresholds(
         count = plan.groups[group]
         if top_k >= 1.0:
             result[group] = Selection(None, count, count)
-            continue
-        rank = select.kth_rank(count, top_k)
+        else:
+            result[group] = _select_group(tasks, count, select.kth_rank(count, top_k), models, pool, progress)
+    return result
 
-        def count_top(chunk: Chunk, buf: WorkerBuffers, hist: torch.Tensor) -> None:
-            _, keys = _abs_bits(_tau(chunk, buf, models), buf)
-            counts = torch.bincount(keys, minlength=select.TOP_BINS)
-            if counts[select.NONFINITE_KEY:].any():
-                raise _nonfinite_error(chunk, models)
-            hist += counts
 
-        def done(chunk: Chunk) -> None:
-            if progress:
-                progress(chunk.size * (itemsize(chunk.task.base.dtype) + itemsize(chunk.task.harmful.dtype)))
+#: a pass-1 band of this many top-16-bit bins (about +-1.5% in value) around the sampled estimate
+BAND_BINS = 4
+#: groups smaller than this many chunks skip the sampling step (two plain passes are cheap)
+MIN_CHUNKS_FOR_BAND = 8
 
-        hists = pool.run(_group_chunks(tasks, pool.chunk), count_top,
-                         lambda: torch.zeros(select.TOP_BINS, dtype=torch.int64), done)
-        hist_top = torch.stack(hists).sum(0)
-        top, rank_in_bin = select.locate(hist_top, rank)
 
-        def count_low(chunk: Chunk, buf: WorkerBuffers, hist: torch.Tensor) -> None:
-            # values of bin `top` map to 1..LOW_BINS, everything else is clamped onto 0 or
-            # LOW_BINS + 1: one subtraction, one clamp and a bincount (no boolean selection)
-            bits = torch.abs(_tau(chunk, buf, models), out=buf.b[: chunk.size]).view(torch.int32)
-            low = torch.sub(bits, (top << select.TOP_BITS_SHIFT) - 1, out=buf.key[: chunk.size])
-            low.clamp_(0, select.LOW_BINS + 1)
-            hist += torch.bincount(low, minlength=select.LOW_BINS + 2)[1 : select.LOW_BINS + 1]
+def _select_group(tasks: list[TensorTask], count: int, rank: int, models: Models, pool: WorkerPool,
+                  progress: Callable[[int], None] | None) -> Selection:
+    """Radix-select the ``rank``-th smallest |tau| of one group.
 
-        lows = pool.run(_group_chunks(tasks, pool.chunk), count_low,
+    Pass 1 counts the top 16 bits of every |tau|. To save the second full pass, a sample (the
+    first 1/64 of every chunk) first estimates which top bin the threshold falls in, and pass 1
+    also keeps an exact low-bit histogram of a narrow band of bins around that estimate. If the
+    threshold's bin is inside the band, the band histogram pins it exactly; if not (a poor
+    sample), a second pass over the data counts the low bits of the right bin. Either way the
+    result is exact.
+    """
+    chunk = pool.chunk
+    chunks = list(_group_chunks(tasks, chunk))
+
+    def done(c: Chunk) -> None:
+        if progress:
+            progress(c.size * (itemsize(c.task.base.dtype) + itemsize(c.task.harmful.dtype)))
+
+    band_lo = band_size = None
+    if len(chunks) >= MIN_CHUNKS_FOR_BAND:
+        step = max(chunk // 64, 256)
+        sample = [Chunk(c.task, c.start, min(c.start + step, c.stop)) for c in chunks]
+        hists = pool.run(sample, _count_top_kernel(models, None, None),
+                         lambda: (torch.zeros(select.TOP_BINS, dtype=torch.int64), None))
+        hist_sample = torch.stack([h for h, _ in hists]).sum(0)
+        sampled = int(hist_sample.sum())
+        estimate, _ = select.locate(hist_sample, max(1, min(sampled, round(rank * sampled / count))))
+        first = max(0, min(estimate - BAND_BINS // 2 + 1, select.TOP_BINS - BAND_BINS))
+        band_lo, band_size = first << select.TOP_BITS_SHIFT, BAND_BINS << select.TOP_BITS_SHIFT
+
+    states = pool.run(chunks, _count_top_kernel(models, band_lo, band_size),
+                      lambda: (torch.zeros(select.TOP_BINS, dtype=torch.int64),
+                               torch.zeros(band_size, dtype=torch.int64) if band_size else None), done)
+    hist_top = torch.stack([h for h, _ in states]).sum(0)
+    top, rank_in_bin = select.locate(hist_top, rank)
+    top_bits = top << select.TOP_BITS_SHIFT
+    if band_lo is not None and band_lo <= top_bits < band_lo + band_size:
+        band = torch.stack([b for _, b in states]).sum(0)
+        offset = top_bits - band_lo
+        hist_low = band[offset: offset + select.LOW_BINS]
+    else:
+        lows = pool.run(chunks, _count_low_kernel(models, top_bits),
                         lambda: torch.zeros(select.LOW_BINS, dtype=torch.int64), done)
         hist_low = torch.stack(lows).sum(0)
-        low, _ = select.locate(hist_low, rank_in_bin)
-        threshold = select.bits_to_float((top << select.TOP_BITS_SHIFT) | low)
-        kept = count - select.count_below(hist_top, top, hist_low, low)
-        result[group] = Selection(threshold, count, kept)
-    return result
+    low, _ = select.locate(hist_low, rank_in_bin)
+    threshold = select.bits_to_float(top_bits | low)
+    return Selection(threshold, count, count - select.count_below(hist_top, top, hist_low, low))
+
+
+def _band_counts(bits: torch.Tensor, lo: int, size: int, scratch: torch.Tensor) -> torch.Tensor:
+    """Exact counts of the bit patterns in ``[lo, lo + size)``: values map to ``1..size``,
+    everything else is clamped onto ``0`` or ``size + 1`` (no boolean selection needed)."""
+    shifted = torch.sub(bits, lo - 1, out=scratch)
+    shifted.clamp_(0, size + 1)
+    return torch.bincount(shifted, minlength=size + 2)[1: size + 1]
+
+
+def _count_top_kernel(models: Models, band_lo: int | None, band_size: int | None):
+    def kernel(chunk: Chunk, buf: WorkerBuffers, state) -> None:
+        hist, band = state
+        bits, keys = _abs_bits(_tau(chunk, buf, models), buf)
+        counts = torch.bincount(keys, minlength=select.TOP_BINS)
+        if counts[select.NONFINITE_KEY:].any():
+            raise _nonfinite_error(chunk, models)
+        hist += counts
+        if band is not None:
+            band += _band_counts(bits, band_lo, band_size, buf.key[: chunk.size])
+    return kernel
+
+
+def _count_low_kernel(models: Models, top_bits: int):
+    def kernel(chunk: Chunk, buf: WorkerBuffers, hist: torch.Tensor) -> None:
+        bits = torch.abs(_tau(chunk, buf, models), out=buf.b[: chunk.size]).view(torch.int32)
+        hist += _band_counts(bits, top_bits, select.LOW_BINS, buf.key[: chunk.size])
+    return kernel
 
 
 @dataclass
