@@ -48,7 +48,13 @@ def main() -> None:
 
     \b
     sanitize   remove the harm direction from a model's weights (streaming, low RAM)
-    inspect    list and validate the tensors of a checkpoint
+    icv        compute, inspect and export the Safe-Align in-context vector
+    generate   try a model with and without its in-context vector
+    eval       measure refusals, over-refusal and perplexity offline
+    run        run a recipe (HDR, then the ICV, then push) from a TOML file
+    diff       where an edited model differs from its base (the edit area)
+    inspect    list and validate the tensors of a checkpoint (folder or Hub repo)
+    push       upload an output folder to a Hugging Face Hub model repo
     demo       run sanitize on a small generated model (no network)
 
     Run `ckptops COMMAND --help` for each command's options and examples.

@@ -291,8 +291,6 @@ def _record_in_card(folder: Path, icv_meta: dict | None, recipe: Recipe) -> None
 
 
 def _push(folder: Path, repo: str, private: bool) -> Any:
-    try:
-        from ckptops.hub.push import push_folder
-    except ImportError as exc:
-        raise CkptopsError(f"pushing needs the Hub module ({exc})") from None
-    return push_folder(folder, repo, private=private)
+    from ckptops.hub.push import push
+
+    return push(folder, repo, private=private).to_dict()

@@ -32,6 +32,7 @@ from typing import Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
+import yaml
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 
@@ -214,7 +215,10 @@ class FakeHub:
                 if name.endswith(".safetensors"):
                     sibling["lfs"] = {"size": len(content), "sha256": hashlib.sha256(content).hexdigest(), "pointerSize": 134}
             siblings.append(sibling)
-        body = json.dumps({"id": repo, "modelId": repo, "sha": sha, "private": False,
+        card = self.repos[repo].commits[sha].get("README.md", b"").decode()
+        front = yaml.safe_load(card.split("---\n")[1]) if card.startswith("---\n") else None
+        tags = list(front.get("tags") or []) if isinstance(front, dict) else []  # the Hub lists card tags
+        body = json.dumps({"id": repo, "modelId": repo, "sha": sha, "private": False, "tags": tags,
                            "gated": "auto" if self.repos[repo].gated else False, "siblings": siblings}).encode()
         self._send(h, record, 200, {"Content-Type": "application/json"}, body, head)
 

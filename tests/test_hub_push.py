@@ -147,6 +147,15 @@ def test_push_command_regenerates_the_card_and_uploads(sanitized, fake_api, monk
     assert ModelCard(uploaded_card).data.to_dict()["safety_arithmetic"]["inputs"]["base"]["ref"].endswith("base")
 
 
+def test_an_edited_card_is_uploaded_as_it_is(sanitized, fake_api, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    edited = (sanitized / "README.md").read_text() + "\n## Notes\n\nEvaluated by hand.\n"
+    (sanitized / "README.md").write_text(edited)
+    assert "uploaded as it is" in CliRunner().invoke(main, ["push", str(sanitized), REPO, "--dry-run"]).stdout
+    assert CliRunner().invoke(main, ["push", str(sanitized), REPO]).exit_code == 0
+    assert fake_api.uploaded["README.md"].decode() == edited == (sanitized / "README.md").read_text()
+
+
 def test_dry_run_lists_files_without_network_or_token(sanitized, fake_api):
     result = CliRunner().invoke(main, ["push", str(sanitized), REPO, "--private", "--dry-run", "--json"])
     assert result.exit_code == 0, result.output

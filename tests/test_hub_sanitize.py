@@ -5,6 +5,7 @@ and a failing download leaves no output behind."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -72,6 +73,8 @@ def test_hub_run_gives_the_local_run_bytes_and_records_commits(hub, triple, tmp_
         ident = report.inputs[role]
         assert ident["type"] == "hub" and ident["repo"] == f"org/{role}" and ident["commit"] == commits[role]
     assert report.inputs["target"]["revision"] == "main" and report.inputs["target"]["ref"] == "org/target@main"
+    shard = paths["harmful"] / "model-00001-of-00002.safetensors"
+    assert report.inputs["harmful"]["files_sha256"][shard.name] == hashlib.sha256(shard.read_bytes()).hexdigest()
     assert f"commit {commits['base']}" in report.format_text()
     card = front_matter(tmp_path / "remote")
     assert card["base_model"] == "org/target"
@@ -93,6 +96,17 @@ def test_low_disk_leaves_no_input_shard_in_the_cache(hub, triple, tmp_path, loca
     assert cached_files(hub.cache) == []
     assert len(hub.full_downloads()) == 6  # every input shard was downloaded exactly once
     assert cached_files(hub.cache, ".json")  # small files (config, index) stay cached
+
+
+def test_low_disk_with_the_same_repo_as_base_and_target(hub, triple, tmp_path):
+    """theta_t = theta_b: one repo read in two roles is evicted only when neither needs it."""
+    paths, _ = triple
+    publish(hub, paths)
+    result = sanitize_cli(tmp_path / "remote", "--low-disk", "--exclude", "lm_head", refs=("org/base", "org/harmful", "org/base"))
+    assert result.exit_code == 0, result.output
+    ckptops.sanitize(paths["base"], paths["harmful"], paths["base"], tmp_path / "local", exclude=["lm_head"], progress=False)
+    assert folder_files(tmp_path / "remote") == folder_files(tmp_path / "local")
+    assert cached_files(hub.cache) == []
 
 
 def test_low_disk_keeps_what_was_cached_before(hub, triple, tmp_path):
@@ -207,6 +221,19 @@ def test_download_that_keeps_failing_is_a_clear_error_and_writes_nothing(hub, tr
     assert not out.exists() and not list(tmp_path.glob(".remote.ckptops-tmp-*"))
     failing_gets = [r for r in hub.resolves("model-00002-of-00003.safetensors") if r.method == "GET" and not r.range]
     assert len(failing_gets) == 3
+
+
+@pytest.mark.parametrize("marker", ["tag", "provenance"])
+def test_an_already_sanitized_hub_target_is_refused(hub, triple, tmp_path, local_run, marker):
+    paths, _ = triple
+    publish(hub, paths)
+    done = local_run()
+    (done / ("ckptops.json" if marker == "tag" else "README.md")).unlink()  # keep one marker only
+    hub.add_folder("me/already-safe", done)
+    result = sanitize_cli(tmp_path / "twice", refs=("org/base", "org/harmful", "me/already-safe"))
+    assert result.exit_code == 2 and "me/already-safe: already sanitized" in result.stderr
+    assert hub.weight_bytes_served() == 0
+    assert sanitize_cli(tmp_path / "twice", "--force", refs=("org/base", "org/harmful", "me/already-safe")).exit_code == 0
 
 
 def test_library_error_for_unknown_repo_names_it(hub, triple, tmp_path):

@@ -130,3 +130,16 @@ def test_errors_are_one_line(checkpoint, tmp_path):
                           "hidden size 64 and 3 layers", "hidden size 32 and 3 layers")
     assert_one_line_error(run("generate", "--model", folder, "--alpha", "1", "--prompt", "hi", "-q"), "need an ICV")
     assert_one_line_error(run("generate", "--model", folder, "--chat", "--prompt", "hi", "-q"), "no chat template")
+
+
+def test_missing_extra_is_a_one_line_error(checkpoint, tmp_path, monkeypatch):
+    import sys
+
+    folder, _ = checkpoint
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now fails
+    result = run("icv", "compute", "--model", folder, "--out", tmp_path / "x.safetensors", "-q")
+    assert_one_line_error(result, "needs the 'transformers' package", "pip install 'ckptops[icv]'")
+    # inspecting a file needs no optional package
+    from ckptops.icv.file import ICV
+    path = ICV(vectors={0: torch.ones(4)}, hidden_size=4, num_layers=1).save(tmp_path / "small.safetensors")
+    assert run("icv", "inspect", path).exit_code == 0

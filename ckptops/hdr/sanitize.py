@@ -379,11 +379,13 @@ def sanitize(
 def refuse_if_sanitized(target: Checkpoint) -> None:
     """A target whose card carries the safety-arithmetic tag (or a ckptops provenance file) was
     sanitized already; doing it twice subtracts the harm vector twice."""
-    if target.root is None:
-        return
-    card = target.root / "README.md"
-    marked = (target.root / "ckptops.json").exists()
-    if not marked and card.is_file():
+    if target.root is None:  # a Hub target: its repo holds ckptops.json or carries the tag
+        marked = bool(getattr(target, "marked_sanitized", False))
+        card = None
+    else:
+        card = target.root / "README.md"
+        marked = (target.root / "ckptops.json").exists()
+    if not marked and card is not None and card.is_file():
         text = card.read_text(encoding="utf-8", errors="replace")
         if text.startswith("---"):
             front = text.split("---", 2)[1] if text.count("---") >= 2 else ""

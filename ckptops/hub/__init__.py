@@ -10,6 +10,8 @@
 
 Submodules import ``huggingface_hub``; this package itself does not, so that
 ``ckptops.checkpoint`` can check whether a reference is a repo id without loading network code.
+Pushing: ``from ckptops.hub.push import push, plan_push`` (the module name ``push`` would shadow a
+package-level function of the same name, so none is exported here).
 """
 
 from __future__ import annotations
@@ -21,8 +23,6 @@ _EXPORTS = {
     "HubRef": "ckptops.hub.refs",
     "open_hub_checkpoint": "ckptops.hub.resolve",
     "HubCheckpoint": "ckptops.hub.resolve",
-    "push": "ckptops.hub.push",
-    "plan_push": "ckptops.hub.push",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -7,9 +7,11 @@ large-file storage, resumable (re-running an interrupted push sends only what th
 Weight files on the branch that the folder does not hold are deleted in the same upload, so the
 repo never mixes two models (transformers would load a stale ``model.safetensors`` first).
 
-When the folder has ``ckptops.json`` (it came from ``ckptops sanitize``), its README.md is
-regenerated through ``huggingface_hub.ModelCard`` with the repo id in the loading examples, and
-written back to the folder too, so the folder and the repo stay identical.
+When the folder has ``ckptops.json`` (it came from ``ckptops sanitize``) and its README.md is
+still the card ckptops wrote, the card is regenerated through ``huggingface_hub.ModelCard`` with
+the repo id in the loading examples, and written back to the folder too, so the folder and the
+repo stay identical. A README.md edited since (by hand, or by a recipe adding its ICV section) is
+uploaded as it is.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class PushPlan:
     files: list[tuple[str, int]] = field(default_factory=list)
     delete_patterns: list[str] = field(default_factory=lambda: list(DELETE_PATTERNS))
     card: str | None = None
+    card_kept: bool = False
     custom_message: bool = False
 
     @property
@@ -70,6 +73,8 @@ class PushPlan:
         lines.append(f"  weight files on the branch that this folder lacks ({', '.join(self.delete_patterns)}) would be deleted")
         if self.card is not None:
             lines.append("  README.md regenerated from ckptops.json with this repo id")
+        elif self.card_kept:
+            lines.append("  README.md uploaded as it is (edited after ckptops wrote it)")
         return "\n".join(lines)
 
     def retry_command(self) -> str:
@@ -118,6 +123,29 @@ def _walk(folder: Path) -> list[tuple[str, int]]:
     return files
 
 
+def _regenerated_card(folder: Path, repo_id: str) -> tuple[str | None, bool]:
+    """(new README text or None, whether an edited README is kept): regenerate only a card that
+    is exactly what ckptops rendered from ``ckptops.json`` (for no repo or for some repo)."""
+    from ckptops.checkpoint.card import render_card
+
+    provenance_file = folder / "ckptops.json"
+    if not provenance_file.is_file():
+        return None, False
+    try:
+        provenance = json.loads(provenance_file.read_text(encoding="utf-8"))
+        new = render_card(provenance, hub_repo=repo_id)
+        readme = folder / "README.md"
+        if not readme.is_file():
+            return new, False
+        current = readme.read_text(encoding="utf-8")
+        earlier = {None, *re.findall(r"snapshot_download\('([^']+)'\)", current)}
+        if any(current == render_card(provenance, hub_repo=repo) for repo in earlier):
+            return new, False
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{provenance_file}: cannot build the model card from it ({exc})") from None
+    return None, True
+
+
 def plan_push(
     folder: str | os.PathLike, repo_id: str, *, private: bool = False, branch: str | None = None,
     commit_message: str | None = None,
@@ -126,7 +154,6 @@ def plan_push(
 
     The folder must be a loadable checkpoint (headers and index are validated, no weights read).
     """
-    from ckptops.checkpoint.card import render_card
     from ckptops.checkpoint.resolve import open_checkpoint
 
     require_repo_id(repo_id, "repo")
@@ -136,19 +163,12 @@ def plan_push(
     if not path.is_dir():
         raise CheckpointError(f"{folder}: not a folder; push uploads a model folder (e.g. the --out of sanitize)")
     open_checkpoint(path)  # refuses folders without valid safetensors weights before anything is uploaded
-    card = None
-    provenance_file = path / "ckptops.json"
-    if provenance_file.is_file():
-        try:
-            provenance = json.loads(provenance_file.read_text(encoding="utf-8"))
-            card = render_card(provenance, hub_repo=repo_id)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{provenance_file}: cannot build the model card from it ({exc})") from None
+    card, kept = _regenerated_card(path, repo_id)
     files = _walk(path)
     if card is not None and "README.md" not in dict(files):
         files.append(("README.md", len(card.encode())))
     return PushPlan(str(folder), repo_id, private, branch, commit_message or _default_message(path), files,
-                    card=card, custom_message=commit_message is not None)
+                    card=card, card_kept=kept, custom_message=commit_message is not None)
 
 
 def check_push_target(repo_id: str, token: str | None = None) -> None:
@@ -186,7 +206,8 @@ def push(
 
     Example::
 
-        result = ckptops.hub.push("wm-safe/", "me/wm-safe", private=True)
+        from ckptops.hub.push import push
+        result = push("wm-safe/", "me/wm-safe", private=True)
         print(result.url, result.commit)
     """
     from huggingface_hub.errors import HfHubHTTPError

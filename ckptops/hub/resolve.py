@@ -50,6 +50,7 @@ class Listing:
     sizes: dict[str, int | None]
     sha256: dict[str, str] = field(default_factory=dict)
     from_cache: bool = False
+    tags: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -62,6 +63,8 @@ class HubCheckpoint(Checkpoint):
     commit: str = ""
     endpoint: str = ""
     side_names: list[str] = field(default_factory=list)
+    #: the repo says it was sanitized already (``ckptops.json``, or the ``safety-arithmetic`` tag)
+    marked_sanitized: bool = False
     #: shard files that were in the cache before this run: never evicted
     cached_before: set[str] = field(default_factory=set)
     #: shard files this run fetched
@@ -161,6 +164,7 @@ def open_hub_checkpoint(ref: str | HubRef, *, token: str | bool | None = None) -
         has_index=has_index, repo=repo, revision=revision, commit=commit, endpoint=api.endpoint,
         side_names=sorted(n for n, size in listing.sizes.items() if is_side_file(n, size)),
         cached_before={name for name, path in cached.items() if path is not None}, token=token,
+        marked_sanitized="ckptops.json" in listing.sizes or "safety-arithmetic" in listing.tags,
     )
     for name, shard in shards.items():
         shard.fetch = functools.partial(checkpoint.fetch_shard, name)
@@ -200,6 +204,7 @@ def _list_files(api: HfApi, repo: str, revision: str | None, commit: str) -> Lis
             return Listing(
                 {s.rfilename: s.size for s in info.siblings},
                 {s.rfilename: s.lfs.sha256 for s in info.siblings if s.lfs is not None},
+                tags=list(info.tags or []),
             )
     snapshot = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model") / "snapshots" / commit
     if not snapshot.is_dir():

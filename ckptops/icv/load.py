@@ -17,9 +17,10 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -94,10 +95,22 @@ def checkpoint_sha256(folder: str | os.PathLike, progress: bool | None = None) -
     return manifest.hexdigest()
 
 
-def _quiet_transformers(transformers: Any, quiet: bool) -> None:
-    if quiet:
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
+@contextmanager
+def _quiet_transformers(transformers: Any, quiet: bool) -> Iterator[None]:
+    """Silence transformers' loading bars and notices while loading, then restore its settings."""
+    if not quiet:
+        yield
+        return
+    logging = transformers.utils.logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
 
 
 def load_tokenizer(ref: str | os.PathLike) -> Any:
@@ -130,7 +143,6 @@ def load_model(
     """
     transformers = require_transformers("loading a model")
     budget = None if max_memory is None else parse_size(max_memory, "--max-memory")
-    _quiet_transformers(transformers, quiet)
     ref_text = str(ref)
     local = Path(ref_text)
     is_local = local.is_dir()
@@ -154,7 +166,8 @@ def load_model(
             os.makedirs(offload_dir, exist_ok=True)
         kwargs.update(device_map="auto", max_memory={"cpu": budget}, offload_folder=offload_dir)
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(ref_text, **kwargs)
+        with _quiet_transformers(transformers, quiet):
+            model = transformers.AutoModelForCausalLM.from_pretrained(ref_text, **kwargs)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         if owns and offload_dir:
             shutil.rmtree(offload_dir, ignore_errors=True)
@@ -169,7 +182,8 @@ def load_model(
         _owns_offload_dir=owns,
     )
     try:
-        loaded.tokenizer = load_tokenizer(ref_text)
+        with _quiet_transformers(transformers, quiet):
+            loaded.tokenizer = load_tokenizer(ref_text)
         if is_local and hash_weights:
             loaded.source_sha256 = checkpoint_sha256(local, progress=False if quiet else None)
     except BaseException:
