@@ -31,7 +31,7 @@ from ckptops.units import format_size
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new output is complete).")
 @click.option("--low-disk", is_flag=True,
               help="Hub inputs: remove each downloaded shard from the HF cache as soon as no remaining work needs it "
-                   "(global scope keeps base+harmful until the apply pass; tensor/layer scope streams).")
+                   "(about one shard per model on disk; global scope downloads base and harmful once per pass, 3 times).")
 @click.option("--push-to-hub", default=None, metavar="ORG/NAME", help="Upload the finished folder to this Hub model repo.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 @click.option("--branch", default=None, metavar="NAME", help="With --push-to-hub: push to this branch.")

@@ -129,42 +129,74 @@ def _select_group(tasks: list[TensorTask], count: int, rank: int, models: Models
     sample), a second pass over the data counts the low bits of the right bin. Either way the
     result is exact.
     """
-    chunk = pool.chunk
-    chunks = list(_group_chunks(tasks, chunk))
-
-    def done(c: Chunk) -> None:
-        if progress:
-            progress(c.size * (itemsize(c.task.base.dtype) + itemsize(c.task.harmful.dtype)))
-
-    band_lo = band_size = None
-    if len(chunks) >= MIN_CHUNKS_FOR_BAND:
-        step = max(chunk // 64, 256)
-        sample = [Chunk(c.task, c.start, min(c.start + step, c.stop)) for c in chunks]
-        hists = pool.run(sample, _count_top_kernel(models, None, None),
-                         lambda: (torch.zeros(select.TOP_BINS, dtype=torch.int64), None))
-        hist_sample = torch.stack([h for h, _ in hists]).sum(0)
-        sampled = int(hist_sample.sum())
-        estimate, _ = select.locate(hist_sample, max(1, min(sampled, round(rank * sampled / count))))
-        first = max(0, min(estimate - BAND_BINS // 2 + 1, select.TOP_BINS - BAND_BINS))
-        band_lo, band_size = first << select.TOP_BITS_SHIFT, BAND_BINS << select.TOP_BITS_SHIFT
-
-    states = pool.run(chunks, _count_top_kernel(models, band_lo, band_size),
-                      lambda: (torch.zeros(select.TOP_BINS, dtype=torch.int64),
-                               torch.zeros(band_size, dtype=torch.int64) if band_size else None), done)
-    hist_top = torch.stack([h for h, _ in states]).sum(0)
+    band = None
+    if sum(-(-t.numel // pool.chunk) for t in tasks) >= MIN_CHUNKS_FOR_BAND:
+        band = estimate_band(tasks, count, rank, models, pool)
+    hist_top, band_hist = count_top_pass(tasks, models, pool, progress, band)
     top, rank_in_bin = select.locate(hist_top, rank)
     top_bits = top << select.TOP_BITS_SHIFT
-    if band_lo is not None and band_lo <= top_bits < band_lo + band_size:
-        band = torch.stack([b for _, b in states]).sum(0)
-        offset = top_bits - band_lo
-        hist_low = band[offset: offset + select.LOW_BINS]
+    if band is not None and band[0] <= top_bits < band[0] + band[1]:
+        offset = top_bits - band[0]
+        hist_low = band_hist[offset: offset + select.LOW_BINS]
     else:
-        lows = pool.run(chunks, _count_low_kernel(models, top_bits),
-                        lambda: torch.zeros(select.LOW_BINS, dtype=torch.int64), done)
-        hist_low = torch.stack(lows).sum(0)
+        hist_low = count_low_pass(tasks, models, pool, top_bits, progress)
+    return finish_selection(hist_top, top, rank_in_bin, hist_low, count)
+
+
+def finish_selection(hist_top: torch.Tensor, top: int, rank_in_bin: int, hist_low: torch.Tensor,
+                     count: int) -> Selection:
+    """The exact threshold from the top-bit histogram and the low-bit histogram of its bin."""
     low, _ = select.locate(hist_low, rank_in_bin)
-    threshold = select.bits_to_float(top_bits | low)
+    threshold = select.bits_to_float((top << select.TOP_BITS_SHIFT) | low)
     return Selection(threshold, count, count - select.count_below(hist_top, top, hist_low, low))
+
+
+def _selection_done(progress: Callable[[int], None] | None) -> Callable[[Chunk], None] | None:
+    if progress is None:
+        return None
+
+    def done(c: Chunk) -> None:
+        progress(c.size * (itemsize(c.task.base.dtype) + itemsize(c.task.harmful.dtype)))
+    return done
+
+
+def estimate_band(tasks: list[TensorTask], count: int, rank: int, models: Models,
+                  pool: WorkerPool) -> tuple[int, int]:
+    """(first bit pattern, width) of the band of BAND_BINS top bins around the threshold that a
+    sample of the first 1/64 of every chunk predicts."""
+    step = max(pool.chunk // 64, 256)
+    sample = (Chunk(c.task, c.start, min(c.start + step, c.stop)) for c in _group_chunks(tasks, pool.chunk))
+    hists = pool.run(sample, _count_top_kernel(models, None, None),
+                     lambda: (torch.zeros(select.TOP_BINS, dtype=torch.int64), None))
+    hist_sample = torch.stack([h for h, _ in hists]).sum(0)
+    sampled = int(hist_sample.sum())
+    estimate, _ = select.locate(hist_sample, max(1, min(sampled, round(rank * sampled / count))))
+    first = max(0, min(estimate - BAND_BINS // 2 + 1, select.TOP_BINS - BAND_BINS))
+    return first << select.TOP_BITS_SHIFT, BAND_BINS << select.TOP_BITS_SHIFT
+
+
+def count_top_pass(tasks: list[TensorTask], models: Models, pool: WorkerPool,
+                   progress: Callable[[int], None] | None = None,
+                   band: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pass 1 over ``tasks``: the top-16-bit histogram of |tau| (and the band's exact counts).
+    Histograms of disjoint task lists add up, so a caller may run it piece by piece."""
+    lo, size = band if band is not None else (None, None)
+    states = pool.run(_group_chunks(tasks, pool.chunk), _count_top_kernel(models, lo, size),
+                      lambda: (torch.zeros(select.TOP_BINS, dtype=torch.int64),
+                               torch.zeros(size, dtype=torch.int64) if size else None),
+                      _selection_done(progress))
+    if not states:
+        return torch.zeros(select.TOP_BINS, dtype=torch.int64), None
+    hist = torch.stack([h for h, _ in states]).sum(0)
+    return hist, (torch.stack([b for _, b in states]).sum(0) if size else None)
+
+
+def count_low_pass(tasks: list[TensorTask], models: Models, pool: WorkerPool, top_bits: int,
+                   progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Pass 2 over ``tasks``: exact counts of the low 15 bits of the values in bin ``top_bits``."""
+    states = pool.run(_group_chunks(tasks, pool.chunk), _count_low_kernel(models, top_bits),
+                      lambda: torch.zeros(select.LOW_BINS, dtype=torch.int64), _selection_done(progress))
+    return torch.stack(states).sum(0) if states else torch.zeros(select.LOW_BINS, dtype=torch.int64)
 
 
 def _band_counts(bits: torch.Tensor, lo: int, size: int, scratch: torch.Tensor) -> torch.Tensor:

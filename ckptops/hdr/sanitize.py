@@ -9,8 +9,9 @@ temporary folder that replaces ``out`` only when complete.
 (``Checkpoint.release``: Hub inputs evict what they downloaded from the cache) as soon as no later
 unit reads it. With ``tensor``/``layer`` scope each unit selects its own thresholds, so a shard is
 needed only while its unit runs. With ``global`` scope the threshold needs every base/harmful
-value twice before the first tensor can be written, so all base and harmful shards stay on disk
-through selection and are released during the apply pass (target shards as soon as written).
+value before the first tensor can be written: each selection pass releases a shard after its last
+use in that pass and the next pass downloads it again (three downloads of base and harmful, about
+one shard per model on disk).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from ckptops.checkpoint.resolve import Checkpoint, fingerprint, full_sha256, ope
 from ckptops.checkpoint.writer import OutTensor, ShardWriter, layout_by_size, layout_like_target
 from ckptops.errors import UsageError
 from ckptops.hdr.chunks import WorkerBuffers, WorkerPool, single_threaded_torch
-from ckptops.hdr.engine import Models, apply_all, select_thresholds
+from ckptops.hdr.engine import (Models, apply_all, count_low_pass, count_top_pass, finish_selection,
+                                select_thresholds)
+from ckptops.hdr.select import TOP_BITS_SHIFT, kth_rank, locate
 from ckptops.hdr.layers import format_layers, parse_layers
 from ckptops.hdr.plan import SCOPES, Plan, TensorTask, make_plan
 from ckptops.progress import ByteProgress
@@ -152,6 +155,50 @@ def _file_key(checkpoint: Checkpoint, shard: str) -> tuple:
     return ("file", str(Path(path).resolve()) if path is not None else f"{id(checkpoint)}:{shard}")
 
 
+def _release(models: Models, roles: dict[str, Checkpoint], pairs: set[tuple[str, str]]) -> None:
+    for role, shard in sorted(pairs):
+        models.files.close(roles[role], shard)
+        if roles[role].release is not None:
+            roles[role].release(shard)
+
+
+def _select_global_low_disk(plan: Plan, models: Models, pool: WorkerPool, top_k: float, tick,
+                            roles: dict[str, Checkpoint]) -> dict:
+    """The global threshold without keeping every base/harmful shard on disk: each of the two
+    selection passes walks the tasks in runs that end where some input file is read for the last
+    time in that pass, and releases those files; the next pass (and the apply pass) fetches them
+    again. Costs one download of base and harmful per pass (three in all) for a disk peak of
+    about one shard per model. Exact: histograms of disjoint runs add up."""
+    tasks = plan.hdr_tasks
+    keys = [{_file_key(roles[r], s): (r, s) for r, s in _reads(t) if r != "target"} for t in tasks]
+    last_use: dict[tuple, int] = {}
+    holders: dict[tuple, set[tuple[str, str]]] = {}
+    for i, task_keys in enumerate(keys):
+        for key, pair in task_keys.items():
+            last_use[key] = i
+            holders.setdefault(key, set()).add(pair)
+    runs, start = [], 0
+    for i in range(len(tasks)):
+        if i + 1 == len(tasks) or any(last_use[k] == i for k in keys[i]):
+            ending = {pair for k, j in last_use.items() if start <= j <= i for pair in holders[k]}
+            runs.append((tasks[start:i + 1], ending))
+            start = i + 1
+    count = plan.groups["all"]
+    rank = kth_rank(count, top_k)
+    hist_top = None
+    for run, ending in runs:
+        hist, _ = count_top_pass(run, models, pool, tick)
+        hist_top = hist if hist_top is None else hist_top + hist
+        _release(models, roles, ending)
+    top, rank_in_bin = locate(hist_top, rank)
+    hist_low = None
+    for run, ending in runs:
+        hist = count_low_pass(run, models, pool, top << TOP_BITS_SHIFT, tick)
+        hist_low = hist if hist_low is None else hist_low + hist
+        _release(models, roles, ending)
+    return {"all": finish_selection(hist_top, top, rank_in_bin, hist_low, count)}
+
+
 def _run_low_disk(plan: Plan, models: Models, pool: WorkerPool, writer: ShardWriter, top_k: float, scale: float,
                   scope: str, tick) -> tuple[dict, dict[str, int]]:
     """Select and apply unit by unit (see the module docstring), releasing input shards early.
@@ -160,7 +207,7 @@ def _run_low_disk(plan: Plan, models: Models, pool: WorkerPool, writer: ShardWri
     selection group whose thresholds it computes. Returns (selections, values kept per tensor)."""
     roles = {"base": models.base, "harmful": models.harmful, "target": models.target}
     preselect = scope == "global" and top_k < 1
-    selections = select_thresholds(plan, models, pool, top_k, tick) if preselect else {}
+    selections = _select_global_low_disk(plan, models, pool, top_k, tick, roles) if preselect else {}
     keys = [{_file_key(roles[r], s): (r, s) for r, s in _reads(t)} for t in plan.tasks]
     holders: dict[tuple, set[tuple[str, str]]] = {}
     last_use: dict[tuple, int] = {}
