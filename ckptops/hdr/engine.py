@@ -243,7 +243,7 @@ def apply_all(
     scale: float,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, int]:
-    """Write every output tensor; returns the number of selected values per HDR tensor."""
+    """Write every output tensor; returns, per HDR tensor, how many of its chunks changed."""
 
     def chunks():
         for task in plan.tasks:
@@ -278,21 +278,17 @@ def apply_all(
 def _hdr_chunk(
     chunk: Chunk, buf: WorkerBuffers, models: Models, writer: ShardWriter, threshold: float | None, scale: float
 ) -> int:
+    """Write one chunk of theta_t - scale * where(|tau| >= t, tau, +0); returns 1 if any value
+    changed, else 0 (exact per-group counts come from the selection histograms)."""
     task: TensorTask = chunk.task
     n = chunk.size
     tau = _tau(chunk, buf, models)
-    kept = n
-    if threshold is not None:
-        # Branch-free masking on the bit patterns (bool-tensor ops cost ~5x more per element):
-        # key = (|tau|_bits - t_bits) >> 31 is -1 where |tau| < t and 0 where kept; tau &= ~key
-        # turns dropped entries into exactly +0.0 and leaves kept ones untouched.
-        tau_bits = tau.view(torch.int32)
-        key = torch.bitwise_and(tau_bits, 0x7FFFFFFF, out=buf.key[:n])
-        key.sub_(select.float_to_bits(threshold))
-        key.bitwise_right_shift_(31)
-        kept = n + int(key.sum(dtype=torch.int32))
-        key.bitwise_not_()
-        tau_bits.bitwise_and_(key)
+    if threshold is not None and threshold > 0.0:
+        # hardshrink keeps x where |x| > lambda and writes +0.0 elsewhere, in one pass; with
+        # lambda the float just below t, |x| > lambda is exactly |x| >= t (ties kept).
+        torch.hardshrink(tau, select.float_before(threshold), out=buf.b[:n])
+        tau = buf.b[:n]
+    changed = int(bool(tau.any()))
     tau.mul_(scale)
     buf.stage.read_f32(models.files, models.target, task.target, chunk.start, chunk.stop, buf.c)
     result = buf.c[:n]
@@ -300,7 +296,7 @@ def _hdr_chunk(
     if not _all_finite(result):
         raise _nonfinite_error(chunk, models, "theta_t - scale * tau")
     _write_f32(result, task, chunk.start, buf, writer)
-    return kept
+    return changed
 
 
 def _all_finite(values: torch.Tensor) -> bool:

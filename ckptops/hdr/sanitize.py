@@ -389,7 +389,7 @@ def sanitize(
             if task.action == "copy":
                 copied.setdefault(task.reason, []).append(task.name)
         selected = sum(plan.groups.values())
-        changed = sum(kept.values())
+        changed = sum(sel.kept for sel in selections.values())
         report = SanitizeReport(
             out=str(out_path),
             tensors_total=len(plan.tasks),

@@ -45,3 +45,8 @@ def count_below(hist_top: torch.Tensor, top: int, hist_low: torch.Tensor, low: i
 
 def float_to_bits(value: float) -> int:
     return int(torch.tensor([value], dtype=torch.float32).view(torch.int32).item())
+
+
+def float_before(value: float) -> float:
+    """The largest float32 below a positive float32 ``value`` (so ``x > it`` means ``x >= value``)."""
+    return bits_to_float(float_to_bits(value) - 1)
