@@ -75,8 +75,8 @@ def build(folder: Path) -> None:
 def generate_child(folder: Path, icv_path: Path, new_tokens: int, repeats: int, steps: int, dtype: str) -> None:
     """Measure the patch's cost two ways; print one JSON line.
 
-    * end to end: greedy ``generate`` runs of ``new_tokens`` tokens, alternating without / with the
-      ICV, ``repeats`` times each;
+    * end to end: greedy ``generate`` runs of ``new_tokens`` tokens, without / with the ICV in ABBA
+      order, ``repeats`` times each (noisy on a shared machine);
     * per decode step: one new token through the model with a KV cache of the prompt, alternating
       without / with the ICV ``steps`` times each (the cache is cropped back after every step), so
       that load from other processes hits both sides alike.
@@ -103,10 +103,13 @@ def generate_child(folder: Path, icv_path: Path, new_tokens: int, repeats: int, 
 
     tokens_per_second(4)  # warm-up (allocator, kernels)
     plain, patched = [], []
-    for _ in range(repeats):
-        plain.append(tokens_per_second(new_tokens))
-        with apply_icv(model, icv):
-            patched.append(tokens_per_second(new_tokens))
+    for repeat in range(repeats):  # ABBA order, so a drift in machine load favours neither side
+        for with_icv in ((False, True) if repeat % 2 == 0 else (True, False)):
+            if with_icv:
+                with apply_icv(model, icv):
+                    patched.append(tokens_per_second(new_tokens))
+            else:
+                plain.append(tokens_per_second(new_tokens))
 
     step_plain, step_patched = [], []
     with torch.no_grad():
@@ -200,8 +203,8 @@ def gib(n: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=HERE / "_work")
-    parser.add_argument("--new-tokens", type=int, default=16, help="tokens per end-to-end generate run")
-    parser.add_argument("--repeats", type=int, default=2, help="end-to-end runs without and with the ICV")
+    parser.add_argument("--new-tokens", type=int, default=8, help="tokens per end-to-end generate run")
+    parser.add_argument("--repeats", type=int, default=4, help="end-to-end runs without and with the ICV")
     parser.add_argument("--steps", type=int, default=15, help="interleaved single decode steps, each side")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="generation dtype")
     parser.add_argument("--skip-compute", action="store_true")
@@ -255,7 +258,7 @@ def main() -> None:
         plain, patched = statistics.median(r["plain"]), statistics.median(r["patched"])
         print(f"\ngreedy generation, {args.dtype}, prompt {r['prompt_tokens']} tokens, KV cache, {r['threads']} threads, "
               f"load average {os.getloadavg()[0]:.1f}")
-        print(f"  end to end, {args.new_tokens} new tokens, median of {args.repeats} alternating runs:")
+        print(f"  end to end, {args.new_tokens} new tokens, median of {args.repeats} runs each, ABBA order:")
         print(f"    without ICV  {plain:6.3f} tokens/s   runs: {', '.join(f'{v:.3f}' for v in r['plain'])}")
         print(f"    with ICV     {patched:6.3f} tokens/s   runs: {', '.join(f'{v:.3f}' for v in r['patched'])}")
         print(f"    cost         {(plain - patched) / plain * 100:+.1f}% of tokens/s")

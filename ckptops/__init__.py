@@ -26,6 +26,10 @@ _EXPORTS = {
     "apply_icv": "ckptops.icv.patch",
     "from_pretrained": "ckptops.icv.patch",
     "patch_transformers": "ckptops.icv.patch",
+    "export_gguf": "ckptops.icv.gguf_export",
+    "diff_checkpoints": "ckptops.hdr.diff",
+    "load_recipe": "ckptops.recipe",
+    "run_recipe": "ckptops.recipe",
     "CkptopsError": "ckptops.errors",
 }
 

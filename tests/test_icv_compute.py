@@ -60,11 +60,12 @@ def test_variants_really_differ(tokenizer):
     assert abs(np.linalg.norm(pc1) - 1.0) < 1e-5  # PC1 alone is a unit vector over all layers
 
 
-def test_default_demos_and_layer_subset(tokenizer):
+def test_layer_subset(tokenizer):
     model = make_model("gpt2")
-    full = ckptops.compute_icv(model, tokenizer)  # the shipped default file
-    assert full.num_demos == 30 and full.layers == [0, 1, 2]
-    subset = ckptops.compute_icv(model, tokenizer, layers=[1, 2])
+    records = first_demo_records(N_PAIRS)
+    full = ckptops.compute_icv(model, tokenizer, records)
+    assert full.layers == [0, 1, 2]
+    subset = ckptops.compute_icv(model, tokenizer, records, layers=[1, 2])
     assert subset.layers == [1, 2]
     for i in (1, 2):  # PCA over all layers, as the official code; only the kept layers are stored
         assert torch.equal(subset.vectors[i], full.vectors[i])

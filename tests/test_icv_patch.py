@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from icv_fixtures import (ARCHS, ARCH_CONFIGS, first_demo_records, logits_of, make_model, make_tokenizer,
+from icv_fixtures import (ARCHS, ARCH_CONFIGS, logits_of, make_model, make_tokenizer,
                           paper_rule_hooks, save_checkpoint, wrap_official)
 
 import ckptops

@@ -37,8 +37,9 @@ def pool_positions(hidden: torch.Tensor, positions: str) -> torch.Tensor:
 def pca_direction(diffs: torch.Tensor, method: str) -> torch.Tensor:
     """PC1 (+ mean) of the rows of ``diffs`` (n × D), with sklearn's svd_flip sign rule.
 
-    Runs in float64: the official code uses float32 on a GPU, and the extra precision only
-    removes rounding noise from a 1-component fit; it cannot change which direction is found.
+    Runs in float64 where the official code uses float32: the extra precision only removes
+    rounding noise (it could matter only if the top two singular values were nearly equal, where
+    PC1 is ill-defined anyway), and makes the result reproducible across devices.
     """
     data = diffs.to(torch.float64)
     mean = data.mean(dim=0)
