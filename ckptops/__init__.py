@@ -9,7 +9,7 @@ checkpoint engine never imports transformers::
 
 from __future__ import annotations
 
-import importlib
+from ckptops._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -36,8 +36,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'ckptops' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_getattr('ckptops', _EXPORTS)

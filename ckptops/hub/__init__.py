@@ -16,7 +16,7 @@ package-level function of the same name, so none is exported here).
 
 from __future__ import annotations
 
-import importlib
+from ckptops._lazy import lazy_getattr
 
 _EXPORTS = {
     "parse_hub_ref": "ckptops.hub.refs",
@@ -28,8 +28,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'ckptops.hub' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_getattr('ckptops.hub', _EXPORTS)

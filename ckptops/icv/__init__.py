@@ -15,7 +15,7 @@ them; without them, those functions raise :class:`ckptops.errors.MissingExtraErr
 
 from __future__ import annotations
 
-import importlib
+from ckptops._lazy import lazy_getattr
 
 _EXPORTS = {
     "compute_icv": "ckptops.icv.compute",
@@ -35,8 +35,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'ckptops.icv' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_getattr('ckptops.icv', _EXPORTS)
