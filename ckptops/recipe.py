@@ -23,7 +23,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from ckptops.errors import CkptopsError, RecipeError
+from ckptops.errors import RecipeError
 
 # section -> key -> (expected python types, default, required)
 _NUM = (int, float)
