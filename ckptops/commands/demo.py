@@ -31,6 +31,9 @@ def demo(preset, workdir, as_json):
                    f"--target {paths['target']} --out {root / 'sanitized'} --overwrite", err=True)
         report = sanitize(paths["base"], paths["harmful"], paths["target"], root / "sanitized", overwrite=True)
         click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format_text())
+        if not workdir and not as_json:
+            click.echo("(the demo models and output were in a temporary folder, now removed; "
+                       "keep them with --workdir DIR)", err=True)
 
 
 COMMANDS = [demo]
