@@ -62,3 +62,8 @@ class RecipeError(CkptopsError):
 
 class MissingExtraError(CkptopsError):
     """An optional dependency (transformers, accelerate, gguf) is needed but not installed."""
+
+
+class EvalError(CkptopsError):
+    """An evaluation cannot run: a malformed prompt file, a judge that cannot be loaded or returns
+    nonsense, a text too short for perplexity."""

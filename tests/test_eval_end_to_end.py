@@ -140,3 +140,14 @@ def test_icv_that_does_not_fit_is_a_one_line_error(workdir, tmp_path):
     assert result.exit_code != 0
     assert result.output.startswith("error: ") and "hidden size 16" in result.output and "hidden size 32" in result.output
     assert "Traceback" not in result.output
+
+
+def test_missing_transformers_is_a_missing_extra_error(monkeypatch):
+    import sys
+
+    from ckptops.errors import MissingExtraError
+    from ckptops.evaluate.generate import require_transformers
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
+    with pytest.raises(MissingExtraError, match=r"pip install 'ckptops\[icv\]'"):
+        require_transformers()
