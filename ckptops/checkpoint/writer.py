@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
+import queue
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,36 +87,160 @@ def header_bytes(shard: OutShard, metadata: dict[str, str]) -> tuple[bytes, dict
     return prefix + text, {name: start + off for name, off in relative.items()}
 
 
-class ShardWriter:
-    """Creates every output shard in ``folder`` (header written, file sized) and accepts
-    ``write(name, byte_offset_in_tensor, data)`` calls from any thread."""
+class DirectFile:
+    """A file written with ``O_DIRECT`` in large aligned blocks, fed by out-of-order writes.
 
-    def __init__(self, folder: Path, shards: list[OutShard], metadata: dict[str, str]) -> None:
+    Why: new page-cache pages are expensive to allocate (on the VMs this was measured on, buffered
+    writes of a fresh file ran at ~0.3 GB/s against 1.3 GB/s for direct I/O), and a sanitized
+    model is written once and not read back. Workers hand in chunks at absolute offsets; chunks
+    that continue the contiguous prefix are appended to an aligned staging block, and full
+    blocks go to a writer thread, so workers never wait for the disk while there is a free block.
+    Chunks arrive nearly in file order (workers take tensors in output order), so the few that
+    arrive early wait in memory only briefly.
+    """
+
+    ALIGN = 4096
+    BLOCK = 8 << 20
+    BLOCKS = 3
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.size = size
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        self._free: queue.Queue = queue.Queue()
+        self._maps = [mmap.mmap(-1, self.BLOCK) for _ in range(self.BLOCKS)]  # page aligned
+        for block in self._maps:
+            self._free.put(memoryview(block))
+        self._full: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="ckptops-writer", daemon=True)
+        self._thread.start()
+        self._stage = self._free.get()
+        self._staged = 0  # bytes in the staging block
+        self._start = 0  # file offset of the staging block's first byte (aligned)
+        self._early: dict[int, bytes] = {}
+        self._lock = threading.Lock()
+
+    def _drain(self) -> None:
+        while True:
+            item = self._full.get()
+            if item is None:
+                return
+            offset, block, nbytes = item
+            try:
+                if self._error is None:
+                    done = 0
+                    while done < nbytes:
+                        done += os.pwrite(self.fd, block[done:nbytes], offset + done)
+            except BaseException as exc:  # reported by the next write or by finish()
+                self._error = exc
+            self._free.put(block)
+
+    def write_at(self, offset: int, data: memoryview) -> None:
+        if self._error is not None:
+            raise self._error
+        with self._lock:
+            if offset != self._start + self._staged:
+                self._early[offset] = bytes(data)
+                return
+            self._append(data)
+            while (following := self._early.pop(self._start + self._staged, None)) is not None:
+                self._append(memoryview(following))
+
+    def _append(self, data: memoryview) -> None:
+        done = 0
+        while done < len(data):
+            n = min(len(data) - done, self.BLOCK - self._staged)
+            self._stage[self._staged:self._staged + n] = data[done:done + n]
+            self._staged += n
+            done += n
+            if self._staged == self.BLOCK:
+                self._full.put((self._start, self._stage, self.BLOCK))
+                self._start += self.BLOCK
+                self._stage, self._staged = self._free.get(), 0
+
+    def finish(self) -> None:
+        with self._lock:
+            if self._early:
+                raise AssertionError(f"{len(self._early)} chunk(s) never joined the written prefix")
+            padded = -(-self._staged // self.ALIGN) * self.ALIGN
+            self._stage[self._staged:padded] = bytes(padded - self._staged)
+            if padded:
+                self._full.put((self._start, self._stage, padded))
+            self._full.put(None)
+            self._thread.join()
+            if self._error is not None:
+                raise self._error
+            os.ftruncate(self.fd, self.size)
+            os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._full.put(None)
+            self._thread.join()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class BufferedFile:
+    """The portable fallback (no ``O_DIRECT``: macOS, tmpfs): ``pwrite`` through the page cache."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(self.fd, size)
+
+    def write_at(self, offset: int, data: memoryview) -> None:
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self.fd, data[done:], offset + done)
+
+    def finish(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def open_output(path: Path, size: int, direct: bool = True):
+    """A :class:`DirectFile` where the OS and file system allow it, else a :class:`BufferedFile`."""
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            return DirectFile(path, size)
+        except OSError:
+            pass
+    return BufferedFile(path, size)
+
+
+class ShardWriter:
+    """Creates every output shard in ``folder`` (header first) and accepts
+    ``write(name, byte_offset_in_tensor, data)`` calls from any thread; ``finish()`` makes the
+    files complete and durable."""
+
+    def __init__(self, folder: Path, shards: list[OutShard], metadata: dict[str, str], direct: bool = True) -> None:
         self.folder = Path(folder)
         self.shards = shards
-        self._where: dict[str, tuple[int, int, int]] = {}  # tensor -> (fd, absolute offset, nbytes)
-        self._fds: list[int] = []
+        self._where: dict[str, tuple[object, int, int]] = {}  # tensor -> (file, absolute offset, nbytes)
+        self._files: list = []
         try:
             for shard in shards:
                 head, offsets = header_bytes(shard, metadata)
-                fd = os.open(self.folder / shard.name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-                self._fds.append(fd)
-                os.pwrite(fd, head, 0)
-                os.ftruncate(fd, len(head) + shard.nbytes)
+                file = open_output(self.folder / shard.name, len(head) + shard.nbytes, direct)
+                self._files.append(file)
+                file.write_at(0, memoryview(head))
                 for tensor in shard.tensors:
-                    self._where[tensor.name] = (fd, offsets[tensor.name], tensor.nbytes)
+                    self._where[tensor.name] = (file, offsets[tensor.name], tensor.nbytes)
         except OSError as exc:
             self.close()
             raise OutputError(f"{self.folder}: cannot create output shards ({exc.strerror or exc})") from None
 
     def write(self, name: str, byte_offset: int, data) -> None:
-        fd, start, nbytes = self._where[name]
+        file, start, nbytes = self._where[name]
         view = memoryview(data).cast("B")
         if byte_offset + len(view) > nbytes:
             raise AssertionError(f"write past the end of {name}")
-        done = 0
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], start + byte_offset + done)
+        file.write_at(start + byte_offset, view)
 
     def weight_map(self) -> dict[str, str]:
         return {t.name: s.name for s in self.shards for t in s.tensors}
@@ -122,10 +249,10 @@ class ShardWriter:
         return sum(s.nbytes for s in self.shards)
 
     def finish(self) -> None:
-        for fd in self._fds:
-            os.fsync(fd)
+        for file in self._files:
+            file.finish()
         self.close()
 
     def close(self) -> None:
-        while self._fds:
-            os.close(self._fds.pop())
+        while self._files:
+            self._files.pop().close()

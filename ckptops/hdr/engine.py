@@ -120,26 +120,28 @@ MIN_CHUNKS_FOR_BAND = 8
 
 def _select_group(tasks: list[TensorTask], count: int, rank: int, models: Models, pool: WorkerPool,
                   progress: Callable[[int], None] | None) -> Selection:
-    """Radix-select the ``rank``-th smallest |tau| of one group.
+    """Radix-select the ``rank``-th smallest |tau| of one group, exactly.
 
-    Pass 1 counts the top 16 bits of every |tau|. To save the second full pass, a sample (the
-    first 1/64 of every chunk) first estimates which top bin the threshold falls in, and pass 1
-    also keeps an exact low-bit histogram of a narrow band of bins around that estimate. If the
-    threshold's bin is inside the band, the band histogram pins it exactly; if not (a poor
-    sample), a second pass over the data counts the low bits of the right bin. Either way the
-    result is exact.
+    Fast path (one pass): a sample (the first 1/64 of every chunk) estimates where the threshold
+    lies; one pass then counts, exactly, how many |tau| fall below a narrow band of bit patterns
+    around the estimate, above it, and at every single bit pattern inside it. If the rank lands
+    inside the band, that pins the threshold. Otherwise (a poor sample; never seen in practice)
+    the general two-pass radix select runs: top 16 bits of every value, then the low 15 bits of
+    the values in the threshold's top bin.
     """
-    band = None
     if sum(-(-t.numel // pool.chunk) for t in tasks) >= MIN_CHUNKS_FOR_BAND:
-        band = estimate_band(tasks, count, rank, models, pool)
-    hist_top, band_hist = count_top_pass(tasks, models, pool, progress, band)
+        lo, size = estimate_band(tasks, count, rank, models, pool)
+        states = pool.run(_group_chunks(tasks, pool.chunk), _count_band_kernel(models, lo, size),
+                          lambda: torch.zeros(size + 2, dtype=torch.int64), _selection_done(progress))
+        hist = torch.stack(states).sum(0)
+        below, inside = int(hist[0]), hist[1: size + 1]
+        if below < rank <= below + int(inside.sum()):
+            position, _ = select.locate(inside, rank - below)
+            threshold = select.bits_to_float(lo + position)
+            return Selection(threshold, count, count - below - int(inside[:position].sum()))
+    hist_top = count_top_pass(tasks, models, pool, progress)
     top, rank_in_bin = select.locate(hist_top, rank)
-    top_bits = top << select.TOP_BITS_SHIFT
-    if band is not None and band[0] <= top_bits < band[0] + band[1]:
-        offset = top_bits - band[0]
-        hist_low = band_hist[offset: offset + select.LOW_BINS]
-    else:
-        hist_low = count_low_pass(tasks, models, pool, top_bits, progress)
+    hist_low = count_low_pass(tasks, models, pool, top << select.TOP_BITS_SHIFT, progress)
     return finish_selection(hist_top, top, rank_in_bin, hist_low, count)
 
 
@@ -166,9 +168,8 @@ def estimate_band(tasks: list[TensorTask], count: int, rank: int, models: Models
     sample of the first 1/64 of every chunk predicts."""
     step = max(pool.chunk // 64, 256)
     sample = (Chunk(c.task, c.start, min(c.start + step, c.stop)) for c in _group_chunks(tasks, pool.chunk))
-    hists = pool.run(sample, _count_top_kernel(models, None, None),
-                     lambda: (torch.zeros(select.TOP_BINS, dtype=torch.int64), None))
-    hist_sample = torch.stack([h for h, _ in hists]).sum(0)
+    hists = pool.run(sample, _count_top_kernel(models), lambda: torch.zeros(select.TOP_BINS, dtype=torch.int64))
+    hist_sample = torch.stack(hists).sum(0)
     sampled = int(hist_sample.sum())
     estimate, _ = select.locate(hist_sample, max(1, min(sampled, round(rank * sampled / count))))
     first = max(0, min(estimate - BAND_BINS // 2 + 1, select.TOP_BINS - BAND_BINS))
@@ -176,19 +177,12 @@ def estimate_band(tasks: list[TensorTask], count: int, rank: int, models: Models
 
 
 def count_top_pass(tasks: list[TensorTask], models: Models, pool: WorkerPool,
-                   progress: Callable[[int], None] | None = None,
-                   band: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Pass 1 over ``tasks``: the top-16-bit histogram of |tau| (and the band's exact counts).
-    Histograms of disjoint task lists add up, so a caller may run it piece by piece."""
-    lo, size = band if band is not None else (None, None)
-    states = pool.run(_group_chunks(tasks, pool.chunk), _count_top_kernel(models, lo, size),
-                      lambda: (torch.zeros(select.TOP_BINS, dtype=torch.int64),
-                               torch.zeros(size, dtype=torch.int64) if size else None),
-                      _selection_done(progress))
-    if not states:
-        return torch.zeros(select.TOP_BINS, dtype=torch.int64), None
-    hist = torch.stack([h for h, _ in states]).sum(0)
-    return hist, (torch.stack([b for _, b in states]).sum(0) if size else None)
+                   progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Pass 1 over ``tasks``: the top-16-bit histogram of |tau|. Histograms of disjoint task
+    lists add up, so a caller may run it piece by piece."""
+    states = pool.run(_group_chunks(tasks, pool.chunk), _count_top_kernel(models),
+                      lambda: torch.zeros(select.TOP_BINS, dtype=torch.int64), _selection_done(progress))
+    return torch.stack(states).sum(0) if states else torch.zeros(select.TOP_BINS, dtype=torch.int64)
 
 
 def count_low_pass(tasks: list[TensorTask], models: Models, pool: WorkerPool, top_bits: int,
@@ -207,16 +201,25 @@ def _band_counts(bits: torch.Tensor, lo: int, size: int, scratch: torch.Tensor) 
     return torch.bincount(shifted, minlength=size + 2)[1: size + 1]
 
 
-def _count_top_kernel(models: Models, band_lo: int | None, band_size: int | None):
-    def kernel(chunk: Chunk, buf: WorkerBuffers, state) -> None:
-        hist, band = state
-        bits, keys = _abs_bits(_tau(chunk, buf, models), buf)
+def _count_top_kernel(models: Models):
+    def kernel(chunk: Chunk, buf: WorkerBuffers, hist: torch.Tensor) -> None:
+        _, keys = _abs_bits(_tau(chunk, buf, models), buf)
         counts = torch.bincount(keys, minlength=select.TOP_BINS)
         if counts[select.NONFINITE_KEY:].any():
             raise _nonfinite_error(chunk, models)
         hist += counts
-        if band is not None:
-            band += _band_counts(bits, band_lo, band_size, buf.key[: chunk.size])
+    return kernel
+
+
+def _count_band_kernel(models: Models, lo: int, size: int):
+    def kernel(chunk: Chunk, buf: WorkerBuffers, hist: torch.Tensor) -> None:
+        tau = _tau(chunk, buf, models)
+        if not _all_finite(tau):
+            raise _nonfinite_error(chunk, models)
+        bits = torch.abs(tau, out=buf.b[: chunk.size]).view(torch.int32)
+        shifted = torch.sub(bits, lo - 1, out=buf.key[: chunk.size])
+        shifted.clamp_(0, size + 1)
+        hist += torch.bincount(shifted, minlength=size + 2)
     return kernel
 
 
@@ -288,7 +291,8 @@ def _hdr_chunk(
         # lambda the float just below t, |x| > lambda is exactly |x| >= t (ties kept).
         torch.hardshrink(tau, select.float_before(threshold), out=buf.b[:n])
         tau = buf.b[:n]
-    changed = int(bool(tau.any()))
+    low, high = torch.aminmax(tau)  # cheaper than tau.any(), and exact
+    changed = int(bool(low < 0) or bool(high > 0))
     tau.mul_(scale)
     buf.stage.read_f32(models.files, models.target, task.target, chunk.start, chunk.stop, buf.c)
     result = buf.c[:n]

@@ -72,7 +72,7 @@ def _select_global_low_disk(plan: Plan, models: Models, pool: WorkerPool, top_k:
     rank = kth_rank(count, top_k)
     hist_top = None
     for run, ending in runs:
-        hist, _ = count_top_pass(run, models, pool, tick)
+        hist = count_top_pass(run, models, pool, tick)
         hist_top = hist if hist_top is None else hist_top + hist
         _release(models, roles, ending)
     top, rank_in_bin = locate(hist_top, rank)
