@@ -118,13 +118,15 @@ class DirectFile:
         self._staged = 0  # bytes in the staging block
         self._start = 0  # file offset of the staging block's first byte (aligned)
         self._early: dict[int, bytes] = {}
+        self._completed = False
         self._lock = threading.Lock()
 
     def _drain(self) -> None:
+        """Writer thread: write full blocks in order; at the end, free the blocks' memory."""
         while True:
             item = self._full.get()
             if item is None:
-                return
+                break
             offset, block, nbytes = item
             try:
                 if self._error is None:
@@ -134,6 +136,10 @@ class DirectFile:
             except BaseException as exc:  # reported by the next write or by finish()
                 self._error = exc
             self._free.put(block)
+        while not self._free.empty():
+            self._free.get().release()
+        for block in self._maps:
+            block.close()
 
     def write_at(self, offset: int, data: memoryview) -> None:
         if self._error is not None:
@@ -157,16 +163,26 @@ class DirectFile:
                 self._full.put((self._start, self._stage, self.BLOCK))
                 self._start += self.BLOCK
                 self._stage, self._staged = self._free.get(), 0
+        if self._start + self._staged == self.size:
+            self._complete()
+
+    def _complete(self) -> None:
+        """The last byte is staged: write the padded tail and let the writer thread finish and
+        free this file's blocks now, so that memory does not grow with the number of shards."""
+        padded = -(-self._staged // self.ALIGN) * self.ALIGN
+        self._stage[self._staged:padded] = bytes(padded - self._staged)
+        if padded:
+            self._full.put((self._start, self._stage, padded))
+        else:
+            self._free.put(self._stage)
+        self._stage = None
+        self._full.put(None)
+        self._completed = True
 
     def finish(self) -> None:
         with self._lock:
-            if self._early:
-                raise AssertionError(f"{len(self._early)} chunk(s) never joined the written prefix")
-            padded = -(-self._staged // self.ALIGN) * self.ALIGN
-            self._stage[self._staged:padded] = bytes(padded - self._staged)
-            if padded:
-                self._full.put((self._start, self._stage, padded))
-            self._full.put(None)
+            if not self._completed:
+                raise AssertionError(f"output file incomplete: {self._start + self._staged} of {self.size} bytes")
             self._thread.join()
             if self._error is not None:
                 raise self._error
@@ -175,7 +191,9 @@ class DirectFile:
 
     def close(self) -> None:
         if self._thread.is_alive():
-            self._full.put(None)
+            if not self._completed:
+                self._full.put(None)
+                self._completed = True
             self._thread.join()
         if self.fd >= 0:
             os.close(self.fd)
