@@ -139,7 +139,10 @@ class DirectFile:
         while not self._free.empty():
             self._free.get().release()
         for block in self._maps:
-            block.close()
+            try:
+                block.close()
+            except BufferError:  # a view is still held somewhere; the GC frees it later
+                pass
 
     def write_at(self, offset: int, data: memoryview) -> None:
         if self._error is not None:
@@ -191,7 +194,10 @@ class DirectFile:
 
     def close(self) -> None:
         if self._thread.is_alive():
-            if not self._completed:
+            if not self._completed:  # failed run: give the stage back, stop the writer thread
+                if self._stage is not None:
+                    self._free.put(self._stage)
+                    self._stage = None
                 self._full.put(None)
                 self._completed = True
             self._thread.join()
