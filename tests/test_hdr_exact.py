@@ -39,7 +39,7 @@ def test_ties_are_kept(tmp_path):
     _check(tmp_path / "out", expected)
     # far more than 30% kept because of ties at the threshold; the count is exact
     magnitudes = torch.cat([(harmful[n].float() - base[n].float()).abs().flatten() for n in base])
-    assert report.values_changed == int((magnitudes >= thresholds["all"]).sum())
+    assert report.values_selected == int((magnitudes >= thresholds["all"]).sum())
     assert report.fraction_kept > 0.3
     assert report.thresholds["all"] == thresholds["all"]
 
@@ -141,8 +141,8 @@ def test_target_sharding_is_kept(triple, tmp_path):
 
 @pytest.mark.parametrize("mode", ["band disabled", "band missed"])
 def test_two_pass_fallback_is_exact(triple, tmp_path, monkeypatch, mode):
-    """Pass 1 guesses a band from a sample; when there is no band, or the guess misses, the
-    second pass must still give the exact threshold."""
+    """The one-pass band count relies on a sampled guess; when there is no band, or the guess
+    misses, the two-pass radix select must still give the exact threshold."""
     from ckptops.hdr import engine, select
 
     paths, s = triple

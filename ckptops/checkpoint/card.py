@@ -87,7 +87,7 @@ def render_card(provenance: dict, hub_repo: str | None = None) -> str:
             "## Result",
             "",
             f"- tensors changed: {report.get('tensors_changed')} of {report.get('tensors_total')}",
-            f"- values changed: {report.get('values_changed')} of {report.get('values_selected_over')} "
+            f"- values selected by top-k: {report.get('values_selected')} of {report.get('values_selected_over')} "
             f"({100 * report.get('fraction_kept', 0):.3f}%)",
         ]
         for group, threshold in list(report.get("thresholds", {}).items())[:8]:

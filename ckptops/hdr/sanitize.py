@@ -46,7 +46,7 @@ class SanitizeReport:
     tensors_total: int
     tensors_changed: int
     values_selected_over: int
-    values_changed: int
+    values_selected: int
     fraction_kept: float
     thresholds: dict[str, float | None]
     bytes_read: int
@@ -66,8 +66,8 @@ class SanitizeReport:
         lines = [
             f"wrote {self.out}",
             f"  tensors changed   {self.tensors_changed} of {self.tensors_total}",
-            f"  values changed    {self.values_changed:,} of {self.values_selected_over:,} "
-            f"({100 * self.fraction_kept:.4f}% kept by top-k)",
+            f"  values selected   {self.values_selected:,} of {self.values_selected_over:,} "
+            f"({100 * self.fraction_kept:.4f}%: |tau| >= threshold, ties included)",
         ]
         shown = list(self.thresholds.items())
         for group, value in shown[:4]:
@@ -288,7 +288,7 @@ def sanitize(
             tensors_total=len(plan.tasks),
             tensors_changed=sum(1 for v in kept.values() if v),
             values_selected_over=selected,
-            values_changed=changed,
+            values_selected=changed,
             fraction_kept=changed / selected if selected else 0.0,
             thresholds={g: s.threshold for g, s in selections.items()},
             bytes_read=bytes_read,
@@ -339,7 +339,7 @@ def _summary(report: SanitizeReport) -> dict:
         "tensors_total": report.tensors_total,
         "tensors_changed": report.tensors_changed,
         "values_selected_over": report.values_selected_over,
-        "values_changed": report.values_changed,
+        "values_selected": report.values_selected,
         "fraction_kept": report.fraction_kept,
         "thresholds": report.thresholds,
         "copied": {k: len(v) for k, v in report.copied.items()},
