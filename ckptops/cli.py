@@ -78,5 +78,36 @@ def _register() -> None:
 
 _register()
 
+
+def console() -> None:
+    """The ``ckptops`` executable: run the CLI, then leave without the interpreter's teardown.
+
+    Once torch is loaded, a normal interpreter exit spends about half a second in torch's exit
+    handlers and module teardown, more than some whole commands take. Every file ckptops writes
+    is closed and synced before a command returns, so after flushing stdout, stderr and logging
+    the process can end at once. (Library users and ``CliRunner`` call :func:`main` instead.)
+    """
+    code: int = 0
+    try:
+        main()
+    except SystemExit as exc:
+        if isinstance(exc.code, int):
+            code = exc.code
+        elif exc.code is not None:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    if "torch" not in sys.modules:
+        sys.exit(code)
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console()
