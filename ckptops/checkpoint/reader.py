@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ckptops.checkpoint.dtypes import torch_dtype
+from ckptops.checkpoint.dtypes import itemsize, torch_dtype
 from ckptops.checkpoint.header import TensorInfo
 from ckptops.checkpoint.resolve import Checkpoint
 from ckptops.errors import CheckpointError
@@ -75,7 +75,7 @@ class Staging:
         """Read elements ``[start, stop)`` of ``info`` into ``out[:stop-start]`` as float32."""
         n = stop - start
         fd, where = files.fd(checkpoint, info.shard)
-        size = torch.empty(0, dtype=torch_dtype(info.dtype)).element_size()
+        size = itemsize(info.dtype)
         offset = info.offset + start * size
         if info.dtype == "F32":
             pread_into(fd, byte_view(out[:n]), offset, where)
@@ -86,13 +86,13 @@ class Staging:
     def read_raw(self, files: OpenFiles, checkpoint: Checkpoint, info: TensorInfo, start: int, stop: int) -> memoryview:
         """Elements ``[start, stop)`` of ``info`` as raw bytes (valid until the next read)."""
         fd, where = files.fd(checkpoint, info.shard)
-        size = torch.empty(0, dtype=torch_dtype(info.dtype)).element_size()
+        size = itemsize(info.dtype)
         n = (stop - start) * size
         pread_into(fd, self.view[:n], info.offset + start * size, where)
         return self.view[:n]
 
     def raw_as(self, dtype_code: str, count: int) -> torch.Tensor:
-        return self.raw[: count * torch.empty(0, dtype=torch_dtype(dtype_code)).element_size()].view(torch_dtype(dtype_code))
+        return self.raw[: count * itemsize(dtype_code)].view(torch_dtype(dtype_code))
 
 
 __all__ = ["OpenFiles", "Staging", "pread_into", "byte_view"]

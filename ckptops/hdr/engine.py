@@ -196,11 +196,11 @@ def count_low_pass(tasks: list[TensorTask], models: Models, pool: WorkerPool, to
 
 
 def _band_counts(bits: torch.Tensor, lo: int, size: int, scratch: torch.Tensor) -> torch.Tensor:
-    """Exact counts of the bit patterns in ``[lo, lo + size)``: values map to ``1..size``,
-    everything else is clamped onto ``0`` or ``size + 1`` (no boolean selection needed)."""
+    """``size + 2`` counts: index 0 holds the bit patterns below ``lo``, ``1..size`` each pattern
+    of ``[lo, lo + size)`` exactly, ``size + 1`` those above (a clamp, no boolean selection)."""
     shifted = torch.sub(bits, lo - 1, out=scratch)
     shifted.clamp_(0, size + 1)
-    return torch.bincount(shifted, minlength=size + 2)[1: size + 1]
+    return torch.bincount(shifted, minlength=size + 2)
 
 
 def _count_top_kernel(models: Models):
@@ -219,22 +219,20 @@ def _count_band_kernel(models: Models, lo: int, size: int):
         if not _all_finite(tau):
             raise _nonfinite_error(chunk, models)
         bits = torch.abs(tau, out=buf.b[: chunk.size]).view(torch.int32)
-        shifted = torch.sub(bits, lo - 1, out=buf.key[: chunk.size])
-        shifted.clamp_(0, size + 1)
-        hist += torch.bincount(shifted, minlength=size + 2)
+        hist += _band_counts(bits, lo, size, buf.key[: chunk.size])
     return kernel
 
 
 def _count_low_kernel(models: Models, top_bits: int):
     def kernel(chunk: Chunk, buf: WorkerBuffers, hist: torch.Tensor) -> None:
         bits = torch.abs(_tau(chunk, buf, models), out=buf.b[: chunk.size]).view(torch.int32)
-        hist += _band_counts(bits, top_bits, select.LOW_BINS, buf.key[: chunk.size])
+        hist += _band_counts(bits, top_bits, select.LOW_BINS, buf.key[: chunk.size])[1: select.LOW_BINS + 1]
     return kernel
 
 
 @dataclass
 class ApplyCounts:
-    """Per-worker tallies: values changed per tensor."""
+    """Per-worker tallies: how many chunks of each HDR tensor changed at least one value."""
 
     kept: dict[str, int] = field(default_factory=dict)
 
