@@ -200,6 +200,10 @@ def sanitize(
     shard_bytes = parse_size(shard_size, "--shard-size") if shard_size is not None else None
     workers = workers or min(2, os.cpu_count() or 1)
     chunk = chunk_elements or chunk_for_memory(memory, workers)
+    if edit_area is not None and edit_area != "auto":
+        raise UsageError(f"--edit-area must be 'auto', not {edit_area!r}")
+    if edit_area is not None and layer_set is not None:
+        raise UsageError("give --layers or --edit-area auto, not both")
     if push_to_hub is None and (private or branch or commit_message):
         raise UsageError("--private, --branch and --commit-message only apply with --push-to-hub")
     if push_to_hub is not None:
@@ -210,12 +214,12 @@ def sanitize(
     models = Models(open_checkpoint(base), open_checkpoint(harmful), open_checkpoint(target))
     if not force:
         refuse_if_sanitized(models.target)
+    for checkpoint in (models.base, models.harmful, models.target):
+        checkpoint.progress = progress
+    roots = [m.root for m in (models.base, models.harmful, models.target) if m.root is not None]
+    out_path = check_destination(Path(out), roots, overwrite)
     area_report = None
     if edit_area is not None:
-        if edit_area != "auto":
-            raise UsageError(f"--edit-area must be 'auto', not {edit_area!r}")
-        if layer_set is not None:
-            raise UsageError("give --layers or --edit-area auto, not both")
         from ckptops.hdr.diff import diff_checkpoints
 
         area_report = diff_checkpoints(models.base, models.target, workers=workers)
@@ -224,10 +228,6 @@ def sanitize(
                 f"--edit-area auto: {models.target.ref} does not differ from {models.base.ref} in any decoder layer"
             )
         layer_set = frozenset(area_report.edit_area)
-    for checkpoint in (models.base, models.harmful, models.target):
-        checkpoint.progress = progress
-    roots = [m.root for m in (models.base, models.harmful, models.target) if m.root is not None]
-    out_path = check_destination(Path(out), roots, overwrite)
     plan = make_plan(models.base, models.harmful, models.target, scope=scope, exclude=list(exclude),
                      layers=layer_set, out_dtype=out_code)
 
@@ -248,8 +248,11 @@ def sanitize(
     inputs = {role: _identity(ckpt, hash_inputs) for role, ckpt in
               (("base", models.base), ("harmful", models.harmful), ("target", models.target))}
 
-    select_bytes = 2 * sum(t.numel * (itemsize(t.base.dtype) + itemsize(t.harmful.dtype))
-                           for t in plan.hdr_tasks) if top_k < 1 else 0
+    # selection reads base and harmful once (plus a 1/64 sample); global scope under --low-disk,
+    # and the rare fallback, read them twice
+    passes = 2 if (low_disk and scope == "global") else 1
+    select_bytes = passes * sum(t.numel * (itemsize(t.base.dtype) + itemsize(t.harmful.dtype))
+                                for t in plan.hdr_tasks) if top_k < 1 else 0
     with staging_folder(out_path, overwrite) as folder, single_threaded_torch():
         pool = WorkerPool(workers, chunk)
         writer = ShardWriter(folder, shards, {"format": "pt", "producer": f"ckptops {__version__}"})
@@ -268,7 +271,7 @@ def sanitize(
                 with ByteProgress(select_bytes + apply_total, "select + apply (low disk)", progress) as bar:
                     selections, kept = run_low_disk(plan, models, pool, writer, top_k, scale, scope, tick)
             else:
-                with ByteProgress(select_bytes, "select (2 passes)", progress) as bar:
+                with ByteProgress(select_bytes, "select threshold", progress) as bar:
                     selections = select_thresholds(plan, models, pool, top_k, tick)
                 with ByteProgress(apply_total, "apply + write", progress) as bar:
                     kept = apply_all(plan, models, pool, writer, selections, scale, tick)
@@ -282,14 +285,14 @@ def sanitize(
             if task.action == "copy":
                 copied.setdefault(task.reason, []).append(task.name)
         selected = sum(plan.groups.values())
-        changed = sum(sel.kept for sel in selections.values())
+        kept_total = sum(sel.kept for sel in selections.values())
         report = SanitizeReport(
             out=str(out_path),
             tensors_total=len(plan.tasks),
             tensors_changed=sum(1 for v in kept.values() if v),
             values_selected_over=selected,
-            values_selected=changed,
-            fraction_kept=changed / selected if selected else 0.0,
+            values_selected=kept_total,
+            fraction_kept=kept_total / selected if selected else 0.0,
             thresholds={g: s.threshold for g, s in selections.items()},
             bytes_read=bytes_read,
             bytes_written=writer.total_bytes(),
