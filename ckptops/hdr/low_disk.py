@@ -40,6 +40,25 @@ def _file_key(checkpoint: Checkpoint, shard: str) -> tuple:
     return ("file", str(Path(path).resolve()) if path is not None else f"{id(checkpoint)}:{shard}")
 
 
+def _last_uses(tasks: list[TensorTask], roles: dict[str, Checkpoint], with_target: bool):
+    """Per task, the input files it reads; per file, the index of the last task reading it and
+    the (role, shard) pairs that name it."""
+    keys = [{_file_key(roles[r], s): (r, s) for r, s in _reads(t) if with_target or r != "target"} for t in tasks]
+    last_use: dict[tuple, int] = {}
+    holders: dict[tuple, set[tuple[str, str]]] = {}
+    for i, task_keys in enumerate(keys):
+        for key, pair in task_keys.items():
+            last_use[key] = i
+            holders.setdefault(key, set()).add(pair)
+    return keys, last_use, holders
+
+
+def _finished(last_use: dict[tuple, int], holders: dict[tuple, set[tuple[str, str]]], start: int,
+              stop: int) -> set[tuple[str, str]]:
+    """The (role, shard) pairs whose last use falls in tasks ``start..stop``."""
+    return {pair for key, j in last_use.items() if start <= j <= stop for pair in holders[key]}
+
+
 def _release(models: Models, roles: dict[str, Checkpoint], pairs: set[tuple[str, str]]) -> None:
     for role, shard in sorted(pairs):
         models.files.close(roles[role], shard)
@@ -55,18 +74,11 @@ def _select_global_low_disk(plan: Plan, models: Models, pool: WorkerPool, top_k:
     again. Costs one download of base and harmful per pass (three in all) for a disk peak of
     about one shard per model. Exact: histograms of disjoint runs add up."""
     tasks = plan.hdr_tasks
-    keys = [{_file_key(roles[r], s): (r, s) for r, s in _reads(t) if r != "target"} for t in tasks]
-    last_use: dict[tuple, int] = {}
-    holders: dict[tuple, set[tuple[str, str]]] = {}
-    for i, task_keys in enumerate(keys):
-        for key, pair in task_keys.items():
-            last_use[key] = i
-            holders.setdefault(key, set()).add(pair)
+    keys, last_use, holders = _last_uses(tasks, roles, with_target=False)
     runs, start = [], 0
     for i in range(len(tasks)):
         if i + 1 == len(tasks) or any(last_use[k] == i for k in keys[i]):
-            ending = {pair for k, j in last_use.items() if start <= j <= i for pair in holders[k]}
-            runs.append((tasks[start:i + 1], ending))
+            runs.append((tasks[start:i + 1], _finished(last_use, holders, start, i)))
             start = i + 1
     count = plan.groups["all"]
     rank = kth_rank(count, top_k)
@@ -89,17 +101,11 @@ def run_low_disk(plan: Plan, models: Models, pool: WorkerPool, writer: ShardWrit
     """Select and apply unit by unit (see the module docstring), releasing input shards early.
 
     A unit ends after a task that is the last reader of some input file, and never inside a
-    selection group whose thresholds it computes. Returns (selections, values kept per tensor)."""
+    selection group whose thresholds it computes. Returns (selections, changed chunks per tensor)."""
     roles = {"base": models.base, "harmful": models.harmful, "target": models.target}
     preselect = scope == "global" and top_k < 1
     selections = _select_global_low_disk(plan, models, pool, top_k, tick, roles) if preselect else {}
-    keys = [{_file_key(roles[r], s): (r, s) for r, s in _reads(t)} for t in plan.tasks]
-    holders: dict[tuple, set[tuple[str, str]]] = {}
-    last_use: dict[tuple, int] = {}
-    for i, task_keys in enumerate(keys):
-        for key, pair in task_keys.items():
-            holders.setdefault(key, set()).add(pair)
-            last_use[key] = i
+    keys, last_use, holders = _last_uses(plan.tasks, roles, with_target=True)
     group_end = {} if preselect else {t.group: i for i, t in enumerate(plan.tasks) if t.group is not None}
     kept: dict[str, int] = {}
     start, open_until = 0, -1
@@ -113,10 +119,6 @@ def run_low_disk(plan: Plan, models: Models, pool: WorkerPool, writer: ShardWrit
             selections.update(select_thresholds(unit, models, pool, top_k, tick))
         for name, value in apply_all(unit, models, pool, writer, selections, scale, tick).items():
             kept[name] = kept.get(name, 0) + value
-        for key in [k for k, j in last_use.items() if start <= j <= i]:
-            for role, shard in sorted(holders[key]):
-                models.files.close(roles[role], shard)
-                if roles[role].release is not None:
-                    roles[role].release(shard)
+        _release(models, roles, _finished(last_use, holders, start, i))
         start = i + 1
     return selections, kept
