@@ -198,12 +198,11 @@ def dump_toml(data: dict[str, dict[str, Any]]) -> str:
 
 def check_models_exist(recipe: Recipe) -> None:
     """Missing local models are reported before any work (Hub refs are checked when resolved)."""
-    from ckptops.checkpoint.resolve import REMOTE_RESOLVERS
+    from ckptops.hub.refs import parse_hub_ref
 
     for role in ("base", "harmful", "target"):
         ref = recipe["models"][role]
-        looks_remote = "/" in ref and not ref.startswith((".", "/", "~")) and ref.count("/") == 1
-        if not Path(ref).expanduser().exists() and not (looks_remote and REMOTE_RESOLVERS):
+        if not Path(ref).expanduser().exists() and parse_hub_ref(ref) is None:
             raise RecipeError(f"{recipe.source}: models.{role} = {ref!r} does not exist")
 
 

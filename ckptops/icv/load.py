@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ from typing import Any, Iterator
 import torch
 
 from ckptops.errors import CheckpointError
+from ckptops.hub.refs import is_repo_id
 from ckptops.icv._extras import require_accelerate, require_transformers
 from ckptops.units import parse_size
 
@@ -53,11 +53,6 @@ class LoadedModel:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def _looks_like_hub_id(ref: str) -> bool:
-    """``org/name``: anything else that does not exist locally is a missing folder."""
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", ref) is not None and ".." not in ref
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:
@@ -148,7 +143,7 @@ def load_model(
     is_local = local.is_dir()
     if local.exists() and not is_local:
         raise CheckpointError(f"{ref_text}: not a model folder")
-    if not is_local and not _looks_like_hub_id(ref_text):
+    if not is_local and not is_repo_id(ref_text):
         raise CheckpointError(f"{ref_text}: no such model folder (a Hub model is named org/name)")
     if is_local:
         weight_files(local)
