@@ -40,15 +40,14 @@ def split(task: object, start: int, stop: int, chunk: int) -> Iterator[Chunk]:
 
 
 class WorkerBuffers:
-    """The reusable memory of one worker: three float32 work buffers, a bool mask, an int32 key
-    buffer and three raw staging buffers (one per input model)."""
+    """The reusable memory of one worker: three float32 work buffers, an int32 key buffer, a raw
+    staging buffer for reads and one for the rounded output."""
 
     def __init__(self, chunk: int) -> None:
         self.chunk = chunk
         self.a = torch.empty(chunk, dtype=torch.float32)
         self.b = torch.empty(chunk, dtype=torch.float32)
         self.c = torch.empty(chunk, dtype=torch.float32)
-        self.mask = torch.empty(chunk, dtype=torch.bool)
         self.key = torch.empty(chunk, dtype=torch.int32)
         self.stage = Staging(chunk)
         self.out = Staging(chunk)
@@ -56,7 +55,7 @@ class WorkerBuffers:
     @staticmethod
     def bytes_per_element() -> int:
         """Memory one worker needs per chunk element (for sizing chunks from --max-memory)."""
-        return 4 * 3 + 1 + 4 + 8 * 2
+        return 4 * 3 + 4 + 8 * 2
 
 
 class WorkerPool:
