@@ -68,6 +68,29 @@ def test_radix_select_matches_kthvalue_on_hard_distributions():
             assert got == mag.kthvalue(max(1, d - int(d * k))).values.item()
 
 
+def test_band_counts_match_a_plain_count():
+    """The numpy band counter against a Python count of each bit pattern, with values on both
+    band edges, every pattern repeated, a band reaching the top of the int32 range, and both the
+    sparse (add.at) and the dense (bincount) in-band paths."""
+    import numpy as np
+
+    from ckptops.hdr import select
+
+    rng = np.random.default_rng(7)
+    top = 2**31
+    for lo, size, n in ((1000, 64, 5000), (1000, 4096, 5000), (top - 256, 256, 3000), (0, 8, 100)):
+        values = rng.integers(max(0, lo - 300), min(top, lo + size + 300), n).astype(np.int32)
+        values[:4] = [lo, lo + size - 1, max(0, lo - 1), min(top - 1, lo + size)]
+        hist = np.zeros(size + 2, dtype=np.int64)
+        masks = np.empty(n + 10, dtype=np.bool_), np.empty(n + 10, dtype=np.bool_)
+        for part in (values[: n // 3], values[n // 3:]):  # accumulates across calls
+            select.add_band_counts(part.copy(), lo, size, hist, *masks)
+        expected = [0] * (size + 2)
+        for v in values.tolist():
+            expected[0 if v < lo else size + 1 if v >= lo + size else v - lo + 1] += 1
+        assert hist.tolist() == expected
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_other_input_dtypes_and_output_dtype(tmp_path, dtype):
     base = llama_state(0, dtype=dtype)

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, TypeVar
 
+import numpy as np
 import torch
 
 from ckptops.checkpoint.reader import Staging
@@ -40,8 +41,8 @@ def split(task: object, start: int, stop: int, chunk: int) -> Iterator[Chunk]:
 
 
 class WorkerBuffers:
-    """The reusable memory of one worker: three float32 work buffers, an int32 key buffer, a raw
-    staging buffer for reads and one for the rounded output."""
+    """The reusable memory of one worker: three float32 work buffers, an int32 key buffer, two
+    boolean masks for band counting, a raw staging buffer for reads and one for the rounded output."""
 
     def __init__(self, chunk: int) -> None:
         self.chunk = chunk
@@ -49,13 +50,15 @@ class WorkerBuffers:
         self.b = torch.empty(chunk, dtype=torch.float32)
         self.c = torch.empty(chunk, dtype=torch.float32)
         self.key = torch.empty(chunk, dtype=torch.int32)
+        self.below = np.empty(chunk, dtype=np.bool_)
+        self.inside = np.empty(chunk, dtype=np.bool_)
         self.stage = Staging(chunk)
         self.out = Staging(chunk)
 
     @staticmethod
     def bytes_per_element() -> int:
         """Memory one worker needs per chunk element (for sizing chunks from --max-memory)."""
-        return 4 * 3 + 4 + 8 * 2
+        return 4 * 3 + 4 + 2 + 8 * 2
 
 
 class WorkerPool:

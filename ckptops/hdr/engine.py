@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ckptops.checkpoint.dtypes import FLOAT_CODES, itemsize
@@ -132,8 +133,8 @@ def _select_group(tasks: list[TensorTask], count: int, rank: int, models: Models
     if sum(-(-t.numel // pool.chunk) for t in tasks) >= MIN_CHUNKS_FOR_BAND:
         lo, size = estimate_band(tasks, count, rank, models, pool)
         states = pool.run(_group_chunks(tasks, pool.chunk), _count_band_kernel(models, lo, size),
-                          lambda: torch.zeros(size + 2, dtype=torch.int64), _selection_done(progress))
-        hist = torch.stack(states).sum(0)
+                          lambda: np.zeros(size + 2, dtype=np.int64), _selection_done(progress))
+        hist = torch.from_numpy(sum(states))
         below, inside = int(hist[0]), hist[1: size + 1]
         if below < rank <= below + int(inside.sum()):
             position, _ = select.locate(inside, rank - below)
@@ -191,16 +192,16 @@ def count_low_pass(tasks: list[TensorTask], models: Models, pool: WorkerPool, to
                    progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """Pass 2 over ``tasks``: exact counts of the low 15 bits of the values in bin ``top_bits``."""
     states = pool.run(_group_chunks(tasks, pool.chunk), _count_low_kernel(models, top_bits),
-                      lambda: torch.zeros(select.LOW_BINS, dtype=torch.int64), _selection_done(progress))
-    return torch.stack(states).sum(0) if states else torch.zeros(select.LOW_BINS, dtype=torch.int64)
+                      lambda: np.zeros(select.LOW_BINS + 2, dtype=np.int64), _selection_done(progress))
+    return torch.from_numpy(sum(states)[1: select.LOW_BINS + 1].copy()) if states \
+        else torch.zeros(select.LOW_BINS, dtype=torch.int64)
 
 
-def _band_counts(bits: torch.Tensor, lo: int, size: int, scratch: torch.Tensor) -> torch.Tensor:
-    """``size + 2`` counts: index 0 holds the bit patterns below ``lo``, ``1..size`` each pattern
-    of ``[lo, lo + size)`` exactly, ``size + 1`` those above (a clamp, no boolean selection)."""
-    shifted = torch.sub(bits, lo - 1, out=scratch)
-    shifted.clamp_(0, size + 1)
-    return torch.bincount(shifted, minlength=size + 2)
+def _add_band_counts(tau: torch.Tensor, buf: WorkerBuffers, lo: int, size: int, hist: np.ndarray) -> None:
+    """Count the bit patterns of |tau| against the band ``[lo, lo + size)`` (see
+    :func:`select.add_band_counts`); |tau| goes to ``buf.b``."""
+    bits = torch.abs(tau, out=buf.b[: tau.numel()]).view(torch.int32).numpy()
+    select.add_band_counts(bits, lo, size, hist, buf.below, buf.inside)
 
 
 def _count_top_kernel(models: Models):
@@ -214,19 +215,17 @@ def _count_top_kernel(models: Models):
 
 
 def _count_band_kernel(models: Models, lo: int, size: int):
-    def kernel(chunk: Chunk, buf: WorkerBuffers, hist: torch.Tensor) -> None:
+    def kernel(chunk: Chunk, buf: WorkerBuffers, hist: np.ndarray) -> None:
         tau = _tau(chunk, buf, models)
         if not _all_finite(tau):
             raise _nonfinite_error(chunk, models)
-        bits = torch.abs(tau, out=buf.b[: chunk.size]).view(torch.int32)
-        hist += _band_counts(bits, lo, size, buf.key[: chunk.size])
+        _add_band_counts(tau, buf, lo, size, hist)
     return kernel
 
 
 def _count_low_kernel(models: Models, top_bits: int):
-    def kernel(chunk: Chunk, buf: WorkerBuffers, hist: torch.Tensor) -> None:
-        bits = torch.abs(_tau(chunk, buf, models), out=buf.b[: chunk.size]).view(torch.int32)
-        hist += _band_counts(bits, top_bits, select.LOW_BINS, buf.key[: chunk.size])[1: select.LOW_BINS + 1]
+    def kernel(chunk: Chunk, buf: WorkerBuffers, hist: np.ndarray) -> None:
+        _add_band_counts(_tau(chunk, buf, models), buf, top_bits, select.LOW_BINS, hist)
     return kernel
 
 
@@ -264,12 +263,16 @@ def apply_all(
         else:
             task = chunk.task
             counts.kept[task.name] = counts.kept.get(task.name, 0) + _hdr_chunk(
-                chunk, buf, models, writer, selections[task.group].threshold, scale
+                chunk, buf, models, writer, shrink[task.group], scale
             )
             read = chunk.size * sum(itemsize(i.dtype) for i in (task.target, task.base, task.harmful))
         if progress:
             progress(read)
 
+    # hardshrink keeps x where |x| > lambda and writes +0.0 elsewhere, in one pass; with lambda
+    # the float just below t, |x| > lambda is exactly |x| >= t (ties kept). None: keep all.
+    shrink = {group: select.float_before(s.threshold) if s.threshold is not None and s.threshold > 0.0 else None
+              for group, s in selections.items()}
     states = pool.run(chunks(), work, ApplyCounts)
     kept: dict[str, int] = {}
     for state in states:
@@ -279,17 +282,16 @@ def apply_all(
 
 
 def _hdr_chunk(
-    chunk: Chunk, buf: WorkerBuffers, models: Models, writer: ShardWriter, threshold: float | None, scale: float
+    chunk: Chunk, buf: WorkerBuffers, models: Models, writer: ShardWriter, shrink: float | None, scale: float
 ) -> int:
-    """Write one chunk of theta_t - scale * where(|tau| >= t, tau, +0); returns 1 if any value
-    changed, else 0 (exact per-group counts come from the selection histograms)."""
+    """Write one chunk of theta_t - scale * where(|tau| >= t, tau, +0), the mask being
+    ``hardshrink(tau, shrink)``; returns 1 if any value changed, else 0 (exact per-group counts
+    come from the selection histograms)."""
     task: TensorTask = chunk.task
     n = chunk.size
     tau = _tau(chunk, buf, models)
-    if threshold is not None and threshold > 0.0:
-        # hardshrink keeps x where |x| > lambda and writes +0.0 elsewhere, in one pass; with
-        # lambda the float just below t, |x| > lambda is exactly |x| >= t (ties kept).
-        torch.hardshrink(tau, select.float_before(threshold), out=buf.b[:n])
+    if shrink is not None:
+        torch.hardshrink(tau, shrink, out=buf.b[:n])
         tau = buf.b[:n]
     low, high = torch.aminmax(tau)  # cheaper than tau.any(), and exact
     changed = int(bool(low < 0) or bool(high > 0))

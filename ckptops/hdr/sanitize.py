@@ -35,7 +35,7 @@ from ckptops.units import parse_size
 
 #: resident memory of Python + torch before any buffer (measured ~250 MiB); chunks use the rest
 BASELINE_RSS = 320 << 20
-DEFAULT_CHUNK = 1 << 19
+DEFAULT_CHUNK = 1 << 20
 
 
 @dataclass

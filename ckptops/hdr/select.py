@@ -11,6 +11,7 @@ Memory is two small histograms per worker, whatever the model size.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 TOP_BITS_SHIFT = 15
@@ -50,3 +51,32 @@ def float_to_bits(value: float) -> int:
 def float_before(value: float) -> float:
     """The largest float32 below a positive float32 ``value`` (so ``x > it`` means ``x >= value``)."""
     return bits_to_float(float_to_bits(value) - 1)
+
+
+def add_band_counts(bits: np.ndarray, lo: int, size: int, hist: np.ndarray,
+                    below: np.ndarray, inside: np.ndarray) -> None:
+    """Add to ``hist`` (``size + 2`` counters) the bit patterns of ``bits`` (non-negative int32):
+    index 0 counts those below ``lo``, ``1..size`` each pattern of ``[lo, lo + size)`` exactly,
+    ``size + 1`` those above. ``below``/``inside`` are boolean scratch buffers at least as long.
+
+    Why numpy and not one ``bincount``: a bincount costs ~2.7 ns per value, while two vectorised
+    comparisons, two popcounts and a gather of the few in-band values (under 1% of them when the
+    band is narrow) cost ~0.7 ns; the selection pass over a whole model is dominated by this.
+    """
+    n = bits.shape[0]
+    below, inside = below[:n], inside[:n]
+    np.less(bits, lo, out=below)
+    np.less(bits, lo + size, out=inside)
+    n_below = int(np.count_nonzero(below))
+    n_upto = int(np.count_nonzero(inside))
+    hist[0] += n_below
+    hist[size + 1] += n - n_upto
+    if n_upto == n_below:
+        return
+    np.logical_xor(inside, below, out=inside)
+    values = bits[inside]
+    values -= lo - 1
+    if values.shape[0] * 16 > size:
+        hist += np.bincount(values, minlength=size + 2)
+    else:
+        np.add.at(hist, values, 1)
