@@ -3,11 +3,30 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
+
+@pytest.fixture(params=["fused", "torch"])
+def engine_path(request, monkeypatch):
+    """Run a test on both engine code paths: the fused C loops and the torch ops. Where the
+    extension is not built, the fused run is skipped (``CKPTOPS_REQUIRE_FUSED=1``, set by CI,
+    turns that into a failure)."""
+    from ckptops.hdr import fused
+
+    if request.param == "fused":
+        if fused._fused is None:
+            if os.environ.get("CKPTOPS_REQUIRE_FUSED") == "1":
+                pytest.fail("the fused extension ckptops.hdr._fused is not built")
+            pytest.skip("the fused extension is not built")
+        monkeypatch.delenv("CKPTOPS_NO_FUSED", raising=False)
+    else:
+        monkeypatch.setenv("CKPTOPS_NO_FUSED", "1")
+    return request.param
+
 
 CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32,

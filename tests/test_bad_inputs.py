@@ -18,6 +18,9 @@ from ckptops.cli import main
 from conftest import llama_state, write_folder
 
 
+#: every test here runs on both engine paths (fused C loops and torch ops)
+pytestmark = pytest.mark.usefixtures("engine_path")
+
 def folder_digest(folder: Path) -> str | None:
     if not folder.exists():
         return None

@@ -10,6 +10,9 @@ from conftest import llama_state, write_folder
 from hdr_reference import bits_equal, load_folder, read_index, reference_hdr
 
 
+#: every test here runs on both engine paths (fused C loops and torch ops)
+pytestmark = pytest.mark.usefixtures("engine_path")
+
 def _check(out, expected):
     got = load_folder(out)
     assert set(got) == set(expected)
@@ -66,6 +69,58 @@ def test_radix_select_matches_kthvalue_on_hard_distributions():
             low, _ = select.locate(torch.bincount(low_vals, minlength=select.LOW_BINS), r)
             got = select.bits_to_float((top << 15) | low)
             assert got == mag.kthvalue(max(1, d - int(d * k))).values.item()
+
+
+@pytest.mark.parametrize("path", ["band", "two-pass"])
+def test_tensors_changed_matches_reference(tmp_path, monkeypatch, path):
+    """``tensors_changed`` counts the tensors holding a selected non-zero tau. tau takes a few
+    exact values here, so the threshold is a massive tie: tensors whose largest |tau| equals the
+    threshold exactly are changed, those whose largest |tau| is one step below are not, and
+    those with tau == 0 are not."""
+    from ckptops.hdr import engine
+
+    g = torch.Generator().manual_seed(11)
+    shapes = {n: v.shape for n, v in llama_state(0).items()}
+    base = {n: torch.zeros(shape, dtype=torch.bfloat16) for n, shape in shapes.items()}
+    harmful = {}
+    for i, (n, shape) in enumerate(shapes.items()):
+        steps = (3, 2, 1)[i % 3]  # |tau| up to 2, up to 1, or 0 (in units of 2**-8)
+        harmful[n] = (torch.randint(-steps + 1, steps, shape, generator=g).float() * 2**-8).to(torch.bfloat16)
+    target = llama_state(2, delta=0.004, base=llama_state(0))
+    p = [write_folder(tmp_path / r, st) for r, st in (("b", base), ("h", harmful), ("t", target))]
+    passes = []
+    monkeypatch.setattr(engine, "_count_low_kernel", lambda *a, o=engine._count_low_kernel: passes.append(1) or o(*a))
+    if path == "two-pass":
+        monkeypatch.setattr(engine, "MIN_CHUNKS_FOR_BAND", 10**9)
+    report = ckptops.sanitize(*p, tmp_path / "out", chunk_elements=64, progress=False)
+    assert bool(passes) == (path == "two-pass")
+    _, thresholds = reference_hdr(base, harmful, target)
+    t = thresholds["all"]
+    assert t == 2 * 2**-8  # the tie case this test is about
+    taus = {n: harmful[n].float() - base[n].float() for n in shapes}
+    expected = sum(1 for n in shapes if bool(((taus[n].abs() >= t) & (taus[n] != 0)).any()))
+    assert 0 < expected < len(shapes)
+    assert report.tensors_changed == expected
+
+
+def test_one_ulp_below_the_threshold_is_not_selected(tmp_path):
+    """float32 inputs: 100 values of |tau| tie at exactly 1.0, five lie one ulp below it, and
+    k keeps 50, so t = 1.0: the ties are kept, the values one ulp below are not."""
+    shapes = {n: v.shape for n, v in llama_state(0).items()}
+    base = {n: torch.zeros(shape) for n, shape in shapes.items()}
+    harmful = {n: torch.full(shape, 2.0**-20) for n, shape in shapes.items()}
+    name = next(n for n, shape in shapes.items() if torch.Size(shape).numel() >= 200)
+    flat = harmful[name].view(-1)
+    flat[:100] = 1.0
+    flat[100:105] = -torch.nextafter(torch.tensor(1.0), torch.tensor(0.0))
+    target = {n: torch.full(shape, 0.5) for n, shape in shapes.items()}
+    p = [write_folder(tmp_path / r, st) for r, st in (("b", base), ("h", harmful), ("t", target))]
+    d = sum(torch.Size(shape).numel() for shape in shapes.values())
+    top_k = 50.5 / d
+    report = ckptops.sanitize(*p, tmp_path / "out", top_k=top_k, chunk_elements=64, progress=False)
+    expected, thresholds = reference_hdr(base, harmful, target, top_k=top_k)
+    assert thresholds["all"] == 1.0 and report.values_selected == 100
+    _check(tmp_path / "out", expected)
 
 
 def test_band_counts_match_a_plain_count():

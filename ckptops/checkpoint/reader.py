@@ -83,6 +83,20 @@ class Staging:
         pread_into(fd, self.view[: n * size], offset, where)
         out[:n].copy_(self.raw[: n * size].view(torch_dtype(info.dtype)))
 
+    def read_native(
+        self, files: OpenFiles, checkpoint: Checkpoint, info: TensorInfo, start: int, stop: int, out: torch.Tensor
+    ) -> tuple[memoryview, bool]:
+        """Elements ``[start, stop)`` into ``out``'s memory as bfloat16 bytes when the tensor is
+        bfloat16 (no conversion; the fused loops widen it), else as float32 (converted here).
+        Returns the bytes and whether they are bfloat16."""
+        if info.dtype != "BF16":
+            self.read_f32(files, checkpoint, info, start, stop, out)
+            return byte_view(out[: stop - start]), False
+        fd, where = files.fd(checkpoint, info.shard)
+        view = byte_view(out)[: 2 * (stop - start)]
+        pread_into(fd, view, info.offset + start * 2, where)
+        return view, True
+
     def read_raw(self, files: OpenFiles, checkpoint: Checkpoint, info: TensorInfo, start: int, stop: int) -> memoryview:
         """Elements ``[start, stop)`` of ``info`` as raw bytes (valid until the next read)."""
         fd, where = files.fd(checkpoint, info.shard)

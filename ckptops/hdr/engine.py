@@ -21,7 +21,7 @@ from ckptops.checkpoint.reader import OpenFiles, Staging, byte_view
 from ckptops.checkpoint.resolve import Checkpoint
 from ckptops.checkpoint.writer import ShardWriter
 from ckptops.errors import TensorValueError
-from ckptops.hdr import select
+from ckptops.hdr import fused, select
 from ckptops.hdr.chunks import Chunk, WorkerBuffers, WorkerPool, split
 from ckptops.hdr.plan import Plan, TensorTask
 
@@ -38,11 +38,23 @@ class Models:
 
 @dataclass
 class Selection:
-    """The threshold of one scope group (None: keep everything) and how many values it keeps."""
+    """The threshold of one scope group (None: keep everything) and how many values it keeps;
+    ``changed`` names the group's tensors that have a selected non-zero value, when the selection
+    pass could tell (then the apply pass need not look), else None."""
 
     threshold: float | None
     count: int
     kept: int
+    changed: frozenset[str] | None = None
+
+
+@dataclass
+class BandTally:
+    """One worker's band-pass result: the band histogram and each tensor's peak bit pattern
+    (see :func:`select.add_band_counts`)."""
+
+    hist: np.ndarray
+    peaks: dict[str, int] = field(default_factory=dict)
 
 
 def _tau(chunk: Chunk, buf: WorkerBuffers, models: Models) -> torch.Tensor:
@@ -132,14 +144,18 @@ def _select_group(tasks: list[TensorTask], count: int, rank: int, models: Models
     """
     if sum(-(-t.numel // pool.chunk) for t in tasks) >= MIN_CHUNKS_FOR_BAND:
         lo, size = estimate_band(tasks, count, rank, models, pool)
-        states = pool.run(_group_chunks(tasks, pool.chunk), _count_band_kernel(models, lo, size),
-                          lambda: np.zeros(size + 2, dtype=np.int64), _selection_done(progress))
-        hist = torch.from_numpy(sum(states))
+        kernel = (_fused_band_kernel if fused.enabled() else _count_band_kernel)(models, lo, size)
+        states = pool.run(_group_chunks(tasks, pool.chunk), kernel,
+                          lambda: BandTally(np.zeros(size + 2, dtype=np.int64)), _selection_done(progress))
+        hist = torch.from_numpy(sum(state.hist for state in states))
         below, inside = int(hist[0]), hist[1: size + 1]
         if below < rank <= below + int(inside.sum()):
             position, _ = select.locate(inside, rank - below)
             threshold = select.bits_to_float(lo + position)
-            return Selection(threshold, count, count - below - int(inside[:position].sum()))
+            # a tensor changes when some |tau| >= t (> 0: a zero tau changes nothing)
+            reach = max(lo + position, 1)
+            changed = frozenset(name for state in states for name, peak in state.peaks.items() if peak >= reach)
+            return Selection(threshold, count, count - below - int(inside[:position].sum()), changed)
     hist_top = count_top_pass(tasks, models, pool, progress)
     top, rank_in_bin = select.locate(hist_top, rank)
     hist_low = count_low_pass(tasks, models, pool, top << select.TOP_BITS_SHIFT, progress)
@@ -197,11 +213,11 @@ def count_low_pass(tasks: list[TensorTask], models: Models, pool: WorkerPool, to
         else torch.zeros(select.LOW_BINS, dtype=torch.int64)
 
 
-def _add_band_counts(tau: torch.Tensor, buf: WorkerBuffers, lo: int, size: int, hist: np.ndarray) -> None:
-    """Count the bit patterns of |tau| against the band ``[lo, lo + size)`` (see
-    :func:`select.add_band_counts`); |tau| goes to ``buf.b``."""
+def _add_band_counts(tau: torch.Tensor, buf: WorkerBuffers, lo: int, size: int, hist: np.ndarray) -> int:
+    """Count the bit patterns of |tau| against the band ``[lo, lo + size)`` and return the
+    chunk's peak (see :func:`select.add_band_counts`); |tau| goes to ``buf.b``."""
     bits = torch.abs(tau, out=buf.b[: tau.numel()]).view(torch.int32).numpy()
-    select.add_band_counts(bits, lo, size, hist, buf.below, buf.inside)
+    return select.add_band_counts(bits, lo, size, hist, buf.below, buf.inside)
 
 
 def _count_top_kernel(models: Models):
@@ -215,11 +231,26 @@ def _count_top_kernel(models: Models):
 
 
 def _count_band_kernel(models: Models, lo: int, size: int):
-    def kernel(chunk: Chunk, buf: WorkerBuffers, hist: np.ndarray) -> None:
+    def kernel(chunk: Chunk, buf: WorkerBuffers, tally: BandTally) -> None:
         tau = _tau(chunk, buf, models)
         if not _all_finite(tau):
             raise _nonfinite_error(chunk, models)
-        _add_band_counts(tau, buf, lo, size, hist)
+        peak = _add_band_counts(tau, buf, lo, size, tally.hist)
+        name = chunk.task.name
+        tally.peaks[name] = max(peak, tally.peaks.get(name, -1))
+    return kernel
+
+
+def _fused_band_kernel(models: Models, lo: int, size: int):
+    """:func:`_count_band_kernel` in one C loop over the raw inputs (see :mod:`fused`)."""
+    def kernel(chunk: Chunk, buf: WorkerBuffers, tally: BandTally) -> None:
+        task: TensorTask = chunk.task
+        h, h_bf16 = buf.stage.read_native(models.files, models.harmful, task.harmful, chunk.start, chunk.stop, buf.a)
+        b, b_bf16 = buf.stage.read_native(models.files, models.base, task.base, chunk.start, chunk.stop, buf.b)
+        finite, peak = fused.band_count(h, int(h_bf16), b, int(b_bf16), chunk.size, lo, size, tally.hist)
+        if not finite:
+            raise _nonfinite_error(chunk, models)
+        tally.peaks[task.name] = max(peak, tally.peaks.get(task.name, -1))
     return kernel
 
 
@@ -262,8 +293,10 @@ def apply_all(
             read = chunk.size * itemsize(task.target.dtype)
         else:
             task = chunk.task
+            changed = selections[task.group].changed
             counts.kept[task.name] = counts.kept.get(task.name, 0) + _hdr_chunk(
-                chunk, buf, models, writer, shrink[task.group], scale
+                chunk, buf, models, writer, shrink[task.group], scale,
+                None if changed is None else task.name in changed,
             )
             read = chunk.size * sum(itemsize(i.dtype) for i in (task.target, task.base, task.harmful))
         if progress:
@@ -282,19 +315,26 @@ def apply_all(
 
 
 def _hdr_chunk(
-    chunk: Chunk, buf: WorkerBuffers, models: Models, writer: ShardWriter, shrink: float | None, scale: float
+    chunk: Chunk, buf: WorkerBuffers, models: Models, writer: ShardWriter, shrink: float | None, scale: float,
+    tensor_changed: bool | None = None,
 ) -> int:
     """Write one chunk of theta_t - scale * where(|tau| >= t, tau, +0), the mask being
     ``hardshrink(tau, shrink)``; returns 1 if any value changed, else 0 (exact per-group counts
-    come from the selection histograms)."""
+    come from the selection histograms). ``tensor_changed``, when the selection pass knows it,
+    saves looking at this chunk's values."""
+    if fused.enabled():
+        return _fused_hdr_chunk(chunk, buf, models, writer, shrink, scale, tensor_changed)
     task: TensorTask = chunk.task
     n = chunk.size
     tau = _tau(chunk, buf, models)
     if shrink is not None:
         torch.hardshrink(tau, shrink, out=buf.b[:n])
         tau = buf.b[:n]
-    low, high = torch.aminmax(tau)  # cheaper than tau.any(), and exact
-    changed = int(bool(low < 0) or bool(high > 0))
+    if tensor_changed is None:
+        low, high = torch.aminmax(tau)  # cheaper than tau.any(), and exact
+        changed = int(bool(low < 0) or bool(high > 0))
+    else:
+        changed = int(tensor_changed)
     tau.mul_(scale)
     buf.stage.read_f32(models.files, models.target, task.target, chunk.start, chunk.stop, buf.c)
     result = buf.c[:n]
@@ -303,6 +343,31 @@ def _hdr_chunk(
         raise _nonfinite_error(chunk, models, "theta_t - scale * tau")
     _write_f32(result, task, chunk.start, buf, writer)
     return changed
+
+
+def _fused_hdr_chunk(
+    chunk: Chunk, buf: WorkerBuffers, models: Models, writer: ShardWriter, shrink: float | None, scale: float,
+    tensor_changed: bool | None,
+) -> int:
+    """:func:`_hdr_chunk` in one C loop: the inputs are read as they are stored (bfloat16 stays
+    raw), the result is rounded straight into the output buffer (bfloat16 or float32; float16
+    output goes through torch's conversion, which also checks for overflow)."""
+    task: TensorTask = chunk.task
+    n = chunk.size
+    h, h_bf16 = buf.stage.read_native(models.files, models.harmful, task.harmful, chunk.start, chunk.stop, buf.a)
+    b, b_bf16 = buf.stage.read_native(models.files, models.base, task.base, chunk.start, chunk.stop, buf.b)
+    t, t_bf16 = buf.stage.read_native(models.files, models.target, task.target, chunk.start, chunk.stop, buf.c)
+    out_bf16 = task.out_dtype == "BF16"
+    finite, changed = fused.apply(h, int(h_bf16), b, int(b_bf16), t, int(t_bf16), n, shrink, scale,
+                                  buf.out.view, int(out_bf16))
+    if not finite:
+        raise _nonfinite_error(chunk, models, "theta_t - scale * tau")
+    if task.out_dtype == "F16":
+        _write_f32(buf.out.raw_as("F32", n), task, chunk.start, buf, writer, into=buf.stage)
+    else:
+        size = itemsize(task.out_dtype)
+        writer.write(task.name, chunk.start * size, buf.out.view[: n * size])
+    return int(changed if tensor_changed is None else tensor_changed)
 
 
 def _all_finite(values: torch.Tensor) -> bool:
@@ -333,13 +398,15 @@ def _copy_chunk(chunk: Chunk, buf: WorkerBuffers, models: Models, writer: ShardW
     _write_f32(result, task, chunk.start, buf, writer)
 
 
-def _write_f32(result: torch.Tensor, task: TensorTask, start: int, buf: WorkerBuffers, writer: ShardWriter) -> None:
-    """Round once to the output dtype and write at the tensor's offset."""
+def _write_f32(result: torch.Tensor, task: TensorTask, start: int, buf: WorkerBuffers, writer: ShardWriter,
+               into: Staging | None = None) -> None:
+    """Round once to the output dtype (in ``into``, by default ``buf.out``) and write at the
+    tensor's offset."""
     size = itemsize(task.out_dtype)
     if task.out_dtype == "F32":
         writer.write(task.name, start * size, byte_view(result))
         return
-    out = buf.out.raw_as(task.out_dtype, result.numel())
+    out = (into or buf.out).raw_as(task.out_dtype, result.numel())
     out.copy_(result)
     if task.out_dtype == "F16" and not bool(torch.isfinite(out).all()):
         raise TensorValueError(

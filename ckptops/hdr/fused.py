@@ -1,0 +1,35 @@
+"""The optional fused chunk loops (the C extension ``ckptops.hdr._fused``, built by ``pip install``
+when a C compiler is present).
+
+Why optional: the torch path gives the same bits (the tests check both against one reference)
+and needs no compiler; the fused loops make one pass over memory per chunk instead of eight to
+ten, which roughly halves a global sanitize. ``CKPTOPS_NO_FUSED=1`` forces the torch path.
+"""
+
+from __future__ import annotations
+
+import os
+
+try:
+    from ckptops.hdr import _fused
+except ImportError:  # not built (no compiler at install time): the torch path is used
+    _fused = None
+
+#: input/output buffer kinds understood by the C loops
+KIND_F32, KIND_BF16 = 0, 1
+
+
+def enabled() -> bool:
+    """True when the extension is built and not switched off with ``CKPTOPS_NO_FUSED``."""
+    return _fused is not None and os.environ.get("CKPTOPS_NO_FUSED", "") in ("", "0")
+
+
+def band_count(h, h_kind: int, b, b_kind: int, n: int, lo: int, size: int, hist) -> tuple[bool, int]:
+    """Add |h - b|'s bit patterns to the band histogram; (all finite, peak). See ``_fused.c``."""
+    return _fused.band_count(h, h_kind, b, b_kind, n, lo, size, hist)
+
+
+def apply(h, h_kind: int, b, b_kind: int, t, t_kind: int, n: int, shrink: float | None, scale: float,
+          out, out_kind: int) -> tuple[bool, bool]:
+    """``t - scale * hardshrink(h - b, shrink)`` into ``out``; (all finite, any selected non-zero)."""
+    return _fused.apply(h, h_kind, b, b_kind, t, t_kind, n, shrink or 0.0, shrink is not None, scale, out, out_kind)
