@@ -4,10 +4,13 @@ Generates a Llama-shaped bf16 base/harmful/target triple (presets tiny .. 7b, se
 then runs, each in a fresh process, ckptops and mergekit's closest equivalent (breadcrumbs with
 gamma 0 and density 0.1 on the harmful model, weight -3, no normalize/rescale: a top-10% magnitude
 mask per *tensor* subtracted three times; mergekit has no global top-k) and prints wall time and
-peak RSS of each, and their ratios, measured in the same run.
+peak RSS of each, and their ratios, measured in the same run. ckptops runs ``--repeat`` times on
+its default path (the fused C loops when they are built) and, with ``--torch-path``, as often
+again with ``CKPTOPS_NO_FUSED=1`` (what an install without a C compiler gets).
 
     python bench/bench_sanitize.py --preset 1b                 # needs ~7 GB disk per run
     python bench/bench_sanitize.py --preset 7b --skip-mergekit # peak RSS at 7B vs 1.1B
+    python bench/bench_sanitize.py --preset 1b --repeat 5 --torch-path
     python bench/bench_sanitize.py --preset 1b --mergekit bench/_work/mk-venv/bin/mergekit-yaml
 """
 
@@ -16,8 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -78,7 +81,11 @@ def main() -> None:
     ap.add_argument("--mergekit", default=str(WORK / "mk-venv" / "bin" / "mergekit-yaml"))
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--torch-path", action="store_true", help="also time the torch path (CKPTOPS_NO_FUSED=1)")
     args = ap.parse_args()
+    from ckptops.hdr import fused
+
+    default_path = "fused C loops" if fused.enabled() else "torch path: the extension is not built"
 
     paths = ensure_triple(args.preset)
     size = sum(f.stat().st_size for f in paths["base"].glob("*.safetensors"))
@@ -88,9 +95,13 @@ def main() -> None:
     ckptops = [sys.executable, "-m", "ckptops.cli", "sanitize", "--base", str(paths["base"]),
                "--harmful", str(paths["harmful"]), "--target", str(paths["target"]), "--out", str(out),
                "--overwrite", "--quiet", "--scope", "global"]
-    for _ in range(args.repeat):
-        shutil.rmtree(out, ignore_errors=True)  # each run writes a fresh folder, as a user's would
-        rows.append(("ckptops sanitize --scope global", *measure(ckptops)))
+    variants = [(f"ckptops sanitize --scope global ({default_path})", None)]
+    if args.torch_path:
+        variants.append(("ckptops sanitize --scope global (torch path)", {**os.environ, "CKPTOPS_NO_FUSED": "1"}))
+    for name, env in variants:
+        for _ in range(args.repeat):
+            shutil.rmtree(out, ignore_errors=True)  # each run writes a fresh folder, as a user's would
+            rows.append((name, *measure(ckptops, env)))
     shutil.rmtree(out, ignore_errors=True)
 
     if not args.skip_mergekit:
@@ -105,13 +116,19 @@ def main() -> None:
             rows.append(("mergekit breadcrumbs (per-tensor top-k)", *measure(cmd)))
             shutil.rmtree(mk_out, ignore_errors=True)
 
-    print(f"\n| tool | wall s | peak RSS |\n|---|---:|---:|")
+    print("\n| tool | wall s | peak RSS |\n|---|---:|---:|")
     for name, seconds, rss in rows:
         print(f"| {name} | {seconds:.1f} | {rss / 2**30:.2f} GiB |")
-    if len(rows) > 1 and rows[-1][0].startswith("mergekit"):
-        ours = min(rows[:-1], key=lambda r: r[1])
-        print(f"\nmergekit / ckptops (best ckptops run): wall x{rows[-1][1] / ours[1]:.1f}, "
-              f"peak RSS x{rows[-1][2] / ours[2]:.1f}")
+    print()
+    for name, _ in variants:
+        runs = [r for r in rows if r[0] == name]
+        wall = [r[1] for r in runs]
+        print(f"{name}: median {statistics.median(wall):.1f} s (min {min(wall):.1f}, max {max(wall):.1f}, "
+              f"{len(wall)} runs), peak RSS max {max(r[2] for r in runs) / 2**30:.2f} GiB")
+    if rows[-1][0].startswith("mergekit"):
+        ours = [r for r in rows if r[0] == variants[0][0]]
+        wall, rss = statistics.median(r[1] for r in ours), max(r[2] for r in ours)
+        print(f"mergekit / ckptops (median ckptops run): wall x{rows[-1][1] / wall:.1f}, peak RSS x{rows[-1][2] / rss:.1f}")
 
 
 if __name__ == "__main__":

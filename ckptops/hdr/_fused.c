@@ -24,7 +24,8 @@
 #define KIND_F32 0
 #define KIND_BF16 1
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && defined(__has_attribute)
+/* AVX2 clones need ifunc support (glibc); elsewhere the portable loop alone is built */
+#if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && defined(__GNUC__) && defined(__has_attribute)
 #if __has_attribute(target_clones)
 #define MULTIVERSION __attribute__((target_clones("avx2", "default")))
 #endif

@@ -1,10 +1,11 @@
 """The two streaming jobs of HDR: find each scope's exact threshold, then write
 theta_t - scale * (|tau| >= t) * tau for every tensor, chunk by chunk.
 
-The per-chunk math is written with preallocated buffers and in-place/``out=`` torch ops (no fresh
-allocations per chunk), which is what makes a billion-parameter pass take seconds.
-Arithmetic is float32 throughout; the result is rounded once (round-to-nearest-even) to the
-output dtype. Unselected entries subtract exactly +0, so the target's bits are kept there.
+Each chunk runs on one of two paths that give the same bits: the fused C loops of :mod:`fused`
+when the extension is built, else preallocated buffers and in-place/``out=`` torch ops (no fresh
+allocations per chunk). Arithmetic is float32 throughout; the result is rounded once
+(round-to-nearest-even) to the output dtype. Unselected entries subtract exactly +0, so the
+target's bits are kept there.
 """
 
 from __future__ import annotations

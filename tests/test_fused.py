@@ -1,0 +1,118 @@
+"""The fused C loops against plain torch arithmetic, element by element, for every input/output
+kind mix, and their argument checks (a wrong buffer size must be an error, never a stray write)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ckptops.hdr import fused
+
+if fused._fused is None:
+    pytestmark = pytest.mark.skipif(os.environ.get("CKPTOPS_REQUIRE_FUSED") != "1",
+                                    reason="the fused extension is not built")
+
+N = 5000
+
+
+def _inputs(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(N, generator=g) * 0.02
+    values = {
+        "h": base + torch.randn(N, generator=g) * 0.01,
+        "b": base,
+        "t": base + torch.randn(N, generator=g) * 0.004,
+    }
+    values["h"][:50] = values["b"][:50]  # tau == 0
+    values["t"][40:60] = -0.0  # signed zeros in the target, half of them where tau == 0
+    return values
+
+
+def _as_kind(x: torch.Tensor, bf16: bool):
+    """(buffer, kind, the float32 values the loop sees)."""
+    if bf16:
+        y = x.to(torch.bfloat16)
+        return y.view(torch.int16).numpy().tobytes(), fused.KIND_BF16, y.float()
+    return x.numpy().tobytes(), fused.KIND_F32, x.clone()
+
+
+@pytest.mark.parametrize("kinds", [(1, 1, 1, 1), (0, 0, 0, 0), (1, 1, 1, 0), (1, 0, 1, 1), (0, 1, 0, 1), (0, 0, 1, 0)])
+@pytest.mark.parametrize("shrink", [None, 0.0, 0.015])
+@pytest.mark.parametrize("scale", [3.0, 0.1])
+def test_apply_matches_torch(kinds, shrink, scale):
+    v = _inputs(1)
+    (h, hk, hf), (b, bk, bf), (t, tk, tf) = (_as_kind(v[k], bool(kind)) for k, kind in zip("hbt", kinds))
+    out_bf16 = bool(kinds[3])
+    out = bytearray(N * (2 if out_bf16 else 4))
+    finite, changed = fused.apply(h, hk, b, bk, t, tk, N, shrink, scale, out, int(out_bf16))
+
+    tau = hf - bf
+    selected = tau if shrink is None else torch.hardshrink(tau, shrink)
+    expected = tf - selected * scale
+    if out_bf16:
+        got = torch.frombuffer(out, dtype=torch.int16)
+        want = expected.to(torch.bfloat16).view(torch.int16)
+    else:
+        got = torch.frombuffer(out, dtype=torch.int32)
+        want = expected.view(torch.int32)
+    assert finite is True
+    assert changed == bool((selected != 0).any())
+    assert torch.equal(got, want)
+
+
+def test_apply_reports_overflow_and_unchanged():
+    h, hk, _ = _as_kind(torch.full((N,), 3e38), False)
+    b, bk, _ = _as_kind(torch.full((N,), -3e38), False)
+    t, tk, _ = _as_kind(torch.zeros(N), False)
+    out = bytearray(N * 4)
+    assert fused.apply(h, hk, b, bk, t, tk, N, None, 3.0, out, 0) == (False, True)
+    zeros, zk, _ = _as_kind(torch.zeros(N), True)
+    assert fused.apply(zeros, zk, zeros, zk, zeros, zk, N, 0.5, 3.0, bytearray(N * 2), 1) == (True, False)
+
+
+@pytest.mark.parametrize("kinds", [(1, 1), (0, 0), (1, 0), (0, 1)])
+def test_band_count_matches_a_plain_count(kinds):
+    v = _inputs(2)
+    (h, hk, hf), (b, bk, bf) = (_as_kind(v[k], bool(kind)) for k, kind in zip("hb", kinds))
+    bits = (hf - bf).abs().view(torch.int32)
+    lo = int(torch.kthvalue(bits, int(0.85 * N)).values)
+    size = 4096
+    hist = np.zeros(size + 2, dtype=np.int64)
+    finite, peak = fused.band_count(h, hk, b, bk, N, lo, size, hist)
+    expected = np.zeros(size + 2, dtype=np.int64)
+    for x in bits.tolist():
+        expected[0 if x < lo else size + 1 if x >= lo + size else x - lo + 1] += 1
+    assert finite is True
+    assert hist.tolist() == expected.tolist()
+    assert peak == (lo + size if expected[-1] else int(bits[(bits >= lo) & (bits < lo + size)].max()))
+
+
+def test_band_count_flags_nonfinite_tau():
+    h = torch.zeros(N)
+    h[123] = float("inf")
+    hb, hk, _ = _as_kind(h, False)
+    zb, zk, _ = _as_kind(torch.zeros(N), True)
+    finite, _ = fused.band_count(hb, hk, zb, zk, N, 0, 16, np.zeros(18, dtype=np.int64))
+    assert finite is False
+
+
+def test_buffer_sizes_and_arguments_are_checked():
+    small = bytes(10)
+    ok = bytes(N * 4)
+    with pytest.raises(ValueError, match="needed"):
+        fused.apply(small, 0, ok, 0, ok, 0, N, None, 3.0, bytearray(N * 4), 0)
+    with pytest.raises(ValueError, match="needed"):
+        fused.apply(ok, 0, ok, 0, ok, 0, N, None, 3.0, bytearray(N), 0)
+    with pytest.raises(ValueError, match="kind"):
+        fused.apply(ok, 7, ok, 0, ok, 0, N, None, 3.0, bytearray(N * 4), 0)
+    with pytest.raises(ValueError, match="shrink"):
+        fused.apply(ok, 0, ok, 0, ok, 0, N, -1.0, 3.0, bytearray(N * 4), 0)
+    with pytest.raises(ValueError, match="band"):
+        fused.band_count(ok, 0, ok, 0, N, 2**31 - 8, 16, np.zeros(18, dtype=np.int64))
+    with pytest.raises(ValueError, match="band"):
+        fused.band_count(ok, 0, ok, 0, N, 0, 16, np.zeros(10, dtype=np.int64))
+    with pytest.raises((TypeError, BufferError)):
+        fused.band_count(ok, 0, ok, 0, N, 0, 16, bytes(18 * 8))  # read-only histogram
