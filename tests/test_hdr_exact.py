@@ -123,6 +123,13 @@ def test_one_ulp_below_the_threshold_is_not_selected(tmp_path):
     _check(tmp_path / "out", expected)
 
 
+def test_report_names_the_engine_path(triple, tmp_path, engine_path):
+    paths, _ = triple
+    report = ckptops.sanitize(paths["base"], paths["harmful"], paths["target"], tmp_path / "out", progress=False)
+    assert report.engine == ("fused C loops" if engine_path == "fused" else "torch ops")
+    assert report.engine in report.format_text()
+
+
 def test_band_counts_match_a_plain_count():
     """The numpy band counter against a Python count of each bit pattern, with values on both
     band edges, every pattern repeated, a band reaching the top of the int32 range, and both the

@@ -25,6 +25,7 @@ from ckptops.checkpoint.publish import check_destination, copy_side_files, stagi
 from ckptops.checkpoint.resolve import Checkpoint, fingerprint, full_sha256, open_checkpoint
 from ckptops.checkpoint.writer import OutTensor, ShardWriter, layout_by_size, layout_like_target
 from ckptops.errors import UsageError
+from ckptops.hdr import fused
 from ckptops.hdr.chunks import WorkerBuffers, WorkerPool, single_threaded_torch
 from ckptops.hdr.engine import Models, apply_all, select_thresholds
 from ckptops.hdr.low_disk import run_low_disk
@@ -57,6 +58,8 @@ class SanitizeReport:
     parameters: dict = field(default_factory=dict)
     inputs: dict = field(default_factory=dict)
     pushed: dict = field(default_factory=dict)
+    #: which per-chunk code ran: "fused C loops" or "torch ops" (same bits; see hdr/fused.py)
+    engine: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,7 +85,8 @@ class SanitizeReport:
             if ident.get("type") == "hub":
                 lines.append(f"  {role:<17} {ident['repo']}@{ident.get('revision')} = commit {ident.get('commit')}")
         lines.append(
-            f"  read {self.bytes_read / 1e9:.2f} GB, wrote {self.bytes_written / 1e9:.2f} GB in {self.seconds:.1f} s ({rate:.2f} GB/s read)"
+            f"  read {self.bytes_read / 1e9:.2f} GB, wrote {self.bytes_written / 1e9:.2f} GB in {self.seconds:.1f} s "
+            f"({rate:.2f} GB/s read; {self.engine or 'torch ops'})"
         )
         if self.pushed:
             lines.append(f"  pushed to {self.pushed['url']} (branch {self.pushed['branch']}, commit {self.pushed['commit'][:12]})")
@@ -301,6 +305,7 @@ def sanitize(
             resized=plan.resized,
             parameters=parameters,
             inputs=inputs,
+            engine="fused C loops" if fused.enabled() else "torch ops",
         )
         write_index(folder, writer.weight_map(), writer.total_bytes())
         config_dtype = CONFIG_DTYPE_NAMES.get(out_code) if out_code else None
