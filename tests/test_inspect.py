@@ -34,3 +34,20 @@ def test_inspect_bad_file_is_one_line(tmp_path):
     assert result.exit_code == 1
     assert result.stderr.strip().startswith("error: ") and "m.safetensors" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_inspect_does_not_import_torch(triple):
+    """Reading and validating headers needs no torch, whose import alone takes over a second."""
+    import subprocess
+    import sys
+
+    paths, _ = triple
+    code = (
+        "import sys\n"
+        "from ckptops.cli import main\n"
+        f"try:\n    main(['inspect', {str(paths['target'])!r}])\n"
+        "except SystemExit as exit:\n    assert not exit.code, exit.code\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip().endswith("NO-TORCH"), result.stdout[-500:] + result.stderr[-500:]

@@ -6,26 +6,30 @@ code means. Only the four float codes take part in arithmetic; other tensors are
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-# code -> (itemsize in bytes, torch dtype)
-SAFETENSORS_DTYPES: dict[str, tuple[int, torch.dtype]] = {
-    "F64": (8, torch.float64),
-    "F32": (4, torch.float32),
-    "F16": (2, torch.float16),
-    "BF16": (2, torch.bfloat16),
-    "I64": (8, torch.int64),
-    "I32": (4, torch.int32),
-    "I16": (2, torch.int16),
-    "I8": (1, torch.int8),
-    "U8": (1, torch.uint8),
-    "BOOL": (1, torch.bool),
+if TYPE_CHECKING:
+    import torch
+
+# code -> (itemsize in bytes, name of the torch dtype). Plain data: header validation (inspect, the
+# Hub preflight) needs no torch, whose import costs more than a second.
+SAFETENSORS_DTYPES: dict[str, tuple[int, str]] = {
+    "F64": (8, "float64"),
+    "F32": (4, "float32"),
+    "F16": (2, "float16"),
+    "BF16": (2, "bfloat16"),
+    "I64": (8, "int64"),
+    "I32": (4, "int32"),
+    "I16": (2, "int16"),
+    "I8": (1, "int8"),
+    "U8": (1, "uint8"),
+    "BOOL": (1, "bool"),
+    "U16": (2, "uint16"),
+    "U32": (4, "uint32"),
+    "U64": (8, "uint64"),
+    "F8_E4M3": (1, "float8_e4m3fn"),
+    "F8_E5M2": (1, "float8_e5m2"),
 }
-for _code, _name in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
-                     ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
-    if hasattr(torch, _name):
-        SAFETENSORS_DTYPES[_code] = (torch.empty(0, dtype=getattr(torch, _name)).element_size(),
-                                     getattr(torch, _name))
 
 #: dtypes that HDR does arithmetic on (converted to float32, rounded back once)
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
@@ -46,5 +50,8 @@ def itemsize(code: str) -> int:
     return SAFETENSORS_DTYPES[code][0]
 
 
-def torch_dtype(code: str) -> torch.dtype:
-    return SAFETENSORS_DTYPES[code][1]
+def torch_dtype(code: str) -> "torch.dtype":
+    """The torch dtype of a code (only float codes are ever converted; others are copied as bytes)."""
+    import torch
+
+    return getattr(torch, SAFETENSORS_DTYPES[code][1])
