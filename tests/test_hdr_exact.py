@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -254,3 +256,27 @@ def test_two_pass_fallback_is_exact(triple, tmp_path, monkeypatch, mode):
     expected, _ = reference_hdr(s["base"], s["harmful"], s["target"])
     _check(tmp_path / "out", expected)
     assert calls["low"] == 1
+
+
+def test_fused_path_runs_without_torch(triple, tmp_path):
+    """The fused path needs no torch (its import alone takes over a second); the torch path
+    imports it."""
+    import subprocess
+    import sys
+
+    from ckptops.hdr import fused
+
+    if fused._fused is None:
+        pytest.skip("the fused extension is not built")
+    paths, _ = triple
+    code = (
+        "import sys, ckptops\n"
+        f"ckptops.sanitize({str(paths['base'])!r}, {str(paths['harmful'])!r}, {str(paths['target'])!r}, "
+        f"sys.argv[1], progress=False)\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n"
+    )
+    for env, expected in (({}, "NO-TORCH"), ({"CKPTOPS_NO_FUSED": "1"}, "TORCH")):
+        out = tmp_path / expected
+        result = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True,
+                                env={**os.environ, "CKPTOPS_NO_FUSED": "", **env})
+        assert result.stdout.strip().endswith(expected), result.stdout[-500:] + result.stderr[-1000:]

@@ -2,6 +2,7 @@
 
 No mmap (its pages count toward RSS) and no fresh tensor per read: a streaming pass over billions
 of values stays fast only when the same few megabytes of buffers are reused (see DESIGN.md).
+Buffers are numpy arrays; torch is imported only when the torch code path asks for a tensor.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import os
 import threading
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from ckptops.checkpoint.dtypes import itemsize, torch_dtype
 from ckptops.checkpoint.header import TensorInfo
@@ -55,24 +56,41 @@ def pread_into(fd: int, view: memoryview, offset: int, where: str) -> None:
         done += n
 
 
-def byte_view(tensor: torch.Tensor) -> memoryview:
-    """A writable byte view of a contiguous CPU tensor's memory (for pread/pwrite)."""
-    if tensor.dtype == torch.bfloat16:
-        tensor = tensor.view(torch.int16)
-    return memoryview(tensor.numpy()).cast("B")
+def byte_view(array) -> memoryview:
+    """A writable byte view of a contiguous CPU numpy array or torch tensor (for pread/pwrite)."""
+    if isinstance(array, np.ndarray):
+        return memoryview(array.reshape(-1).view(np.uint8))
+    import torch
+
+    if array.dtype == torch.bfloat16:
+        array = array.view(torch.int16)
+    return memoryview(array.numpy()).cast("B")
+
+
+#: numpy views of the raw bytes of each float code (bfloat16, which numpy lacks, as its bits)
+_NUMPY_FLOATS = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
 
 class Staging:
     """Per-worker raw byte buffer through which non-float32 tensors are read and converted."""
 
     def __init__(self, chunk: int) -> None:
-        self.raw = torch.empty(chunk * 8, dtype=torch.uint8)
-        self.view = byte_view(self.raw)
+        self.raw_np = np.empty(chunk * 8, dtype=np.uint8)
+        self.view = memoryview(self.raw_np)
 
-    def read_f32(
-        self, files: OpenFiles, checkpoint: Checkpoint, info: TensorInfo, start: int, stop: int, out: torch.Tensor
-    ) -> None:
-        """Read elements ``[start, stop)`` of ``info`` into ``out[:stop-start]`` as float32."""
+    @property
+    def raw(self):
+        """The buffer as a torch uint8 tensor (same memory; the torch path only)."""
+        raw = self.__dict__.get("_raw")
+        if raw is None:
+            import torch
+
+            raw = self.__dict__["_raw"] = torch.from_numpy(self.raw_np)
+        return raw
+
+    def read_f32(self, files: OpenFiles, checkpoint: Checkpoint, info: TensorInfo, start: int, stop: int, out) -> None:
+        """Read elements ``[start, stop)`` of ``info`` into ``out[:stop-start]`` as float32
+        (``out``: a float32 numpy array or torch tensor)."""
         n = stop - start
         fd, where = files.fd(checkpoint, info.shard)
         size = itemsize(info.dtype)
@@ -81,14 +99,22 @@ class Staging:
             pread_into(fd, byte_view(out[:n]), offset, where)
             return
         pread_into(fd, self.view[: n * size], offset, where)
-        out[:n].copy_(self.raw[: n * size].view(torch_dtype(info.dtype)))
+        if not isinstance(out, np.ndarray):
+            out[:n].copy_(self.raw[: n * size].view(torch_dtype(info.dtype)))
+            return
+        source = self.raw_np[: n * size].view(_NUMPY_FLOATS[info.dtype])
+        if info.dtype == "BF16":  # bfloat16 is the top half of a float32: widen the bits
+            np.left_shift(source, 16, out=out[:n].view(np.uint32), dtype=np.uint32)
+        else:
+            with np.errstate(over="ignore"):  # float64 beyond float32 becomes Inf, as in torch
+                np.copyto(out[:n], source, casting="same_kind")
 
     def read_native(
-        self, files: OpenFiles, checkpoint: Checkpoint, info: TensorInfo, start: int, stop: int, out: torch.Tensor
+        self, files: OpenFiles, checkpoint: Checkpoint, info: TensorInfo, start: int, stop: int, out: np.ndarray
     ) -> tuple[memoryview, bool]:
-        """Elements ``[start, stop)`` into ``out``'s memory as bfloat16 bytes when the tensor is
-        bfloat16 (no conversion; the fused loops widen it), else as float32 (converted here).
-        Returns the bytes and whether they are bfloat16."""
+        """Elements ``[start, stop)`` into the float32 array ``out``'s memory as bfloat16 bytes
+        when the tensor is bfloat16 (no conversion; the fused loops widen it), else as float32
+        (converted here). Returns the bytes and whether they are bfloat16."""
         if info.dtype != "BF16":
             self.read_f32(files, checkpoint, info, start, stop, out)
             return byte_view(out[: stop - start]), False
@@ -105,8 +131,13 @@ class Staging:
         pread_into(fd, self.view[:n], info.offset + start * size, where)
         return self.view[:n]
 
-    def raw_as(self, dtype_code: str, count: int) -> torch.Tensor:
+    def raw_as(self, dtype_code: str, count: int):
+        """The first ``count`` elements of the buffer as a torch tensor of that dtype."""
         return self.raw[: count * itemsize(dtype_code)].view(torch_dtype(dtype_code))
+
+    def raw_np_as(self, dtype_code: str, count: int) -> np.ndarray:
+        """The first ``count`` elements as a numpy array of a float code (bfloat16 as uint16 bits)."""
+        return self.raw_np[: count * itemsize(dtype_code)].view(_NUMPY_FLOATS[dtype_code])
 
 
 __all__ = ["OpenFiles", "Staging", "pread_into", "byte_view"]

@@ -2,12 +2,15 @@
 
 Every HDR operation is element-wise, so a tensor can be cut into flat element ranges regardless
 of its shape; a 2 GiB embedding is then as cheap in memory as a norm weight. Each worker thread
-owns its buffers (allocated once), torch runs single-threaded inside each worker, and ``pread``/
-``pwrite``/torch kernels release the GIL, so two workers keep two cores busy.
+owns its buffers (allocated once), torch (when the torch path runs) is single-threaded inside each
+worker, and ``pread``/``pwrite``/the fused loops/torch kernels release the GIL, so two workers
+keep two cores busy. Nothing here imports torch: the fused path never needs it, and importing it
+costs over a second.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -15,7 +18,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
-import torch
 
 from ckptops.checkpoint.reader import Staging
 
@@ -42,18 +44,32 @@ def split(task: object, start: int, stop: int, chunk: int) -> Iterator[Chunk]:
 
 class WorkerBuffers:
     """The reusable memory of one worker: three float32 work buffers, an int32 key buffer, two
-    boolean masks for band counting, a raw staging buffer for reads and one for the rounded output."""
+    boolean masks for band counting, a raw staging buffer for reads and one for the rounded output.
+
+    The buffers are numpy arrays (``a_np`` ...); the torch path reads them as tensors (``a`` ...),
+    which share the memory and are made on first use."""
+
+    TORCH_VIEWS = ("a", "b", "c", "key")
 
     def __init__(self, chunk: int) -> None:
         self.chunk = chunk
-        self.a = torch.empty(chunk, dtype=torch.float32)
-        self.b = torch.empty(chunk, dtype=torch.float32)
-        self.c = torch.empty(chunk, dtype=torch.float32)
-        self.key = torch.empty(chunk, dtype=torch.int32)
+        self.a_np = np.empty(chunk, dtype=np.float32)
+        self.b_np = np.empty(chunk, dtype=np.float32)
+        self.c_np = np.empty(chunk, dtype=np.float32)
+        self.key_np = np.empty(chunk, dtype=np.int32)
         self.below = np.empty(chunk, dtype=np.bool_)
         self.inside = np.empty(chunk, dtype=np.bool_)
         self.stage = Staging(chunk)
         self.out = Staging(chunk)
+
+    def __getattr__(self, name: str):
+        if name in WorkerBuffers.TORCH_VIEWS:
+            import torch
+
+            view = torch.from_numpy(getattr(self, name + "_np"))
+            setattr(self, name, view)
+            return view
+        raise AttributeError(name)
 
     @staticmethod
     def bytes_per_element() -> int:
@@ -113,12 +129,47 @@ class WorkerPool:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 
+_pins = {"active": 0, "saved": None}
+_pins_lock = threading.Lock()
+
+
+def _pin_locked() -> None:
+    import torch
+
+    if _pins["saved"] is None:
+        _pins["saved"] = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+
 @contextmanager
 def single_threaded_torch():
-    """torch intra-op threads off while our own workers run (they would fight for the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    """torch intra-op threads off while our own workers run (they would fight for the cores).
+
+    torch is not imported for this: if the run never needs it (the fused path), nothing is
+    touched; if a torch-path kernel imports it during the run, :func:`torch_for_workers` pins
+    it then. The thread count is restored when the last run ends."""
+    with _pins_lock:
+        _pins["active"] += 1
+        if "torch" in sys.modules:
+            _pin_locked()
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        with _pins_lock:
+            _pins["active"] -= 1
+            if _pins["active"] == 0 and _pins["saved"] is not None:
+                import torch
+
+                torch.set_num_threads(_pins["saved"])
+                _pins["saved"] = None
+
+
+def torch_for_workers():
+    """The torch module for a torch-path kernel: imported on first use and, inside
+    :func:`single_threaded_torch`, pinned to one intra-op thread."""
+    import torch
+
+    with _pins_lock:
+        if _pins["active"]:
+            _pin_locked()
+    return torch

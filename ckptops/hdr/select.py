@@ -11,8 +11,9 @@ Memory is two small histograms per worker, whatever the model size.
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
-import torch
 
 TOP_BITS_SHIFT = 15
 TOP_BINS = 1 << 16  # bit 31 (sign) is 0 for |tau|, so bits 30..15 -> 0..65535
@@ -27,25 +28,28 @@ def kth_rank(count: int, top_k: float) -> int:
     return max(1, count - int(count * top_k))
 
 
-def locate(hist: torch.Tensor, rank: int) -> tuple[int, int]:
-    """The bin holding the ``rank``-th smallest counted value, and its rank within that bin."""
-    cumulative = torch.cumsum(hist, 0)
-    index = int(torch.searchsorted(cumulative, torch.tensor([rank], dtype=cumulative.dtype)).item())
-    before = int(cumulative[index - 1].item()) if index > 0 else 0
+def locate(hist, rank: int) -> tuple[int, int]:
+    """The bin holding the ``rank``-th smallest counted value, and its rank within that bin
+    (``hist``: any 1-D array of counts, numpy or torch)."""
+    cumulative = np.cumsum(np.asarray(hist, dtype=np.int64))
+    index = int(np.searchsorted(cumulative, rank, side="left"))
+    before = int(cumulative[index - 1]) if index > 0 else 0
     return index, rank - before
 
 
 def bits_to_float(bits: int) -> float:
-    return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
+    """The float32 whose bit pattern is ``bits`` (non-negative: |tau| patterns)."""
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
 
 
-def count_below(hist_top: torch.Tensor, top: int, hist_low: torch.Tensor, low: int) -> int:
+def count_below(hist_top, top: int, hist_low, low: int) -> int:
     """How many counted values are strictly below the threshold ``(top, low)``."""
-    return int(hist_top[:top].sum().item()) + int(hist_low[:low].sum().item())
+    return int(np.asarray(hist_top)[:top].sum()) + int(np.asarray(hist_low)[:low].sum())
 
 
 def float_to_bits(value: float) -> int:
-    return int(torch.tensor([value], dtype=torch.float32).view(torch.int32).item())
+    """The bit pattern of ``value`` as a float32 (non-negative values: |tau| and thresholds)."""
+    return struct.unpack("<I", struct.pack("<f", value))[0]
 
 
 def float_before(value: float) -> float:

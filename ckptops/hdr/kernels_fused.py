@@ -1,0 +1,133 @@
+"""The per-chunk kernels of the fused path: the C loops of :mod:`fused` and a little numpy.
+
+Same interface and same bits as :mod:`kernels_torch`, without torch: inputs are read as they are
+stored (bfloat16 stays raw; float16/float64 are converted to float32 by numpy, exactly), the
+selection counts and the update run in one C loop each, and the result is rounded straight into
+the output buffer. Only a float16 output (numpy rounds it, to nearest even like torch) and a
+``--dtype`` conversion of an unchanged tensor take a second step.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ckptops.checkpoint.dtypes import itemsize
+from ckptops.errors import TensorValueError
+from ckptops.hdr import fused, select
+from ckptops.hdr.chunks import Chunk, WorkerBuffers
+from ckptops.hdr.nonfinite import nonfinite_error
+
+if TYPE_CHECKING:
+    from ckptops.checkpoint.writer import ShardWriter
+    from ckptops.hdr.engine import BandTally, Models
+    from ckptops.hdr.plan import TensorTask
+
+
+def _read_pair(chunk: Chunk, buf: WorkerBuffers, models: Models):
+    """(harmful bytes, its kind, base bytes, its kind) of the chunk, in ``buf.a``/``buf.b``."""
+    task: TensorTask = chunk.task
+    h, h_bf16 = buf.stage.read_native(models.files, models.harmful, task.harmful, chunk.start, chunk.stop, buf.a_np)
+    b, b_bf16 = buf.stage.read_native(models.files, models.base, task.base, chunk.start, chunk.stop, buf.b_np)
+    return h, int(h_bf16), b, int(b_bf16)
+
+
+def top_kernel(models: Models):
+    """Add the top-16-bit keys of every |tau| to a ``select.TOP_BINS`` numpy histogram (the
+    selection sample and the two-pass fallback; numpy is fast enough for them)."""
+    def kernel(chunk: Chunk, buf: WorkerBuffers, hist: np.ndarray) -> None:
+        task: TensorTask = chunk.task
+        n = chunk.size
+        tau, base = buf.a_np[:n], buf.b_np[:n]
+        buf.stage.read_f32(models.files, models.harmful, task.harmful, chunk.start, chunk.stop, buf.a_np)
+        buf.stage.read_f32(models.files, models.base, task.base, chunk.start, chunk.stop, buf.b_np)
+        np.subtract(tau, base, out=tau)
+        bits = tau.view(np.uint32)
+        np.bitwise_and(bits, 0x7FFFFFFF, out=bits)
+        keys = buf.key_np[:n].view(np.uint32)
+        np.right_shift(bits, select.TOP_BITS_SHIFT, out=keys)
+        counts = np.bincount(keys, minlength=select.TOP_BINS)
+        if counts[select.NONFINITE_KEY:].any():
+            raise nonfinite_error(chunk, models)
+        hist += counts
+    return kernel
+
+
+def band_kernel(models: Models, lo: int, size: int):
+    """Count |tau| against a band into a :class:`BandTally` (histogram and per-tensor peaks)."""
+    def kernel(chunk: Chunk, buf: WorkerBuffers, tally: BandTally) -> None:
+        finite, peak = fused.band_count(*_read_pair(chunk, buf, models), chunk.size, lo, size, tally.hist)
+        if not finite:
+            raise nonfinite_error(chunk, models)
+        name = chunk.task.name
+        tally.peaks[name] = max(peak, tally.peaks.get(name, -1))
+    return kernel
+
+
+def low_kernel(models: Models, top_bits: int):
+    """Count |tau| against the band of one top bin (``select.LOW_BINS`` patterns)."""
+    def kernel(chunk: Chunk, buf: WorkerBuffers, hist: np.ndarray) -> None:
+        finite, _ = fused.band_count(*_read_pair(chunk, buf, models), chunk.size, top_bits, select.LOW_BINS, hist)
+        if not finite:
+            raise nonfinite_error(chunk, models)
+    return kernel
+
+
+def hdr_chunk(
+    chunk: Chunk, buf: WorkerBuffers, models: Models, writer: ShardWriter, shrink: float | None, scale: float,
+    tensor_changed: bool | None = None,
+) -> int:
+    """Write one chunk of theta_t - scale * hardshrink(tau, shrink); returns 1 if any value
+    changed, else 0 (``tensor_changed``, when the selection pass knows it, is used instead)."""
+    task: TensorTask = chunk.task
+    n = chunk.size
+    t, t_bf16 = buf.stage.read_native(models.files, models.target, task.target, chunk.start, chunk.stop, buf.c_np)
+    out_bf16 = task.out_dtype == "BF16"
+    finite, changed = fused.apply(*_read_pair(chunk, buf, models), t, int(t_bf16), n, shrink, scale,
+                                  buf.out.view, int(out_bf16))
+    if not finite:
+        raise nonfinite_error(chunk, models, "theta_t - scale * tau")
+    if task.out_dtype == "F16":
+        write_f32(buf.out.raw_np_as("F32", n), task, chunk.start, buf, writer, into=buf.stage)
+    else:
+        size = itemsize(task.out_dtype)
+        writer.write(task.name, chunk.start * size, buf.out.view[: n * size])
+    return int(changed if tensor_changed is None else tensor_changed)
+
+
+def convert_chunk(chunk: Chunk, buf: WorkerBuffers, models: Models, writer: ShardWriter) -> None:
+    """Target values converted to another float type (``--dtype``): float32 and float16 with
+    numpy; a bfloat16 output goes through the fused update with nothing selected."""
+    task: TensorTask = chunk.task
+    n = chunk.size
+    if task.out_dtype == "BF16":
+        t, t_bf16 = buf.stage.read_native(models.files, models.target, task.target, chunk.start, chunk.stop, buf.c_np)
+        zeros = buf.a_np[:n]
+        zeros.fill(0.0)
+        finite, _ = fused.apply(zeros, 0, zeros, 0, t, int(t_bf16), n, 0.0, 0.0, buf.out.view, 1)
+        if not finite:
+            raise nonfinite_error(chunk, models)
+        writer.write(task.name, chunk.start * 2, buf.out.view[: 2 * n])
+        return
+    buf.stage.read_f32(models.files, models.target, task.target, chunk.start, chunk.stop, buf.c_np)
+    values = buf.c_np[:n]
+    if not np.isfinite(values).all():
+        raise nonfinite_error(chunk, models)
+    write_f32(values, task, chunk.start, buf, writer)
+
+
+def write_f32(result: np.ndarray, task: TensorTask, start: int, buf: WorkerBuffers, writer: ShardWriter,
+              into=None) -> None:
+    """Write float32 values as float32, or rounded to float16 (nearest even) with an overflow
+    check, at the tensor's offset."""
+    n = result.shape[0]
+    if task.out_dtype == "F32":
+        writer.write(task.name, start * 4, memoryview(result.view(np.uint8)))
+        return
+    out = (into or buf.out).raw_np_as("F16", n)
+    with np.errstate(over="ignore"):
+        np.copyto(out, result, casting="same_kind")
+    if not np.isfinite(out).all():
+        raise TensorValueError(f"tensor {task.name!r}: the result does not fit F16 (overflow to Inf); try --dtype float32")
+    writer.write(task.name, start * 2, memoryview(out.view(np.uint8)))

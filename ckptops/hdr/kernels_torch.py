@@ -1,0 +1,145 @@
+"""The per-chunk kernels of the torch path: preallocated buffers and in-place/``out=`` torch ops.
+
+Used when the fused C loops are not built (no compiler at install time) or are switched off with
+``CKPTOPS_NO_FUSED=1``; :mod:`kernels_fused` has the same interface and gives the same bits.
+This module is imported only when the torch path runs: importing torch costs over a second.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ckptops.checkpoint.dtypes import itemsize
+from ckptops.checkpoint.reader import Staging, byte_view
+from ckptops.errors import TensorValueError
+from ckptops.hdr import select
+from ckptops.hdr.chunks import Chunk, WorkerBuffers, torch_for_workers
+from ckptops.hdr.nonfinite import nonfinite_error
+
+if TYPE_CHECKING:
+    from ckptops.checkpoint.writer import ShardWriter
+    from ckptops.hdr.engine import BandTally, Models
+    from ckptops.hdr.plan import TensorTask
+
+torch = torch_for_workers()
+
+
+def _tau(chunk: Chunk, buf: WorkerBuffers, models: Models):
+    """tau = float32(theta_H) - float32(theta_b) for the chunk, in ``buf.a``."""
+    task: TensorTask = chunk.task
+    n = chunk.size
+    buf.stage.read_f32(models.files, models.harmful, task.harmful, chunk.start, chunk.stop, buf.a)
+    buf.stage.read_f32(models.files, models.base, task.base, chunk.start, chunk.stop, buf.b)
+    tau = buf.a[:n]
+    tau.sub_(buf.b[:n])
+    return tau
+
+
+def _all_finite(values) -> bool:
+    """True when no NaN/Inf: a float32 sum is NaN/Inf if any term is (and weights never sum past
+    3e38), and costs a fraction of ``isfinite().all()``; a non-finite sum is double-checked."""
+    total = float(values.sum(dtype=torch.float32))
+    if math.isfinite(total):
+        return True
+    return bool(torch.isfinite(values).all())
+
+
+def _add_band_counts(tau, buf: WorkerBuffers, lo: int, size: int, hist: np.ndarray) -> int:
+    """Count the bit patterns of |tau| against the band ``[lo, lo + size)`` and return the
+    chunk's peak (see :func:`select.add_band_counts`); |tau| goes to ``buf.b``."""
+    bits = torch.abs(tau, out=buf.b[: tau.numel()]).view(torch.int32).numpy()
+    return select.add_band_counts(bits, lo, size, hist, buf.below, buf.inside)
+
+
+def top_kernel(models: Models):
+    """Add the top-16-bit keys of every |tau| to a ``select.TOP_BINS`` numpy histogram."""
+    def kernel(chunk: Chunk, buf: WorkerBuffers, hist: np.ndarray) -> None:
+        n = chunk.size
+        magnitude = torch.abs(_tau(chunk, buf, models), out=buf.b[:n])
+        keys = torch.bitwise_right_shift(magnitude.view(torch.int32), select.TOP_BITS_SHIFT, out=buf.key[:n])
+        counts = torch.bincount(keys, minlength=select.TOP_BINS).numpy()
+        if counts[select.NONFINITE_KEY:].any():
+            raise nonfinite_error(chunk, models)
+        hist += counts
+    return kernel
+
+
+def band_kernel(models: Models, lo: int, size: int):
+    """Count |tau| against a band into a :class:`BandTally` (histogram and per-tensor peaks)."""
+    def kernel(chunk: Chunk, buf: WorkerBuffers, tally: BandTally) -> None:
+        tau = _tau(chunk, buf, models)
+        if not _all_finite(tau):
+            raise nonfinite_error(chunk, models)
+        peak = _add_band_counts(tau, buf, lo, size, tally.hist)
+        name = chunk.task.name
+        tally.peaks[name] = max(peak, tally.peaks.get(name, -1))
+    return kernel
+
+
+def low_kernel(models: Models, top_bits: int):
+    """Count |tau| against the band of one top bin (``select.LOW_BINS`` patterns)."""
+    def kernel(chunk: Chunk, buf: WorkerBuffers, hist: np.ndarray) -> None:
+        _add_band_counts(_tau(chunk, buf, models), buf, top_bits, select.LOW_BINS, hist)
+    return kernel
+
+
+def hdr_chunk(
+    chunk: Chunk, buf: WorkerBuffers, models: Models, writer: ShardWriter, shrink: float | None, scale: float,
+    tensor_changed: bool | None = None,
+) -> int:
+    """Write one chunk of theta_t - scale * where(|tau| >= t, tau, +0), the mask being
+    ``hardshrink(tau, shrink)``; returns 1 if any value changed, else 0 (exact per-group counts
+    come from the selection histograms). ``tensor_changed``, when the selection pass knows it,
+    saves looking at this chunk's values."""
+    task: TensorTask = chunk.task
+    n = chunk.size
+    tau = _tau(chunk, buf, models)
+    if shrink is not None:
+        torch.hardshrink(tau, shrink, out=buf.b[:n])
+        tau = buf.b[:n]
+    if tensor_changed is None:
+        low, high = torch.aminmax(tau)  # cheaper than tau.any(), and exact
+        changed = int(bool(low < 0) or bool(high > 0))
+    else:
+        changed = int(tensor_changed)
+    tau.mul_(scale)
+    buf.stage.read_f32(models.files, models.target, task.target, chunk.start, chunk.stop, buf.c)
+    result = buf.c[:n]
+    result.sub_(tau)
+    if not _all_finite(result):
+        raise nonfinite_error(chunk, models, "theta_t - scale * tau")
+    write_f32(result, task, chunk.start, buf, writer)
+    return changed
+
+
+def convert_chunk(chunk: Chunk, buf: WorkerBuffers, models: Models, writer: ShardWriter) -> None:
+    """Target values converted to another float type (``--dtype``), otherwise unchanged."""
+    task: TensorTask = chunk.task
+    result = buf.c[: chunk.size]
+    buf.stage.read_f32(models.files, models.target, task.target, chunk.start, chunk.stop, buf.c)
+    if not _all_finite(result):
+        raise nonfinite_error(chunk, models)
+    write_f32(result, task, chunk.start, buf, writer)
+
+
+def write_f32(result, task: TensorTask, start: int, buf: WorkerBuffers, writer: ShardWriter,
+              into: Staging | None = None) -> None:
+    """Round a float32 tensor once to the output dtype (in ``into``, by default ``buf.out``) and
+    write it at the tensor's offset."""
+    size = itemsize(task.out_dtype)
+    if task.out_dtype == "F32":
+        writer.write(task.name, start * size, byte_view(result))
+        return
+    out = (into or buf.out).raw_as(task.out_dtype, result.numel())
+    out.copy_(result)
+    if task.out_dtype == "F16" and not bool(torch.isfinite(out).all()):
+        raise TensorValueError(
+            f"tensor {task.name!r}: the result does not fit {task.out_dtype} (overflow to Inf); try --dtype float32"
+        )
+    writer.write(task.name, start * size, byte_view(out))
+
+
+__all__ = ["top_kernel", "band_kernel", "low_kernel", "hdr_chunk", "convert_chunk", "write_f32"]
