@@ -169,6 +169,22 @@ def test_other_input_dtypes_and_output_dtype(tmp_path, dtype):
     _check(tmp_path / "out32", expected)
 
 
+@pytest.mark.parametrize("source", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("out", ["bfloat16", "float16", "float32"])
+def test_dtype_conversion_of_changed_and_unchanged_tensors(tmp_path, source, out):
+    """--dtype on every input/output pair, with excluded (copied, converted) tensors beside
+    changed ones, and a signed zero in the target."""
+    base = llama_state(0, dtype=source)
+    harmful = llama_state(1, dtype=source, base=base, delta=0.01)
+    target = llama_state(2, dtype=source, base=base, delta=0.004)
+    target["model.norm.weight"][:3] = torch.tensor([-0.0, 0.0, 1e-30]).to(source)
+    p = [write_folder(tmp_path / r, st) for r, st in (("b", base), ("h", harmful), ("t", target))]
+    exclude = [r"norm\.weight$", "embed_tokens"]
+    ckptops.sanitize(*p, tmp_path / "out", dtype=out, exclude=exclude, chunk_elements=700, progress=False)
+    expected, _ = reference_hdr(base, harmful, target, exclude=exclude, out_dtype=getattr(torch, out))
+    _check(tmp_path / "out", expected)
+
+
 def test_exclude_layers_and_dense(triple, tmp_path):
     paths, s = triple
     args = (paths["base"], paths["harmful"], paths["target"])
