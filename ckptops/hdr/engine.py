@@ -1,9 +1,10 @@
 """The two streaming jobs of HDR: find each scope's exact threshold, then write
 theta_t - scale * (|tau| >= t) * tau for every tensor, chunk by chunk.
 
-Each chunk runs on one of two paths that give the same bits: the fused C loops of :mod:`fused`
-when the extension is built, else preallocated buffers and in-place/``out=`` torch ops (no fresh
-allocations per chunk). Arithmetic is float32 throughout; the result is rounded once
+Each chunk runs on one of two paths that give the same bits: :mod:`kernels_fused` (the C loops of
+:mod:`fused` and numpy; torch is never imported) when the extension is built, else
+:mod:`kernels_torch` (preallocated buffers and in-place/``out=`` torch ops). This module holds
+what both share and imports neither. Arithmetic is float32 throughout; the result is rounded once
 (round-to-nearest-even) to the output dtype. Unselected entries subtract exactly +0, so the
 target's bits are kept there.
 """
@@ -151,7 +152,7 @@ def estimate_band(tasks: list[TensorTask], count: int, rank: int, models: Models
     piece = max(pool.chunk // 4, 256)
     sample = (Chunk(c.task, c.start, min(c.start + piece, c.stop))
               for i, c in enumerate(_group_chunks(tasks, pool.chunk)) if i % 16 == 0)
-    hists = pool.run(sample, kernels().top_kernel(models), lambda: np.zeros(select.TOP_BINS, dtype=np.int64))
+    hists = pool.run(sample, _top_kernel(models), lambda: np.zeros(select.TOP_BINS, dtype=np.int64))
     hist_sample = sum(hists)
     sampled = int(hist_sample.sum())
     estimate, _ = select.locate(hist_sample, max(1, min(sampled, round(rank * sampled / count))))
@@ -163,7 +164,7 @@ def count_top_pass(tasks: list[TensorTask], models: Models, pool: WorkerPool,
                    progress: Callable[[int], None] | None = None) -> np.ndarray:
     """Pass 1 over ``tasks``: the top-16-bit histogram of |tau|. Histograms of disjoint task
     lists add up, so a caller may run it piece by piece."""
-    states = pool.run(_group_chunks(tasks, pool.chunk), kernels().top_kernel(models),
+    states = pool.run(_group_chunks(tasks, pool.chunk), _top_kernel(models),
                       lambda: np.zeros(select.TOP_BINS, dtype=np.int64), _selection_done(progress))
     return sum(states) if states else np.zeros(select.TOP_BINS, dtype=np.int64)
 
@@ -174,6 +175,27 @@ def count_low_pass(tasks: list[TensorTask], models: Models, pool: WorkerPool, to
     states = pool.run(_group_chunks(tasks, pool.chunk), _count_low_kernel(models, top_bits),
                       lambda: np.zeros(select.LOW_BINS + 2, dtype=np.int64), _selection_done(progress))
     return sum(states)[1: select.LOW_BINS + 1].copy() if states else np.zeros(select.LOW_BINS, dtype=np.int64)
+
+
+def _top_kernel(models: Models):
+    """Add the top-16-bit keys of every |tau| to a ``select.TOP_BINS`` numpy histogram. Both paths
+    use this numpy kernel: it serves the 1/64 selection sample and the rare two-pass fallback."""
+    def kernel(chunk: Chunk, buf: WorkerBuffers, hist: np.ndarray) -> None:
+        task: TensorTask = chunk.task
+        n = chunk.size
+        tau, base = buf.a_np[:n], buf.b_np[:n]
+        buf.stage.read_f32(models.files, models.harmful, task.harmful, chunk.start, chunk.stop, buf.a_np)
+        buf.stage.read_f32(models.files, models.base, task.base, chunk.start, chunk.stop, buf.b_np)
+        np.subtract(tau, base, out=tau)
+        bits = tau.view(np.uint32)
+        np.bitwise_and(bits, 0x7FFFFFFF, out=bits)
+        keys = buf.key_np[:n].view(np.uint32)
+        np.right_shift(bits, select.TOP_BITS_SHIFT, out=keys)
+        counts = np.bincount(keys, minlength=select.TOP_BINS)
+        if counts[select.NONFINITE_KEY:].any():
+            raise nonfinite_error(chunk, models)
+        hist += counts
+    return kernel
 
 
 def _count_low_kernel(models: Models, top_bits: int):

@@ -33,27 +33,6 @@ def _read_pair(chunk: Chunk, buf: WorkerBuffers, models: Models):
     return h, int(h_bf16), b, int(b_bf16)
 
 
-def top_kernel(models: Models):
-    """Add the top-16-bit keys of every |tau| to a ``select.TOP_BINS`` numpy histogram (the
-    selection sample and the two-pass fallback; numpy is fast enough for them)."""
-    def kernel(chunk: Chunk, buf: WorkerBuffers, hist: np.ndarray) -> None:
-        task: TensorTask = chunk.task
-        n = chunk.size
-        tau, base = buf.a_np[:n], buf.b_np[:n]
-        buf.stage.read_f32(models.files, models.harmful, task.harmful, chunk.start, chunk.stop, buf.a_np)
-        buf.stage.read_f32(models.files, models.base, task.base, chunk.start, chunk.stop, buf.b_np)
-        np.subtract(tau, base, out=tau)
-        bits = tau.view(np.uint32)
-        np.bitwise_and(bits, 0x7FFFFFFF, out=bits)
-        keys = buf.key_np[:n].view(np.uint32)
-        np.right_shift(bits, select.TOP_BITS_SHIFT, out=keys)
-        counts = np.bincount(keys, minlength=select.TOP_BINS)
-        if counts[select.NONFINITE_KEY:].any():
-            raise nonfinite_error(chunk, models)
-        hist += counts
-    return kernel
-
-
 def band_kernel(models: Models, lo: int, size: int):
     """Count |tau| against a band into a :class:`BandTally` (histogram and per-tensor peaks)."""
     def kernel(chunk: Chunk, buf: WorkerBuffers, tally: BandTally) -> None:

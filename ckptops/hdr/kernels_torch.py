@@ -54,19 +54,6 @@ def _add_band_counts(tau, buf: WorkerBuffers, lo: int, size: int, hist: np.ndarr
     return select.add_band_counts(bits, lo, size, hist, buf.below, buf.inside)
 
 
-def top_kernel(models: Models):
-    """Add the top-16-bit keys of every |tau| to a ``select.TOP_BINS`` numpy histogram."""
-    def kernel(chunk: Chunk, buf: WorkerBuffers, hist: np.ndarray) -> None:
-        n = chunk.size
-        magnitude = torch.abs(_tau(chunk, buf, models), out=buf.b[:n])
-        keys = torch.bitwise_right_shift(magnitude.view(torch.int32), select.TOP_BITS_SHIFT, out=buf.key[:n])
-        counts = torch.bincount(keys, minlength=select.TOP_BINS).numpy()
-        if counts[select.NONFINITE_KEY:].any():
-            raise nonfinite_error(chunk, models)
-        hist += counts
-    return kernel
-
-
 def band_kernel(models: Models, lo: int, size: int):
     """Count |tau| against a band into a :class:`BandTally` (histogram and per-tensor peaks)."""
     def kernel(chunk: Chunk, buf: WorkerBuffers, tally: BandTally) -> None:
@@ -142,4 +129,4 @@ def write_f32(result, task: TensorTask, start: int, buf: WorkerBuffers, writer: 
     writer.write(task.name, start * size, byte_view(out))
 
 
-__all__ = ["top_kernel", "band_kernel", "low_kernel", "hdr_chunk", "convert_chunk", "write_f32"]
+__all__ = ["band_kernel", "low_kernel", "hdr_chunk", "convert_chunk", "write_f32"]
