@@ -34,7 +34,8 @@ from ckptops.hdr.plan import SCOPES, make_plan
 from ckptops.progress import ByteProgress
 from ckptops.units import parse_size
 
-#: resident memory of Python + torch before any buffer (measured ~250 MiB); chunks use the rest
+#: resident memory before any buffer: ~250 MiB with torch imported (the torch path), less
+#: without (the fused path); chunks use the rest
 BASELINE_RSS = 320 << 20
 DEFAULT_CHUNK = 1 << 20
 
