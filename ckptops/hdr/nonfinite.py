@@ -24,20 +24,21 @@ _EXPONENT = {"BF16": (np.uint16, 0x7F80), "F16": (np.uint16, 0x7C00), "F32": (np
              "F64": (np.uint64, 0x7FF0000000000000)}
 
 
+def _nonfinite_mask(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """True where the value in ``raw`` (a tensor's bytes as uint8) of float code ``dtype`` has an
+    all-ones exponent: Inf or NaN."""
+    view, exponent = _EXPONENT[dtype]
+    return np.bitwise_and(raw.view(view), view(exponent)) == view(exponent)
+
+
 def nonfinite_positions(raw: np.ndarray, dtype: str) -> np.ndarray:
     """Indices of the NaN/Inf values in ``raw`` (the tensor's bytes as uint8) of float code ``dtype``."""
-    view, exponent = _EXPONENT[dtype]
-    values = raw.view(view)
-    return np.flatnonzero((values & view(exponent)) == view(exponent))
+    return np.flatnonzero(_nonfinite_mask(raw, dtype))
 
 
 def raw_all_finite(raw: np.ndarray, dtype: str) -> bool:
     """True when the raw bytes of a float tensor hold no NaN/Inf (non-float codes: always)."""
-    if dtype not in FLOAT_CODES:
-        return True
-    view, exponent = _EXPONENT[dtype]
-    values = raw.view(view)
-    return not bool(np.any(np.bitwise_and(values, view(exponent)) == view(exponent)))
+    return dtype not in FLOAT_CODES or not bool(_nonfinite_mask(raw, dtype).any())
 
 
 def nonfinite_error(chunk: Chunk, models: Models, result: str = "tau") -> TensorValueError:
