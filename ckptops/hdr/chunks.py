@@ -43,20 +43,20 @@ def split(task: object, start: int, stop: int, chunk: int) -> Iterator[Chunk]:
 
 
 class WorkerBuffers:
-    """The reusable memory of one worker: three float32 work buffers, an int32 key buffer, two
+    """The reusable memory of one worker: three float32 work buffers, a key buffer, two
     boolean masks for band counting, a raw staging buffer for reads and one for the rounded output.
 
     The buffers are numpy arrays (``a_np`` ...); the torch path reads them as tensors (``a`` ...),
     which share the memory and are made on first use."""
 
-    TORCH_VIEWS = ("a", "b", "c", "key")
+    TORCH_VIEWS = ("a", "b", "c")
 
     def __init__(self, chunk: int) -> None:
         self.chunk = chunk
         self.a_np = np.empty(chunk, dtype=np.float32)
         self.b_np = np.empty(chunk, dtype=np.float32)
         self.c_np = np.empty(chunk, dtype=np.float32)
-        self.key_np = np.empty(chunk, dtype=np.int32)
+        self.key_np = np.empty(chunk, dtype=np.uint32)
         self.below = np.empty(chunk, dtype=np.bool_)
         self.inside = np.empty(chunk, dtype=np.bool_)
         self.stage = Staging(chunk)

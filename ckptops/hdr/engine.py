@@ -189,7 +189,7 @@ def _top_kernel(models: Models):
         np.subtract(tau, base, out=tau)
         bits = tau.view(np.uint32)
         np.bitwise_and(bits, 0x7FFFFFFF, out=bits)
-        keys = buf.key_np[:n].view(np.uint32)
+        keys = buf.key_np[:n]
         np.right_shift(bits, select.TOP_BITS_SHIFT, out=keys)
         counts = np.bincount(keys, minlength=select.TOP_BINS)
         if counts[select.NONFINITE_KEY:].any():

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ckptops.checkpoint.dtypes import itemsize
-from ckptops.checkpoint.reader import Staging, byte_view
+from ckptops.checkpoint.reader import byte_view
 from ckptops.errors import TensorValueError
 from ckptops.hdr import select
 from ckptops.hdr.chunks import Chunk, WorkerBuffers, torch_for_workers
@@ -112,15 +112,14 @@ def convert_chunk(chunk: Chunk, buf: WorkerBuffers, models: Models, writer: Shar
     write_f32(result, task, chunk.start, buf, writer)
 
 
-def write_f32(result, task: TensorTask, start: int, buf: WorkerBuffers, writer: ShardWriter,
-              into: Staging | None = None) -> None:
-    """Round a float32 tensor once to the output dtype (in ``into``, by default ``buf.out``) and
-    write it at the tensor's offset."""
+def write_f32(result, task: TensorTask, start: int, buf: WorkerBuffers, writer: ShardWriter) -> None:
+    """Round a float32 tensor once to the output dtype (in ``buf.out``) and write it at the
+    tensor's offset."""
     size = itemsize(task.out_dtype)
     if task.out_dtype == "F32":
         writer.write(task.name, start * size, byte_view(result))
         return
-    out = (into or buf.out).raw_as(task.out_dtype, result.numel())
+    out = buf.out.raw_as(task.out_dtype, result.numel())
     out.copy_(result)
     if task.out_dtype == "F16" and not bool(torch.isfinite(out).all()):
         raise TensorValueError(
