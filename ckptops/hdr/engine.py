@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Callable
 
 import numpy as np
@@ -36,12 +37,14 @@ def kernels():
 
 @dataclass
 class Models:
-    """The three inputs and the open file handles shared by all workers."""
+    """The three inputs, the open file handles shared by all workers, and the kernels module of
+    the path this run takes (decided once, when the run starts)."""
 
     base: Checkpoint
     harmful: Checkpoint
     target: Checkpoint
     files: OpenFiles = field(default_factory=OpenFiles)
+    kernels: ModuleType = field(default_factory=kernels)
 
 
 @dataclass
@@ -110,7 +113,7 @@ def _select_group(tasks: list[TensorTask], count: int, rank: int, models: Models
     """
     if sum(-(-t.numel // pool.chunk) for t in tasks) >= MIN_CHUNKS_FOR_BAND:
         lo, size = estimate_band(tasks, count, rank, models, pool)
-        states = pool.run(_group_chunks(tasks, pool.chunk), kernels().band_kernel(models, lo, size),
+        states = pool.run(_group_chunks(tasks, pool.chunk), models.kernels.band_kernel(models, lo, size),
                           lambda: BandTally(np.zeros(size + 2, dtype=np.int64)), _selection_done(progress))
         hist = sum(state.hist for state in states)
         below, inside = int(hist[0]), hist[1: size + 1]
@@ -200,7 +203,7 @@ def _top_kernel(models: Models):
 
 def _count_low_kernel(models: Models, top_bits: int):
     """The low-bit pass kernel of the running path (a seam the tests watch)."""
-    return kernels().low_kernel(models, top_bits)
+    return models.kernels.low_kernel(models, top_bits)
 
 
 @dataclass
@@ -249,7 +252,7 @@ def apply_all(
     # the float just below t, |x| > lambda is exactly |x| >= t (ties kept). None: keep all.
     shrink = {group: select.float_before(s.threshold) if s.threshold is not None and s.threshold > 0.0 else None
               for group, s in selections.items()}
-    path = kernels()
+    path = models.kernels
     states = pool.run(chunks(), work, ApplyCounts)
     kept: dict[str, int] = {}
     for state in states:

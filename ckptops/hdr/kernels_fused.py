@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from ckptops.hdr.engine import BandTally, Models
     from ckptops.hdr.plan import TensorTask
 
+#: how the run report names this path
+PATH_NAME = "fused C loops"
+
 
 def _read_pair(chunk: Chunk, buf: WorkerBuffers, models: Models):
     """(harmful bytes, its kind, base bytes, its kind) of the chunk, in ``buf.a``/``buf.b``."""

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 torch = torch_for_workers()
 
+#: how the run report names this path
+PATH_NAME = "torch ops"
+
 
 def _tau(chunk: Chunk, buf: WorkerBuffers, models: Models):
     """tau = float32(theta_H) - float32(theta_b) for the chunk, in ``buf.a``."""

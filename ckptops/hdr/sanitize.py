@@ -25,7 +25,6 @@ from ckptops.checkpoint.publish import check_destination, copy_side_files, stagi
 from ckptops.checkpoint.resolve import Checkpoint, fingerprint, full_sha256, open_checkpoint
 from ckptops.checkpoint.writer import OutTensor, ShardWriter, layout_by_size, layout_like_target
 from ckptops.errors import UsageError
-from ckptops.hdr import fused
 from ckptops.hdr.chunks import WorkerBuffers, WorkerPool, single_threaded_torch
 from ckptops.hdr.engine import Models, apply_all, select_thresholds
 from ckptops.hdr.low_disk import run_low_disk
@@ -306,7 +305,7 @@ def sanitize(
             resized=plan.resized,
             parameters=parameters,
             inputs=inputs,
-            engine="fused C loops" if fused.enabled() else "torch ops",
+            engine=models.kernels.PATH_NAME,
         )
         write_index(folder, writer.weight_map(), writer.total_bytes())
         config_dtype = CONFIG_DTYPE_NAMES.get(out_code) if out_code else None
