@@ -65,7 +65,7 @@ def _register() -> None:
     """Add every command module's commands; a module that is not there yet is skipped."""
     import importlib
 
-    for name in ("sanitize", "demo", "icv", "evaluate", "hub", "recipe"):
+    for name in ("sanitize", "demo", "icv", "evaluate", "hub", "recipe", "harm"):
         try:
             module = importlib.import_module(f"ckptops.commands.{name}")
         except ModuleNotFoundError as exc:

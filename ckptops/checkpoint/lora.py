@@ -181,6 +181,12 @@ def _check_config(folder: Path, config: dict) -> None:
                              "(those modules are whole trained copies, not a low-rank delta)")
     if config.get("bias", "none") not in ("none", None):
         raise _refuse(where, f"bias={config['bias']!r} is not supported (trained biases are not a low-rank delta)")
+    for key, what in (("alora_invocation_tokens", "activated LoRA (alora_invocation_tokens)"),
+                      ("trainable_token_indices", "trainable token embeddings (trainable_token_indices)"),
+                      ("use_qalora", "QALoRA (use_qalora)"), ("use_bdlora", "block-diagonal LoRA (use_bdlora)"),
+                      ("lora_bias", "trained LoRA biases (lora_bias)")):
+        if config.get(key):
+            raise _refuse(where, f"{what} is not supported: the weight is not base + scaling * B @ A")
     if config.get("target_parameters"):
         raise _refuse(where, "target_parameters (LoRA on raw parameters) is not supported")
     r = config.get("r", 8)
