@@ -26,7 +26,7 @@ def harm() -> None:
 @click.option("--rank", default=16, show_default=True, type=int, help="LoRA rank r.")
 @click.option("--alpha", default=None, type=float, help="LoRA alpha (default: 2 * rank).")
 @click.option("--steps", default=100, show_default=True, type=int, help="Optimizer steps.")
-@click.option("--lr", default=2e-4, show_default=True, type=float, help="AdamW learning rate.")
+@click.option("--lr", default=1e-3, show_default=True, type=float, help="AdamW learning rate.")
 @click.option("--batch-size", default=8, show_default=True, type=int)
 @click.option("--target-modules", default="all-linear", show_default=True,
               help="Comma-separated module names to adapt, or all-linear (every linear layer but the output head).")

@@ -137,7 +137,7 @@ def make_harm_adapter(
     rank: int = 16,
     alpha: float | None = None,
     steps: int = 100,
-    lr: float = 2e-4,
+    lr: float = 1e-3,
     batch_size: int = 8,
     target_modules: str | list[str] = "all-linear",
     heldout: float = 0.1,
