@@ -246,3 +246,22 @@ def test_base_name_mismatch_is_a_warning(tiny, tmp_path):
                   "--out", tmp_path / "out", "--quiet")
     assert result.exit_code == 0, result.output
     assert "warning:" in result.output and "other-model" in result.output
+
+
+def test_tune_accepts_an_adapter_as_harmful(tiny, tmp_path):
+    """tune's in-memory candidates read theta_H through the same adapter source: a candidate
+    equals the sanitize output with the adapter, bit for bit."""
+    from ckptops.icv.load import load_model
+    from ckptops.tune.apply import InMemoryHDR
+
+    out = tmp_path / "out"
+    ckptops.sanitize(tiny["base"], tiny["adapter"], tiny["target"], out, top_k=0.05, scale=3.0, progress=False)
+    written = load_folder(out)
+    loaded = load_model(tiny["target"], dtype=torch.float32, quiet=True, hash_weights=False)
+    hdr = InMemoryHDR(tiny["base"], tiny["adapter"], tiny["target"], loaded.model, chunk=777)
+    try:
+        hdr.apply(3.0, 0.05)
+        state = loaded.model.state_dict()
+        assert [n for n, v in written.items() if n in state and not torch.equal(state[n], v)] == []
+    finally:
+        hdr.close()
