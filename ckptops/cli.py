@@ -64,6 +64,7 @@ def main() -> None:
     icv        compute, inspect and export the Safe-Align in-context vector
     generate   try a model with and without its in-context vector
     eval       measure refusals, over-refusal and perplexity offline
+    tune       search HDR scale/top-k and ICV strength against behaviour
     run        run a recipe (HDR, then the ICV, then push) from a TOML file
     diff       where an edited model differs from its base (the edit area)
     inspect    list and validate the tensors of a checkpoint (folder or Hub repo)
@@ -78,7 +79,7 @@ def _register() -> None:
     """Add every command module's commands; a module that is not there yet is skipped."""
     import importlib
 
-    for name in ("sanitize", "demo", "icv", "evaluate", "hub", "recipe"):
+    for name in ("sanitize", "demo", "icv", "evaluate", "hub", "recipe", "harm", "tune"):
         try:
             module = importlib.import_module(f"ckptops.commands.{name}")
         except ModuleNotFoundError as exc:
