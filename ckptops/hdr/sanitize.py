@@ -284,8 +284,9 @@ def sanitize(
                     kept = apply_all(plan, models, pool, writer, selections, scale, tick)
             writer.finish()
         finally:
-            writer.close()
+            writer.abort()  # no-op after finish(); else wakes workers waiting on the writer
             pool.close()
+            writer.close()
             models.files.close()
         copied: dict[str, list[str]] = {}
         for task in plan.tasks:
