@@ -278,3 +278,14 @@ def test_folded_scaling_gives_the_bits_of_scaling_after_the_product(scaling, eng
     module = _fold_scaling(LoraModule("w", a, b.clone(), scaling, False, scaling))
     assert torch.equal((module.b @ module.a) * module.post_scale, (b @ a) * scaling)
     assert (module.post_scale == 1.0) == (scaling in (1.0, 2.0, 4.0))
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_low_disk_gives_the_same_bytes_with_adapters(tiny, tmp_path, scope):
+    runs = {}
+    for low_disk in (False, True):
+        out = tmp_path / f"out-{low_disk}"
+        ckptops.sanitize(tiny["base"], tiny["adapter"], f"{tiny['base']}+{tiny['patterned']}", out, scope=scope,
+                         low_disk=low_disk, chunk_elements=999, progress=False)
+        runs[low_disk] = (out / "model.safetensors").read_bytes()
+    assert runs[False] == runs[True]
