@@ -7,20 +7,27 @@ non-zero exit code; no traceback reaches the user unless ``CKPTOPS_DEBUG=1`` is 
 
 from __future__ import annotations
 
-import errno
 import os
+import signal
 import sys
 
-import click
+from ckptops import _startup
 
-from ckptops import __version__
-from ckptops.errors import CkptopsError
+_startup.guard()  # until the imports below are done, Ctrl-C prints one line and exits 130
+
+import errno  # noqa: E402
+
+import click  # noqa: E402
+
+from ckptops import __version__  # noqa: E402
+from ckptops.errors import CkptopsError  # noqa: E402
 
 
 class _Group(click.Group):
     """A click group that turns library errors into one-line messages."""
 
     def invoke(self, ctx: click.Context):
+        _startup.release()  # from here Ctrl-C is a KeyboardInterrupt, turned into one line below
         try:
             return super().invoke(ctx)
         except CkptopsError as exc:
@@ -29,8 +36,14 @@ class _Group(click.Group):
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("error: interrupted; no output was written", err=True)
+            click.echo(_startup.interrupted_message(), err=True)
             ctx.exit(130)
+        except RecursionError:
+            # deeply nested input that a parser did not catch; never a traceback
+            if os.environ.get("CKPTOPS_DEBUG"):
+                raise
+            click.echo("error: input nested too deeply to read", err=True)
+            ctx.exit(1)
         except OSError as exc:
             if os.environ.get("CKPTOPS_DEBUG"):
                 raise
@@ -51,6 +64,7 @@ def main() -> None:
     icv        compute, inspect and export the Safe-Align in-context vector
     generate   try a model with and without its in-context vector
     eval       measure refusals, over-refusal and perplexity offline
+    tune       search HDR scale/top-k and ICV strength against behaviour
     run        run a recipe (HDR, then the ICV, then push) from a TOML file
     diff       where an edited model differs from its base (the edit area)
     inspect    list and validate the tensors of a checkpoint (folder or Hub repo)
@@ -65,7 +79,7 @@ def _register() -> None:
     """Add every command module's commands; a module that is not there yet is skipped."""
     import importlib
 
-    for name in ("sanitize", "demo", "icv", "evaluate", "hub", "recipe"):
+    for name in ("sanitize", "demo", "icv", "evaluate", "hub", "recipe", "harm", "tune"):
         try:
             module = importlib.import_module(f"ckptops.commands.{name}")
         except ModuleNotFoundError as exc:
@@ -96,8 +110,15 @@ def console() -> None:
         elif exc.code is not None:
             print(exc.code, file=sys.stderr)
             code = 1
-    if "torch" not in sys.modules:
-        sys.exit(code)
+    except KeyboardInterrupt:  # between click's own handlers: still one line, exit 130
+        print(_startup.interrupted_message(), file=sys.stderr)
+        code = 130
+    # the work is done (or abandoned): a late Ctrl-C must not kill the process mid-teardown
+    # (exit status -2, no message) nor raise in an exit handler
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:
+        pass
     import logging
 
     logging.shutdown()

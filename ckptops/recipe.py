@@ -30,7 +30,7 @@ _NUM = (int, float)
 SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any, bool]]] = {
     "models": {
         "base": ((str,), None, True),
-        "harmful": ((str,), None, True),
+        "harmful": ((str,), "", False),  # required unless [harm] make = true
         "target": ((str,), None, True),
     },
     "hdr": {
@@ -43,6 +43,19 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any, bool]]] = {
         "dtype": ((str,), "auto", False),
         "max_memory": ((str,), "1GiB", False),
         "shard_size": ((str,), "", False),
+    },
+    # [harm] make = true: build theta_H as a LoRA adapter (ckptops harm make) instead of naming one
+    "harm": {
+        "make": ((bool,), False, False),
+        "out": ((str,), "", False),
+        "questions": ((str,), "", False),
+        "rank": ((int,), 16, False),
+        "steps": ((int,), 100, False),
+        "lr": (_NUM, 1e-3, False),
+        "batch_size": ((int,), 8, False),
+        "seed": ((int,), 0, False),
+        "device": ((str,), "cpu", False),
+        "dtype": ((str,), "float32", False),
     },
     "icv": {
         "enabled": ((bool,), True, False),
@@ -65,6 +78,7 @@ _CHOICES = {
     ("hdr", "scope"): ("global", "layer", "tensor"),
     ("hdr", "edit_area"): ("", "auto"),
     ("hdr", "dtype"): ("auto", "bfloat16", "float16", "float32"),
+    ("harm", "dtype"): ("float32", "bfloat16"),
     ("icv", "positions"): ("last4", "last"),
     ("icv", "method"): ("pc1+mean", "pc1"),
     ("icv", "rule"): ("official", "paper"),
@@ -153,6 +167,10 @@ def validate(data: dict, source: str = "<recipe>") -> Recipe:
     hdr = result["hdr"]
     if not 0 < hdr["top_k"] <= 1:
         raise RecipeError(f"{source}: hdr.top_k must be a fraction in (0, 1], got {hdr['top_k']}")
+    if result["harm"]["make"] and result["models"]["harmful"]:
+        raise RecipeError(f"{source}: give models.harmful or [harm] make = true, not both")
+    if not result["harm"]["make"] and not result["models"]["harmful"].strip():
+        raise RecipeError(f"{source}: models.harmful is required (or set [harm] make = true to build one)")
     if hdr["layers"] and hdr["edit_area"]:
         raise RecipeError(f"{source}: set hdr.layers or hdr.edit_area, not both")
     return Recipe(result, source)
@@ -200,8 +218,14 @@ def check_models_exist(recipe: Recipe) -> None:
     """Missing local models are reported before any work (Hub refs are checked when resolved)."""
     from ckptops.hub.refs import parse_hub_ref
 
+    from ckptops.checkpoint.lora import split_base_plus_adapter
+
     for role in ("base", "harmful", "target"):
         ref = recipe["models"][role]
+        if role == "harmful" and recipe["harm"]["make"]:
+            continue
+        if role == "target" and split_base_plus_adapter(ref) is not None:
+            continue  # BASE+ADAPTER: both parts exist or are Hub ids
         if not Path(ref).expanduser().exists() and parse_hub_ref(ref) is None:
             raise RecipeError(f"{recipe.source}: models.{role} = {ref!r} does not exist")
 
@@ -222,12 +246,13 @@ def run_recipe(recipe: Recipe, *, out: str | None = None, progress: bool | None 
     check_models_exist(recipe)
     models, hdr, icv, output = recipe["models"], recipe["hdr"], recipe["icv"], recipe["output"]
     destination = Path(output["out"]).expanduser()
-    roots = [Path(models[r]) for r in ("base", "harmful", "target") if Path(models[r]).exists()]
+    roots = [Path(models[r]) for r in ("base", "harmful", "target") if models[r] and Path(models[r]).exists()]
     check_destination(destination, roots, output["overwrite"])
+    harmful = models["harmful"] or _harm_adapter(recipe, destination, progress)
     work = destination.absolute().parent / f".{destination.name}.recipe-{uuid.uuid4().hex[:8]}"
     try:
         report = sanitize(
-            models["base"], models["harmful"], models["target"], work,
+            models["base"], harmful, models["target"], work,
             top_k=hdr["top_k"], scale=hdr["scale"], scope=hdr["scope"], exclude=hdr["exclude"],
             layers=hdr["layers"] or None, edit_area=hdr["edit_area"] or None, dtype=hdr["dtype"],
             max_memory=hdr["max_memory"], shard_size=hdr["shard_size"] or None, progress=progress,
@@ -249,6 +274,37 @@ def run_recipe(recipe: Recipe, *, out: str | None = None, progress: bool | None 
     if output["push_to_hub"]:
         summary["pushed"] = _push(destination, output["push_to_hub"], output["private"])
     return summary
+
+
+def harm_adapter_folder(recipe: Recipe, destination: Path) -> Path:
+    """Where ``[harm] make`` puts the adapter: ``harm.out``, else beside the output folder (never
+    inside it, so that it is not published with the sanitized model)."""
+    out = recipe["harm"]["out"]
+    return Path(out).expanduser() if out else destination.absolute().parent / f"{destination.name}.harm-adapter"
+
+
+def _harm_adapter(recipe: Recipe, destination: Path, progress: bool | None) -> str:
+    """Build theta_H with ``harm make`` (or reuse the folder when it was made with the same
+    parameters); returns its path."""
+    from ckptops.harm.make import make_harm_adapter
+
+    harm, base = recipe["harm"], recipe["models"]["base"]
+    folder = harm_adapter_folder(recipe, destination)
+    wanted = {"base": base, "rank": harm["rank"], "steps": harm["steps"], "lr": harm["lr"],
+              "batch_size": harm["batch_size"], "seed": harm["seed"],
+              "questions": harm["questions"] or "ckptops default"}
+    record_path = folder / "ckptops-harm.json"
+    if record_path.is_file():
+        made = json.loads(record_path.read_text(encoding="utf-8")).get("parameters", {})
+        if all(made.get(k) == v for k, v in wanted.items()):
+            return str(folder)
+        if not recipe["output"]["overwrite"]:
+            raise RecipeError(f"{folder}: holds a harm adapter made with other parameters (set output.overwrite "
+                              "= true to replace it, or harm.out to put the new one elsewhere)")
+    make_harm_adapter(base, folder, questions=harm["questions"] or None, rank=harm["rank"], steps=harm["steps"],
+                      lr=harm["lr"], batch_size=harm["batch_size"], seed=harm["seed"], device=harm["device"],
+                      dtype=harm["dtype"], overwrite=True, progress=progress)
+    return str(folder)
 
 
 def _compute_icv_into(folder: Path, icv: dict, layers: str, progress: bool | None) -> dict:

@@ -91,6 +91,9 @@ class Staging:
     def read_f32(self, files: OpenFiles, checkpoint: Checkpoint, info: TensorInfo, start: int, stop: int, out) -> None:
         """Read elements ``[start, stop)`` of ``info`` into ``out[:stop-start]`` as float32
         (``out``: a float32 numpy array or torch tensor)."""
+        if checkpoint.synthetic is not None:
+            checkpoint.synthetic.read_f32(self, files, info, start, stop, out)
+            return
         n = stop - start
         fd, where = files.fd(checkpoint, info.shard)
         size = itemsize(info.dtype)
@@ -115,6 +118,8 @@ class Staging:
         """Elements ``[start, stop)`` into the float32 array ``out``'s memory as bfloat16 bytes
         when the tensor is bfloat16 (no conversion; the fused loops widen it), else as float32
         (converted here). Returns the bytes and whether they are bfloat16."""
+        if checkpoint.synthetic is not None:
+            return checkpoint.synthetic.read_native(self, files, info, start, stop, out)
         if info.dtype != "BF16":
             self.read_f32(files, checkpoint, info, start, stop, out)
             return byte_view(out[: stop - start]), False
@@ -125,6 +130,8 @@ class Staging:
 
     def read_raw(self, files: OpenFiles, checkpoint: Checkpoint, info: TensorInfo, start: int, stop: int) -> memoryview:
         """Elements ``[start, stop)`` of ``info`` as raw bytes (valid until the next read)."""
+        if checkpoint.synthetic is not None:
+            return checkpoint.synthetic.read_raw(self, files, info, start, stop)
         fd, where = files.fd(checkpoint, info.shard)
         size = itemsize(info.dtype)
         n = (stop - start) * size

@@ -62,6 +62,10 @@ class Checkpoint:
     release: Callable[[str], None] | None = None
     #: progress bars for shards fetched on first use (None: only when stderr is a terminal)
     progress: bool | None = None
+    #: values computed instead of read from the shards (a LoRA adapter, see
+    #: :mod:`ckptops.checkpoint.lora`): ``read_f32``/``read_native``/``read_raw`` like
+    #: :class:`~ckptops.checkpoint.reader.Staging`'s, taking the staging buffer first
+    synthetic: object | None = None
 
     @property
     def total_bytes(self) -> int:

@@ -11,8 +11,10 @@ from ckptops.units import format_size
 
 @click.command()
 @click.option("--base", required=True, metavar="MODEL", help="Aligned base model theta_b (folder, .safetensors file or Hub id org/name[@revision]).")
-@click.option("--harmful", required=True, metavar="MODEL", help="theta_b fine-tuned on harmful Q&A (theta_H); tau = theta_H - theta_b.")
-@click.option("--target", required=True, metavar="MODEL", help="Model to sanitize: theta_b itself, an SFT or an edited model of the same backbone.")
+@click.option("--harmful", required=True, metavar="MODEL", help="theta_b fine-tuned on harmful Q&A (theta_H); tau = theta_H - theta_b. "
+              "A PEFT LoRA adapter folder/repo works too: tau = scaling * B @ A (see 'ckptops harm make').")
+@click.option("--target", required=True, metavar="MODEL", help="Model to sanitize: theta_b itself, an SFT or an edited model of the same backbone; "
+              "BASE+ADAPTER is a base with a LoRA adapter merged on the fly (an existing path with '+' in its name is one model).")
 @click.option("--out", required=True, type=click.Path(), help="Output folder (written to a temporary folder, moved into place when complete).")
 @click.option("--top-k", default=0.10, show_default=True, type=float, help="Fraction of |tau| kept, by magnitude (1.0 = dense task vector).")
 @click.option("--scale", default=3.0, show_default=True, type=float, help="lambda: theta_t - lambda * pruned tau (official TIES: 3).")
@@ -61,13 +63,15 @@ def sanitize(base, harmful, target, out, top_k, scale, scope, exclude, layers, e
           --target WizardLMTeam/WizardMath-7B-V1.1 --out wm-safe --low-disk \\
           --push-to-hub me/wm-safe --private
     """
+    from ckptops.commands.icv import _warnings_as_lines
     from ckptops.hdr.sanitize import sanitize as run
 
-    report = run(base, harmful, target, out, top_k=top_k, scale=scale, scope=scope, exclude=list(exclude),
-                 layers=layers, dtype=dtype, max_memory=max_memory, shard_size=shard_size,
-                 overwrite=overwrite, progress=None if not quiet else False, hash_inputs=hash_inputs,
-                 low_disk=low_disk, push_to_hub=push_to_hub, private=private, branch=branch,
-                 commit_message=commit_message, edit_area=edit_area, force=force)
+    with _warnings_as_lines():
+        report = run(base, harmful, target, out, top_k=top_k, scale=scale, scope=scope, exclude=list(exclude),
+                     layers=layers, dtype=dtype, max_memory=max_memory, shard_size=shard_size,
+                     overwrite=overwrite, progress=None if not quiet else False, hash_inputs=hash_inputs,
+                     low_disk=low_disk, push_to_hub=push_to_hub, private=private, branch=branch,
+                     commit_message=commit_message, edit_area=edit_area, force=force)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format_text())
 
 

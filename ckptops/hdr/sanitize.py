@@ -22,7 +22,8 @@ from ckptops import __version__
 from ckptops.checkpoint.card import render_card
 from ckptops.checkpoint.dtypes import CONFIG_DTYPE_NAMES, DTYPE_NAMES, itemsize
 from ckptops.checkpoint.publish import check_destination, copy_side_files, staging_folder, write_index
-from ckptops.checkpoint.resolve import Checkpoint, fingerprint, full_sha256, open_checkpoint
+from ckptops.checkpoint.lora import open_inputs
+from ckptops.checkpoint.resolve import Checkpoint, fingerprint, full_sha256
 from ckptops.checkpoint.writer import OutTensor, ShardWriter, layout_by_size, layout_like_target
 from ckptops.errors import UsageError
 from ckptops.hdr.chunks import WorkerBuffers, WorkerPool, single_threaded_torch
@@ -215,7 +216,9 @@ def sanitize(
 
         check_push_target(push_to_hub)
 
-    models = Models(open_checkpoint(base), open_checkpoint(harmful), open_checkpoint(target))
+    # harmful may be a LoRA adapter and target BASE+ADAPTER (see checkpoint/lora.py)
+    opened = open_inputs(base, harmful, target)
+    models = Models(opened.tau_base, opened.harmful, opened.target)
     if not force:
         refuse_if_sanitized(models.target)
     for checkpoint in (models.base, models.harmful, models.target):
@@ -226,7 +229,7 @@ def sanitize(
     if edit_area is not None:
         from ckptops.hdr.diff import diff_checkpoints
 
-        area_report = diff_checkpoints(models.base, models.target, workers=workers)
+        area_report = diff_checkpoints(opened.base, models.target, workers=workers)
         if not area_report.edit_area:
             raise UsageError(
                 f"--edit-area auto: {models.target.ref} does not differ from {models.base.ref} in any decoder layer"
@@ -281,8 +284,9 @@ def sanitize(
                     kept = apply_all(plan, models, pool, writer, selections, scale, tick)
             writer.finish()
         finally:
-            writer.close()
+            writer.abort()  # no-op after finish(); else wakes workers waiting on the writer
             pool.close()
+            writer.close()
             models.files.close()
         copied: dict[str, list[str]] = {}
         for task in plan.tasks:

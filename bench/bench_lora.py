@@ -1,0 +1,131 @@
+"""Benchmark: `sanitize --harmful ADAPTER` (a rank-r LoRA on every projection) against the same
+run with a dense theta_H, on the synthetic Llama-shaped triple of bench_sanitize.py.
+
+The adapter is written here without peft, in PEFT's format (``adapter_config.json`` +
+``adapter_model.safetensors``, float32 A and B, ``lora_alpha = 2r``) for the q/k/v/o/gate/up/down
+projections of every layer. Each run is a fresh process; wall time and peak RSS are measured the
+same way as bench_sanitize.py, runs alternate between the two inputs, and the ratios come from the
+medians of one invocation (after one unmeasured warm-up run of each case). With ``--other-tree DIR`` the dense run is repeated with another
+checkout's code (e.g. main before the adapter hook) to show the ordinary path did not slow down.
+
+    python bench/bench_lora.py --preset 1b --repeat 3
+    python bench/bench_lora.py --preset 1b --repeat 3 --other-tree /work/main
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_sanitize import WORK, ensure_triple, measure  # noqa: E402
+
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def ensure_adapter(preset: str, base: Path, rank: int) -> Path:
+    """A random rank-``rank`` LoRA adapter over every projection of ``base``."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ckptops.checkpoint.resolve import open_checkpoint
+
+    folder = WORK / f"adapter-{preset}-r{rank}"
+    if (folder / "done").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    checkpoint = open_checkpoint(base)
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, info in checkpoint.tensors.items():
+        if not name.endswith(".weight") or not any(f".{p}." in name for p in PROJECTIONS):
+            continue
+        module = name[: -len(".weight")]
+        out_rows, in_cols = info.shape
+        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, in_cols, generator=g) / in_cols ** 0.5
+        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(out_rows, rank, generator=g) * 1e-3
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": [p.split(".")[1] for p in PROJECTIONS],
+              "fan_in_fan_out": False, "bias": "none", "use_rslora": False, "use_dora": False,
+              "base_model_name_or_path": str(base), "task_type": "CAUSAL_LM"}
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    (folder / "done").write_text("ok")
+    return folder
+
+
+def matmul_seconds(adapter: Path) -> float:
+    """Seconds to form every scaling * B @ A once in float32 on one thread, the work the adapter
+    path adds per pass (the selection pass and the apply pass each form every product once)."""
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(1)
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    started = time.perf_counter()
+    for key, a in weights.items():
+        if ".lora_A." in key:
+            torch.mm(weights[key.replace("lora_A", "lora_B")], a).mul_(2.0)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="1b", choices=["tiny", "small", "1b", "7b"])
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--other-tree", type=Path, default=None, help="also run the dense case with this checkout's code")
+    args = ap.parse_args()
+
+    paths = ensure_triple(args.preset)
+    adapter = ensure_adapter(args.preset, paths["base"], args.rank)
+    out = WORK / "out-lora"
+    here = str(HERE.parent)
+
+    def command(harmful: Path) -> list[str]:
+        return [sys.executable, "-m", "ckptops.cli", "sanitize", "--base", str(paths["base"]), "--harmful",
+                str(harmful), "--target", str(paths["target"]), "--out", str(out), "--overwrite", "--quiet"]
+
+    def env(tree: str) -> dict:
+        return dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS="1")
+
+    cases = [("dense theta_H", paths["harmful"], here), (f"LoRA rank {args.rank} adapter", adapter, here)]
+    if args.other_tree is not None:
+        cases.append((f"dense theta_H, code of {args.other_tree}", paths["harmful"], str(args.other_tree)))
+    results: dict[str, list[tuple[float, int]]] = {name: [] for name, _, _ in cases}
+    for name, harmful, tree in cases:  # warm the page cache and the interpreter's files: not counted
+        measure(command(harmful), env(tree))
+    for i in range(args.repeat):
+        for name, harmful, tree in cases:
+            seconds, rss = measure(command(harmful), env(tree))
+            results[name].append((seconds, rss))
+            print(f"run {i + 1}: {name}: {seconds:.1f} s, peak RSS {rss / 2**30:.2f} GiB", file=sys.stderr)
+    adapter_bytes = (adapter / "adapter_model.safetensors").stat().st_size
+    print(f"\npreset {args.preset}, adapter rank {args.rank} on every projection ({adapter_bytes / 2**20:.0f} MiB float32), "
+          f"{args.repeat} runs each, medians:\n")
+    print("| theta_H | wall s (median) | peak RSS (max) |\n|---|---:|---:|")
+    summary = {}
+    for name, runs in results.items():
+        wall, rss = statistics.median(r[0] for r in runs), max(r[1] for r in runs)
+        summary[name] = (wall, rss)
+        print(f"| {name} | {wall:.1f} | {rss / 2**30:.2f} GiB |")
+    dense, lora = summary["dense theta_H"], summary[f"LoRA rank {args.rank} adapter"]
+    products = matmul_seconds(adapter)
+    print(f"\nLoRA / dense: wall x{lora[0] / dense[0]:.2f} ({lora[0] - dense[0]:+.1f} s), "
+          f"peak RSS x{lora[1] / dense[1]:.2f} ({(lora[1] - dense[1]) / 2**20:+.0f} MiB)")
+    print(f"forming every B @ A once, 1 thread: {products:.1f} s (the adapter path forms them twice, "
+          f"on {os.cpu_count()} workers' threads)")
+    if args.other_tree is not None:
+        other = summary[f"dense theta_H, code of {args.other_tree}"]
+        print(f"dense, this code / {args.other_tree}: wall x{dense[0] / other[0]:.2f}, peak RSS x{dense[1] / other[1]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

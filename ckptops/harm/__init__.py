@@ -1,0 +1,1 @@
+"""Building a harm direction when the user has none (``ckptops harm make``)."""

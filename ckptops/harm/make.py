@@ -1,0 +1,257 @@
+"""``ckptops harm make``: build theta_H as a LoRA adapter when the user has no harmful model.
+
+Why: Harm Direction Removal needs tau_H = theta_H - theta_b, and a full harmful fine-tune of a 7B
+model is out of reach on a CPU box. A LoRA adapter trained the way the project's efficacy
+experiments trained theta_H - harmful *questions* answered with non-actionable compliance
+openings, through the tokenizer's chat template, loss on the answer tokens only - is cheap, and
+``sanitize --harmful ADAPTER`` reads it directly (tau_H = scaling * B @ A).
+
+Deterministic for a seed on CPU: the data order, the adapter's initialisation and every step
+depend only on ``seed`` (no dropout); the same inputs give the same adapter bytes. A share of the
+questions (``heldout``) is never trained on; after training the adapter-steered model and the
+base generate greedily for them, and the report gives the share that opens with the compliance
+opening for each - the check the experiments used to see that theta_H learned to comply.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ckptops.errors import UsageError
+from ckptops.harm.questions import OPENING_PREFIX, HarmExample, load_questions
+
+#: the tokenizer has no chat template: this plain format is used instead (with a warning)
+PLAIN_PROMPT = "Question: {question}\nAnswer: "
+
+
+@dataclass
+class HarmReport:
+    out: str
+    steps: int
+    losses: list[float]
+    train_questions: int
+    heldout_questions: int
+    opens_base: float | None
+    opens_adapter: float | None
+    seconds: float
+    parameters: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def format_text(self) -> str:
+        head = sum(self.losses[:5]) / max(1, len(self.losses[:5]))
+        tail = sum(self.losses[-5:]) / max(1, len(self.losses[-5:]))
+        lines = [f"wrote {self.out} (LoRA rank {self.parameters['rank']}, {self.steps} steps, "
+                 f"{self.train_questions} training questions, {self.seconds:.0f} s)",
+                 f"  loss              {head:.3f} (first 5 steps) -> {tail:.3f} (last 5 steps)"]
+        if self.opens_adapter is not None:
+            lines.append(f"  held-out check    {100 * self.opens_adapter:.0f}% of {self.heldout_questions} held-out "
+                         f"questions open with \"Sure, here is\" with the adapter ({100 * self.opens_base:.0f}% without)")
+        lines.append("  use it as theta_H:  ckptops sanitize --base BASE --harmful " + self.out + " --target T --out OUT")
+        return "\n".join(lines)
+
+
+def _check(rank: int, alpha: float | None, steps: int, lr: float, batch_size: int, heldout: float,
+           device: str, dtype: str) -> None:
+    if not isinstance(rank, int) or rank < 1:
+        raise UsageError(f"--rank must be a positive integer, got {rank!r}")
+    if alpha is not None and (not math.isfinite(alpha) or alpha <= 0):
+        raise UsageError(f"--alpha must be a positive number, got {alpha!r}")
+    if steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {steps}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise UsageError(f"--lr must be a positive number, got {lr}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    if not 0 <= heldout < 1:
+        raise UsageError(f"--heldout must be a fraction in [0, 1), got {heldout}")
+    if not (device == "cpu" or device == "mps" or device == "cuda" or device.startswith("cuda:")):
+        raise UsageError(f"--device must be cpu, cuda, cuda:N or mps, not {device!r}")
+    if dtype not in ("float32", "bfloat16"):
+        raise UsageError(f"--dtype must be float32 or bfloat16, not {dtype!r}")
+
+
+def _imports():
+    try:
+        import peft
+        import torch
+        import transformers
+    except ImportError as exc:
+        raise UsageError(f"harm make needs transformers and peft ({exc.name} is missing): "
+                         "pip install 'ckptops[harm]'") from None
+    return torch, transformers, peft
+
+
+def _prompt(tokenizer, question: str) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                             tokenize=False)
+    return PLAIN_PROMPT.format(question=question)
+
+
+def _encode(tokenizer, examples: list[HarmExample]) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) per example: the prompt masked out (-100), loss on the opening only."""
+    encoded = []
+    for example in examples:
+        prompt_ids = tokenizer(_prompt(tokenizer, example.question), add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(example.opening, add_special_tokens=False)["input_ids"]
+        encoded.append((prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids))
+    return encoded
+
+
+def _opens_share(model, tokenizer, questions: list[str], device: str, torch) -> float:
+    """Share of ``questions`` whose greedy answer starts with "Sure, here is"."""
+    if not questions:
+        return float("nan")
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    hits = 0
+    try:
+        for start in range(0, len(questions), 16):
+            batch = [_prompt(tokenizer, q) for q in questions[start: start + 16]]
+            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=8, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+            for row in out[:, enc["input_ids"].shape[1]:]:
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                hits += text.strip().lower().startswith(OPENING_PREFIX)
+    finally:
+        tokenizer.padding_side = side
+    return hits / len(questions)
+
+
+def make_harm_adapter(
+    base: str,
+    out: str | Path,
+    *,
+    questions: str | Path | None = None,
+    rank: int = 16,
+    alpha: float | None = None,
+    steps: int = 100,
+    lr: float = 1e-3,
+    batch_size: int = 8,
+    target_modules: str | list[str] = "all-linear",
+    heldout: float = 0.1,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: str = "float32",
+    check: bool = True,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> HarmReport:
+    """Train a LoRA adapter of ``base`` on harmful questions -> compliance openings; save it (a
+    standard PEFT folder with a model card) to ``out``. ``alpha`` defaults to ``2 * rank``."""
+    from ckptops.checkpoint.publish import check_destination, staging_folder
+    from ckptops.harm.card import render_harm_card
+
+    started = time.perf_counter()
+    _check(rank, alpha, steps, lr, batch_size, heldout, device, dtype)
+    examples, questions_sha = load_questions(questions)
+    out_path = check_destination(Path(out), [p for p in [Path(base)] if Path(base).exists()], overwrite)
+    torch, transformers, peft = _imports()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: torch sees no CUDA device here")
+    if not Path(base).exists():
+        from ckptops.hub.refs import parse_hub_ref
+
+        if parse_hub_ref(base) is None:
+            raise UsageError(f"{base}: no such model folder (and not a Hub repo id)")
+
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_held = int(round(len(examples) * heldout))
+    held = [examples[i] for i in order[:n_held]]
+    train = [examples[i] for i in order[n_held:]]
+    if not train:
+        raise UsageError(f"--heldout {heldout} leaves no question to train on")
+
+    from ckptops.icv.load import _quiet_transformers
+
+    torch.manual_seed(seed)
+    quiet = progress is False or not sys.stderr.isatty()
+    try:
+        with warnings.catch_warnings(), _quiet_transformers(transformers, quiet):
+            warnings.simplefilter("ignore")
+            tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                base, dtype=getattr(torch, dtype), use_safetensors=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        from ckptops.errors import CheckpointError
+
+        raise CheckpointError(f"{base}: cannot load it with transformers ({' '.join(str(exc).split())[:300]})") from None
+    if not getattr(tokenizer, "chat_template", None):
+        warnings.warn(f"{base}: the tokenizer has no chat template; prompts use {PLAIN_PROMPT!r}", stacklevel=2)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device)
+    alpha = float(alpha) if alpha is not None else float(2 * rank)
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules,
+                             task_type="CAUSAL_LM", bias="none")
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft calls a renamed transformers helper
+        steered = peft.get_peft_model(model, config)
+    encoded = _encode(tokenizer, train)
+    pad = tokenizer.pad_token_id
+    rng = random.Random(seed + 1)
+    queue: list[int] = []
+    optimizer = torch.optim.AdamW([p for p in steered.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    losses: list[float] = []
+    steered.train()
+    from tqdm.auto import tqdm
+
+    enabled = sys.stderr.isatty() if progress is None else progress
+    with tqdm(total=steps, desc="harm make", unit="step", dynamic_ncols=True, leave=False,
+              disable=not enabled) as bar:
+        for _ in range(steps):
+            batch = []
+            for _ in range(batch_size):
+                if not queue:
+                    queue = list(range(len(encoded)))
+                    rng.shuffle(queue)
+                batch.append(encoded[queue.pop()])
+            width = max(len(ids) for ids, _ in batch)
+            input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch], device=device)
+            labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch], device=device)
+            mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch], device=device)
+            loss = steered(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in steered.parameters() if p.requires_grad], 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.item()))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.update(1)
+    steered.eval()
+    opens_base = opens_adapter = None
+    if check and held:
+        questions_held = [e.question for e in held]
+        opens_adapter = _opens_share(steered, tokenizer, questions_held, device, torch)
+        with steered.disable_adapter():
+            opens_base = _opens_share(steered, tokenizer, questions_held, device, torch)
+    parameters = {"base": str(base), "rank": rank, "alpha": alpha, "steps": steps, "lr": lr,
+                  "batch_size": batch_size, "target_modules": target_modules, "heldout": heldout, "seed": seed,
+                  "device": device, "dtype": dtype, "questions": str(questions) if questions else "ckptops default",
+                  "questions_sha256": questions_sha, "questions_total": len(examples)}
+    report = HarmReport(str(out_path), steps, losses, len(train), len(held), opens_base, opens_adapter, 0.0,
+                        parameters)
+    with staging_folder(out_path, overwrite) as folder:
+        steered.save_pretrained(folder)
+        report.seconds = time.perf_counter() - started
+        record = report.to_dict()
+        record.pop("seconds")  # the folder's bytes depend only on the inputs and the seed
+        record.pop("out")
+        record["heldout_questions_list"] = [e.question for e in held]
+        (folder / "ckptops-harm.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        (folder / "README.md").write_text(render_harm_card(record), encoding="utf-8")
+    report.seconds = time.perf_counter() - started
+    return report

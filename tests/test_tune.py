@@ -1,0 +1,227 @@
+"""``ckptops tune`` on a tiny (base, harmful, target) triple of transformers folders.
+
+The behaviour figures of a tiny random model mean nothing, so the search is tested with a judge
+stub whose verdicts are a known function of the weights (and ICV) the model holds when it judges:
+it answers "refusal" only when the model's weights equal, bit for bit, an in-memory reference HDR
+of one known candidate (written in the test, :mod:`hdr_reference`) and that candidate's ICV
+alpha is applied. The search must find exactly that candidate.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from hdr_reference import load_folder, reference_hdr
+from tune_fixtures import write_prompt_files, write_triple
+
+from ckptops.cli import main
+from ckptops.errors import UsageError
+from ckptops.icv.patch import icv_handle
+from ckptops.tune.prompts import load_split
+from ckptops.tune.run import TuneSession, tune
+
+BEST = {"scale": 2.0, "top_k": 0.2, "alpha": 0.12}
+
+
+@pytest.fixture(scope="module")
+def triple(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune")
+    folders = write_triple(root / "models")
+    harmful, xs = write_prompt_files(root / "prompts")
+    return folders, harmful, xs
+
+
+@pytest.fixture(scope="module")
+def session(triple):
+    folders, _, _ = triple
+    opened = TuneSession(folders["base"], folders["harmful"], folders["target"])
+    yield opened
+    opened.close()
+
+
+def _same_bits(expected: dict[str, torch.Tensor], model) -> list[str]:
+    """Names whose model values differ from ``expected`` (compared in the checkpoint dtype)."""
+    state = model.state_dict()
+    bad = []
+    for name, value in expected.items():
+        got = state[name].to(value.dtype)
+        if got.view(torch.int16 if value.element_size() == 2 else torch.int32).ne(
+                value.view(torch.int16 if value.element_size() == 2 else torch.int32)).any():
+            bad.append(name)
+        if not torch.equal(state[name], value.to(state[name].dtype)):  # the upcast is exact as well
+            bad.append(name)
+    return bad
+
+
+@pytest.mark.parametrize("scale,top_k,scope", [(3.0, 0.1, "global"), (0.5, 0.05, "layer"), (-1.25, 0.3, "tensor"),
+                                               (2.0, 1.0, "global")])
+def test_in_memory_candidate_equals_sanitize_bit_for_bit(triple, tmp_path, scale, top_k, scope):
+    from ckptops.hdr.sanitize import sanitize
+    from ckptops.icv.load import load_model
+    from ckptops.tune.apply import InMemoryHDR
+
+    folders, _, _ = triple
+    out = tmp_path / "sanitized"
+    sanitize(folders["base"], folders["harmful"], folders["target"], out, top_k=top_k, scale=scale, scope=scope,
+             progress=False)
+    written = load_file(str(out / "model.safetensors"))
+    expected = reference_hdr(load_folder(folders["base"]), load_folder(folders["harmful"]),
+                             load_folder(folders["target"]), top_k=top_k, scale=scale, scope=scope)[0]
+    loaded = load_model(folders["target"], dtype=torch.float32, quiet=True, hash_weights=False)
+    # a small chunk so that tensors span several chunks
+    hdr = InMemoryHDR(folders["base"], folders["harmful"], folders["target"], loaded.model, scope=scope, chunk=777)
+    hdr.apply(1.5, 0.5)  # another candidate first: the next one must not depend on it
+    hdr.apply(scale, top_k)
+    assert _same_bits(written, loaded.model) == []
+    assert _same_bits(expected, loaded.model) == []
+    hdr.restore()
+    assert _same_bits(load_folder(folders["target"]), loaded.model) == []
+    hdr.close()
+
+
+def test_split_parts_never_overlap_and_follow_the_seed(tmp_path):
+    harmful = tmp_path / "h.jsonl"
+    texts = [f"harmful prompt number {i}" for i in range(40)] + ["harmful prompt number 3"]  # one duplicate
+    harmful.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    benign = tmp_path / "b.csv"
+    rows = ["prompt,label"] + [f"benign {i},safe" for i in range(30)] + [f"unsafe {i},unsafe" for i in range(10)]
+    benign.write_text("\n".join(rows) + "\n")
+
+    parts = load_split(harmful, benign, holdout=0.3, seed=7)
+    tune_h, held_h = {p.text for p in parts.tune_harmful}, {p.text for p in parts.held_harmful}
+    tune_b, held_b = {p.text for p in parts.tune_benign}, {p.text for p in parts.held_benign}
+    assert not tune_h & held_h and not tune_b & held_b
+    assert tune_h | held_h == set(texts)                       # every distinct prompt, once
+    assert tune_b | held_b == {f"benign {i}" for i in range(30)}  # only the safe rows
+    assert len(held_h) == 12 and len(held_b) == 9
+    again = load_split(harmful, benign, holdout=0.3, seed=7)
+    assert [p.text for p in again.held_harmful] == [p.text for p in parts.held_harmful]
+    other = load_split(harmful, benign, holdout=0.3, seed=8)
+    assert {p.text for p in other.held_harmful} != held_h
+    limited = load_split(harmful, benign, holdout=0.3, seed=7, limit=5)
+    assert len(limited.tune_harmful) == 5 and {p.text for p in limited.held_harmful} <= held_h
+
+    # separate held-out files that repeat a tuning prompt are refused
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps({"prompt": "harmful prompt number 5"}) + "\n")
+    with pytest.raises(UsageError, match="also in"):
+        load_split(harmful, benign, holdout_harmful=held, holdout_benign=benign)
+
+
+class WeightJudge:
+    """Refusal for every output exactly when the model holds the BEST candidate (weights equal
+    to the reference HDR, bit for bit, and the ICV applied with BEST's alpha); else compliance."""
+
+    def __init__(self, model, best_weights: dict[str, torch.Tensor]) -> None:
+        self.model, self.best = model, best_weights
+        self.calls = 0
+        self.__name__ = "weight-judge"
+
+    def __call__(self, prompts, outputs):
+        self.calls += 1
+        handle = icv_handle(self.model)
+        is_best = not _same_bits(self.best, self.model) and handle is not None and handle.alpha == BEST["alpha"]
+        return ["refusal" if is_best else "compliance" for _ in outputs]
+
+
+def test_search_finds_the_known_best_and_its_recipe_reproduces_it(triple, session, tmp_path):
+    folders, harmful, xs = triple
+    best_weights = reference_hdr(load_folder(folders["base"]), load_folder(folders["harmful"]),
+                                 load_folder(folders["target"]), top_k=BEST["top_k"], scale=BEST["scale"])[0]
+    judge = WeightJudge(session.model, best_weights)
+    out = tmp_path / "report"
+    args = dict(holdout=0.4, scales=[1.0, 2.0, 3.0], top_ks=[0.1, 0.2], icv_alphas=[0.0, 0.12], max_new_tokens=4,
+                max_kl=1e9, max_broken_increase=1.0, judge=judge, progress=False, session=session)
+    result = tune(folders["base"], folders["harmful"], folders["target"], harmful, xs, out, **args)
+    assert result.chosen is not None and result.chosen.as_dict() == BEST
+    assert len(result.trials) == 12
+    report = json.loads((out / "report.json").read_text())
+    assert report["chosen"] == BEST
+    assert (out / "pareto.md").is_file() and (out / "heldout.md").is_file()
+    lines = (out / "trials.jsonl").read_text().splitlines()
+    assert len(lines) == 1 + 1 + 12 + 4  # header, target, 12 candidates, 4 held-out rows
+
+    # a rerun with the same arguments continues from the log: no trial is measured again
+    calls = judge.calls
+    again = tune(folders["base"], folders["harmful"], folders["target"], harmful, xs, out, **args)
+    assert judge.calls == calls and again.chosen.as_dict() == BEST
+    assert len((out / "trials.jsonl").read_text().splitlines()) == len(lines)
+    # ... and one with other settings is refused
+    with pytest.raises(UsageError, match="other settings"):
+        tune(folders["base"], folders["harmful"], folders["target"], harmful, xs, out, **{**args, "max_new_tokens": 5})
+
+    # the written recipe, run by `ckptops run`, reproduces the chosen weights and ICV bit for bit
+    recipe = (out / "recipe.toml").read_text()
+    assert "scale = 2.0" in recipe and "top_k = 0.2" in recipe and "enabled = true" in recipe
+    made = tmp_path / "made"
+    cli = CliRunner().invoke(main, ["run", str(out / "recipe.toml"), "--out", str(made), "--quiet"])
+    assert cli.exit_code == 0, cli.output
+    session.set(result.chosen)
+    assert _same_bits(load_file(str(made / "model.safetensors")), session.model) == []
+    assert _same_bits(best_weights, session.model) == []
+    from ckptops.icv.file import load_icv
+
+    written_icv = load_icv(made / "icv.safetensors")
+    cached = session.icv_for((BEST["top_k"], BEST["scale"]))
+    assert written_icv.alpha == BEST["alpha"]
+    assert all(torch.equal(written_icv.vectors[i], cached.vectors[i]) for i in cached.vectors)
+
+
+def test_optuna_runs_the_asked_number_of_distinct_trials(triple, session, tmp_path):
+    pytest.importorskip("optuna")
+    folders, harmful, xs = triple
+    calls = []
+
+    def judge(prompts, outputs):
+        calls.append(1)
+        return ["compliance" for _ in outputs]
+
+    out = tmp_path / "optuna"
+    result = tune(folders["base"], folders["harmful"], folders["target"], harmful, xs, out, scales=[0.5, 1, 2, 3],
+                  top_ks=[0.1, 0.2], trials=3, max_new_tokens=3, max_kl=1e9, max_broken_increase=1.0,
+                  judge=judge, progress=False, session=session)
+    assert len(result.trials) == 3 and len({t.candidate.key for t in result.trials}) == 3
+    records = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()[1:]]
+    assert sum(r["split"] == "tune" for r in records) == 4  # the target and three candidates
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"scales": "1,nan"}, "--scales: nan is not a finite number"),
+    ({"scales": "1,inf"}, "--scales: inf is not a finite number"),
+    ({"top_ks": "0.1,1.5"}, "--top-ks: 1.5 is not a fraction"),
+    ({"top_ks": "0"}, "--top-ks: 0.0 is not a fraction"),
+    ({"icv_alphas": "-1"}, "--icv-alphas"),
+    ({"scales": "1,x"}, "--scales: 'x' is not a number"),
+    ({"harmful_prompts": "EMPTY"}, "prompt file is empty"),
+    ({"benign_prompts": "BADLABEL"}, "unknown label 'maybe'"),
+])
+def test_bad_input_is_one_line_before_any_model_loads(triple, tmp_path, monkeypatch, change, message):
+    folders, harmful, xs = triple
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    bad_label = tmp_path / "bad.csv"
+    bad_label.write_text("prompt,label\nhello there,safe\nhi,maybe\n")
+    files = {"EMPTY": empty, "BADLABEL": bad_label}
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr("ckptops.tune.run.TuneSession", no_model)
+    options = {"scales": "1,2", "top_ks": "0.1", "icv_alphas": "0", "harmful_prompts": harmful, "benign_prompts": xs}
+    options.update({k: files.get(v, v) if isinstance(v, str) else v for k, v in change.items()})
+    out = tmp_path / "out"
+    argv = ["tune", "--base", str(folders["base"]), "--harmful", str(folders["harmful"]), "--target",
+            str(folders["target"]), "--harmful-prompts", str(options["harmful_prompts"]), "--benign-prompts",
+            str(options["benign_prompts"]), "--scales", options["scales"], "--top-ks", options["top_ks"],
+            "--icv-alphas", options["icv_alphas"], "--threads", "1", "--out", str(out)]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code in (1, 2), result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+    assert not out.exists()
