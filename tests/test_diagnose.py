@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from conftest import llama_state, write_folder
 from hdr_reference import load_folder, reference_hdr
+from hub_server import hub  # noqa: F401  (fixture)
 
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -301,3 +302,14 @@ def test_lora_harmful(tmp_path, engine_path):
     sanitized = ckptops.sanitize(base, adapter, target, tmp_path / "out", top_k=0.1, chunk_elements=1000,
                                  progress=False)
     assert sanitized.drift is None and "not computed" in sanitized.format_text()
+
+
+def test_hub_refs(tmp_path, hub):  # noqa: F811  (the FakeHub fixture)
+    """Hub references give the same figures as the local folders."""
+    paths = make_triple(tmp_path / "m", "aligned")
+    refs = {role: hub.add_folder(f"org/{role}", paths[role]) for role in ("base", "harmful", "target")}
+    assert refs
+    local = run_diagnose(paths, top_k=0.1, scale=3.0)
+    remote = run_diagnose({r: f"org/{r}" for r in ("base", "harmful", "target")}, top_k=0.1, scale=3.0)
+    assert remote.drift.overall == local.drift.overall
+    assert remote.inputs["target"] == "org/target"
