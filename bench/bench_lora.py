@@ -5,7 +5,7 @@ The adapter is written here without peft, in PEFT's format (``adapter_config.jso
 ``adapter_model.safetensors``, float32 A and B, ``lora_alpha = 2r``) for the q/k/v/o/gate/up/down
 projections of every layer. Each run is a fresh process; wall time and peak RSS are measured the
 same way as bench_sanitize.py, runs alternate between the two inputs, and the ratios come from the
-medians of one invocation. With ``--other-tree DIR`` the dense run is repeated with another
+medians of one invocation (after one unmeasured warm-up run of each case). With ``--other-tree DIR`` the dense run is repeated with another
 checkout's code (e.g. main before the adapter hook) to show the ordinary path did not slow down.
 
     python bench/bench_lora.py --preset 1b --repeat 3
@@ -59,6 +59,27 @@ def ensure_adapter(preset: str, base: Path, rank: int) -> Path:
     return folder
 
 
+def matmul_seconds(adapter: Path) -> float:
+    """Seconds to form every scaling * B @ A once in float32 on one thread, the work the adapter
+    path adds per pass (the selection pass and the apply pass each form every product once)."""
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(1)
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    pairs = [(weights[k.replace("lora_A", "lora_B")], a) for k, a in weights.items() if ".lora_A." in k]
+    out = torch.empty(max(b.shape[0] * a.shape[1] for b, a in pairs), dtype=torch.float32)
+    out.zero_()  # a reused buffer, as the engine's chunk buffers are (no page faults in the timing)
+    started = time.perf_counter()
+    for b, a in pairs:
+        block = out[: b.shape[0] * a.shape[1]].view(b.shape[0], a.shape[1])
+        torch.mm(b, a, out=block)
+        block.mul_(2.0)
+    return time.perf_counter() - started
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="1b", choices=["tiny", "small", "1b", "7b"])
@@ -72,8 +93,10 @@ def main() -> None:
     out = WORK / "out-lora"
     here = str(HERE.parent)
 
-    def command(harmful: Path) -> list[str]:
-        return [sys.executable, "-m", "ckptops.cli", "sanitize", "--base", str(paths["base"]), "--harmful",
+    def command(harmful: Path, tree: str) -> list[str]:
+        # the tree's ckptops first on sys.path (python -m would put the working directory first)
+        start = f"import sys; sys.path.insert(0, {tree!r}); from ckptops.cli import console; sys.argv[0] = 'ckptops'; console()"
+        return [sys.executable, "-c", start, "sanitize", "--base", str(paths["base"]), "--harmful",
                 str(harmful), "--target", str(paths["target"]), "--out", str(out), "--overwrite", "--quiet"]
 
     def env(tree: str) -> dict:
@@ -83,9 +106,11 @@ def main() -> None:
     if args.other_tree is not None:
         cases.append((f"dense theta_H, code of {args.other_tree}", paths["harmful"], str(args.other_tree)))
     results: dict[str, list[tuple[float, int]]] = {name: [] for name, _, _ in cases}
+    for name, harmful, tree in cases:  # warm the page cache and the interpreter's files: not counted
+        measure(command(harmful, tree), env(tree))
     for i in range(args.repeat):
         for name, harmful, tree in cases:
-            seconds, rss = measure(command(harmful), env(tree))
+            seconds, rss = measure(command(harmful, tree), env(tree))
             results[name].append((seconds, rss))
             print(f"run {i + 1}: {name}: {seconds:.1f} s, peak RSS {rss / 2**30:.2f} GiB", file=sys.stderr)
     adapter_bytes = (adapter / "adapter_model.safetensors").stat().st_size
@@ -98,7 +123,11 @@ def main() -> None:
         summary[name] = (wall, rss)
         print(f"| {name} | {wall:.1f} | {rss / 2**30:.2f} GiB |")
     dense, lora = summary["dense theta_H"], summary[f"LoRA rank {args.rank} adapter"]
-    print(f"\nLoRA / dense: wall x{lora[0] / dense[0]:.2f}, peak RSS x{lora[1] / dense[1]:.2f}")
+    products = matmul_seconds(adapter)
+    print(f"\nLoRA / dense: wall x{lora[0] / dense[0]:.2f} ({lora[0] - dense[0]:+.1f} s), "
+          f"peak RSS x{lora[1] / dense[1]:.2f} ({(lora[1] - dense[1]) / 2**20:+.0f} MiB)")
+    print(f"forming every B @ A once, 1 thread: {products:.1f} s (the adapter path forms them twice, "
+          f"on {os.cpu_count()} workers' threads)")
     if args.other_tree is not None:
         other = summary[f"dense theta_H, code of {args.other_tree}"]
         print(f"dense, this code / {args.other_tree}: wall x{dense[0] / other[0]:.2f}, peak RSS x{dense[1] / other[1]:.2f}")

@@ -246,3 +246,46 @@ def test_base_name_mismatch_is_a_warning(tiny, tmp_path):
                   "--out", tmp_path / "out", "--quiet")
     assert result.exit_code == 0, result.output
     assert "warning:" in result.output and "other-model" in result.output
+
+
+def test_tune_accepts_an_adapter_as_harmful(tiny, tmp_path):
+    """tune's in-memory candidates read theta_H through the same adapter source: a candidate
+    equals the sanitize output with the adapter, bit for bit."""
+    from ckptops.icv.load import load_model
+    from ckptops.tune.apply import InMemoryHDR
+
+    out = tmp_path / "out"
+    ckptops.sanitize(tiny["base"], tiny["adapter"], tiny["target"], out, top_k=0.05, scale=3.0, progress=False)
+    written = load_folder(out)
+    loaded = load_model(tiny["target"], dtype=torch.float32, quiet=True, hash_weights=False)
+    hdr = InMemoryHDR(tiny["base"], tiny["adapter"], tiny["target"], loaded.model, chunk=777)
+    try:
+        hdr.apply(3.0, 0.05)
+        state = loaded.model.state_dict()
+        assert [n for n, v in written.items() if n in state and not torch.equal(state[n], v)] == []
+    finally:
+        hdr.close()
+
+
+@pytest.mark.parametrize("scaling", [1.0, 2.0, 4.0, 0.5, 3.0])
+def test_folded_scaling_gives_the_bits_of_scaling_after_the_product(scaling, engine_path):
+    """The engine forms (s * B) @ A when s is a power of two >= 1: the same bits as PEFT's
+    fl(B @ A) * s, checked here against the plain product."""
+    from ckptops.checkpoint.lora import LoraModule, _fold_scaling
+
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(16, 300, generator=g), torch.randn(200, 16, generator=g) * 1e-2
+    module = _fold_scaling(LoraModule("w", a, b.clone(), scaling, False, scaling))
+    assert torch.equal((module.b @ module.a) * module.post_scale, (b @ a) * scaling)
+    assert (module.post_scale == 1.0) == (scaling in (1.0, 2.0, 4.0))
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_low_disk_gives_the_same_bytes_with_adapters(tiny, tmp_path, scope):
+    runs = {}
+    for low_disk in (False, True):
+        out = tmp_path / f"out-{low_disk}"
+        ckptops.sanitize(tiny["base"], tiny["adapter"], f"{tiny['base']}+{tiny['patterned']}", out, scope=scope,
+                         low_disk=low_disk, chunk_elements=999, progress=False)
+        runs[low_disk] = (out / "model.safetensors").read_bytes()
+    assert runs[False] == runs[True]

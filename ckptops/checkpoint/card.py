@@ -53,6 +53,10 @@ def render_card(provenance: dict, hub_repo: str | None = None) -> str:
 
     ``hub_repo`` (the repo the folder is pushed to) goes into the loading examples. The text is
     what ``str(huggingface_hub.ModelCard(...))`` gives for it (front matter, then the body)."""
+    from ckptops.checkpoint.serving import BAKE_METHOD, render_bake_card, serving_section
+
+    if provenance.get("parameters", {}).get("method") == BAKE_METHOD:
+        return render_bake_card(provenance, hub_repo)
 
     params = provenance["parameters"]
     inputs = provenance["inputs"]
@@ -119,8 +123,9 @@ def render_card(provenance: dict, hub_repo: str | None = None) -> str:
         ]
     else:
         lines += [f"model = ckptops.from_pretrained({where!r})  # applies icv.safetensors when present"]
+    lines += ["```"]
+    lines += serving_section(where)
     lines += [
-        "```",
         "",
         "`ckptops.json` beside this card holds the same provenance as machine-readable JSON.",
         "",

@@ -32,7 +32,7 @@ import os
 from typing import Any, Callable
 
 from ckptops.checkpoint.dtypes import torch_dtype
-from ckptops.checkpoint.resolve import open_checkpoint
+from ckptops.checkpoint.lora import open_inputs
 from ckptops.errors import TensorValueError, UsageError
 from ckptops.hdr.chunks import WorkerPool, single_threaded_torch
 from ckptops.hdr.engine import Models, Selection, select_thresholds
@@ -58,7 +58,8 @@ class InMemoryHDR:
                  layers: frozenset[int] | None = None, chunk: int = DEFAULT_CHUNK, workers: int = 1) -> None:
         import torch
 
-        self.models = Models(open_checkpoint(base), open_checkpoint(harmful), open_checkpoint(target))
+        opened = open_inputs(base, harmful, target)  # harmful may be a LoRA adapter (checkpoint/lora.py)
+        self.models = Models(opened.tau_base, opened.harmful, opened.target)
         self.plan: Plan = make_plan(self.models.base, self.models.harmful, self.models.target,
                                     scope=scope, exclude=list(exclude), layers=layers)
         self.chunk = chunk
