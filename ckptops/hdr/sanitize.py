@@ -24,6 +24,7 @@ from pathlib import Path
 from ckptops import __version__
 from ckptops.checkpoint.card import render_card
 from ckptops.checkpoint.dtypes import CONFIG_DTYPE_NAMES, itemsize
+from ckptops.checkpoint.leftovers import Leftovers, sweep
 from ckptops.checkpoint.lora import Inputs, open_inputs
 from ckptops.checkpoint.publish import check_destination, copy_side_files, staging_folder, write_index
 from ckptops.checkpoint.resolve import Checkpoint, fingerprint, full_sha256
@@ -57,6 +58,8 @@ class SanitizeReport:
     pushed: dict = field(default_factory=dict)
     #: which per-chunk code ran: "fused C loops" or "torch ops" (same bits; see hdr/fused.py)
     engine: str = ""
+    #: temporary folders of earlier runs into the same output: removed (dead runs) and live
+    leftovers: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,6 +88,10 @@ class SanitizeReport:
             f"  read {self.bytes_read / 1e9:.2f} GB, wrote {self.bytes_written / 1e9:.2f} GB in {self.seconds:.1f} s "
             f"({rate:.2f} GB/s read; {self.engine or 'torch ops'})"
         )
+        for folder in self.leftovers.get("removed", []):
+            lines.append(f"  removed leftover  {folder} (an interrupted earlier run)")
+        for folder in self.leftovers.get("live", []):
+            lines.append(f"  note: {folder} belongs to another ckptops run still writing into this output; left alone")
         if self.pushed:
             lines.append(f"  pushed to {self.pushed['url']} (branch {self.pushed['branch']}, commit {self.pushed['commit'][:12]})")
         return "\n".join(lines)
@@ -158,6 +165,7 @@ def sanitize(
     options = options if options is not None else SanitizeOptions(**choices)
     run = resolve(base, harmful, target, out, options)
     plan_output(run)
+    run.leftovers = sweep(run.out_path)
     with staging_folder(run.out_path, options.overwrite) as folder, single_threaded_torch():
         selections, kept, writer = select_and_apply(run, folder)
         report = make_report(run, selections, kept, writer)
@@ -183,6 +191,7 @@ class Run:
     shards: list[OutShard] = field(default_factory=list)
     bytes_read: int = 0
     bar: ByteProgress | None = None
+    leftovers: Leftovers = field(default_factory=Leftovers)
 
     def tick(self, n: int) -> None:
         self.bytes_read += n
@@ -315,6 +324,7 @@ def make_report(run: Run, selections: dict[str, Selection], kept: dict[str, int]
         parameters=run.parameters(),
         inputs=run.identities(),
         engine=run.models.kernels.PATH_NAME,
+        leftovers=run.leftovers.to_dict(),
     )
 
 
