@@ -237,7 +237,7 @@ def run_recipe(recipe: Recipe, *, out: str | None = None, progress: bool | None 
     Returns a summary dict (``sanitize`` report, ``icv`` metadata, ``out``, ``pushed``).
     """
     from ckptops.checkpoint.publish import check_destination, move_into_place
-    from ckptops.hdr.sanitize import sanitize
+    from ckptops.hdr.sanitize import SanitizeOptions, sanitize
 
     data = json.loads(json.dumps(recipe.data))
     if out:
@@ -251,13 +251,8 @@ def run_recipe(recipe: Recipe, *, out: str | None = None, progress: bool | None 
     harmful = models["harmful"] or _harm_adapter(recipe, destination, progress)
     work = destination.absolute().parent / f".{destination.name}.recipe-{uuid.uuid4().hex[:8]}"
     try:
-        report = sanitize(
-            models["base"], harmful, models["target"], work,
-            top_k=hdr["top_k"], scale=hdr["scale"], scope=hdr["scope"], exclude=hdr["exclude"],
-            layers=hdr["layers"] or None, edit_area=hdr["edit_area"] or None, dtype=hdr["dtype"],
-            max_memory=hdr["max_memory"], shard_size=hdr["shard_size"] or None, progress=progress,
-            force=force,
-        )
+        options = SanitizeOptions.from_recipe(hdr, progress=progress, force=force)
+        report = sanitize(models["base"], harmful, models["target"], work, options=options)
         summary: dict[str, Any] = {"sanitize": report.to_dict(), "icv": None, "out": str(destination), "pushed": None}
         if icv["enabled"]:
             icv_layers = icv["layers"] or (report.parameters.get("layers") if report.parameters.get("layers") != "all" else "")

@@ -23,6 +23,7 @@ from ckptops.checkpoint.reader import OpenFiles
 from ckptops.checkpoint.resolve import Checkpoint
 from ckptops.checkpoint.writer import ShardWriter
 from ckptops.hdr import fused, select
+from ckptops.hdr.drift import DriftSums, group_key
 from ckptops.hdr.chunks import Chunk, WorkerBuffers, WorkerPool, split
 from ckptops.hdr.nonfinite import nonfinite_error, raw_all_finite
 from ckptops.hdr.plan import Plan, TensorTask
@@ -208,9 +209,11 @@ def _count_low_kernel(models: Models, top_bits: int):
 
 @dataclass
 class ApplyCounts:
-    """Per-worker tallies: how many chunks of each HDR tensor changed at least one value."""
+    """Per-worker tallies: how many chunks of each HDR tensor changed at least one value, and
+    (when asked) the drift sums per layer group."""
 
     kept: dict[str, int] = field(default_factory=dict)
+    drift: DriftSums = field(default_factory=DriftSums)
 
 
 def apply_all(
@@ -221,8 +224,11 @@ def apply_all(
     selections: dict[str, Selection],
     scale: float,
     progress: Callable[[int], None] | None = None,
+    drift: DriftSums | None = None,
 ) -> dict[str, int]:
-    """Write every output tensor; returns, per HDR tensor, how many of its chunks changed."""
+    """Write every output tensor; returns, per HDR tensor, how many of its chunks changed.
+    ``drift``, when given, gets the five drift sums of every HDR chunk added per layer group
+    (:mod:`ckptops.hdr.drift`), computed in the same loop as the update."""
 
     def chunks():
         for task in plan.tasks:
@@ -240,9 +246,14 @@ def apply_all(
         else:
             task = chunk.task
             changed = selections[task.group].changed
+            sums = None
+            if drift is not None:
+                key = group_key(task.name)
+                sums = counts.drift.slot(key)
+                counts.drift.add_count(key, chunk.size)
             counts.kept[task.name] = counts.kept.get(task.name, 0) + path.hdr_chunk(
                 chunk, buf, models, writer, shrink[task.group], scale,
-                None if changed is None else task.name in changed,
+                None if changed is None else task.name in changed, sums,
             )
             read = chunk.size * sum(itemsize(i.dtype) for i in (task.target, task.base, task.harmful))
         if progress:
@@ -258,6 +269,8 @@ def apply_all(
     for state in states:
         for name, value in state.kept.items():
             kept[name] = kept.get(name, 0) + value
+        if drift is not None:
+            drift.merge(state.drift)
     return kept
 
 
