@@ -24,6 +24,7 @@ from pathlib import Path
 from ckptops import __version__
 from ckptops.checkpoint.card import render_card
 from ckptops.checkpoint.dtypes import CONFIG_DTYPE_NAMES, itemsize
+from ckptops.checkpoint.leftovers import Leftovers, sweep
 from ckptops.checkpoint.lora import Inputs, open_inputs
 from ckptops.checkpoint.publish import check_destination, copy_side_files, staging_folder, write_index
 from ckptops.checkpoint.resolve import Checkpoint, fingerprint, full_sha256
@@ -63,6 +64,8 @@ class SanitizeReport:
     drift: DriftReport | None = None
     #: why ``drift`` is None
     drift_note: str = ""
+    #: temporary folders of earlier runs into the same output: removed (dead runs) and live
+    leftovers: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.drift, dict):  # rebuilt from to_dict() (the recipe command does)
@@ -96,6 +99,10 @@ class SanitizeReport:
             f"({rate:.2f} GB/s read; {self.engine or 'torch ops'})"
         )
         lines += drift_lines(self.drift, self.drift_note)
+        for folder in self.leftovers.get("removed", []):
+            lines.append(f"  removed leftover  {folder} (an interrupted earlier run)")
+        for folder in self.leftovers.get("live", []):
+            lines.append(f"  note: {folder} belongs to another ckptops run still writing into this output; left alone")
         if self.pushed:
             lines.append(f"  pushed to {self.pushed['url']} (branch {self.pushed['branch']}, commit {self.pushed['commit'][:12]})")
         return "\n".join(lines)
@@ -184,6 +191,7 @@ def sanitize(
     options = options if options is not None else SanitizeOptions(**choices)
     run = resolve(base, harmful, target, out, options)
     plan_output(run)
+    run.leftovers = sweep(run.out_path)
     with staging_folder(run.out_path, options.overwrite) as folder, single_threaded_torch():
         selections, kept, writer = select_and_apply(run, folder)
         report = make_report(run, selections, kept, writer)
@@ -212,6 +220,7 @@ class Run:
     #: the drift sums the apply pass adds up (None when harmful is a LoRA adapter: the base is
     #: not read, so theta_t - theta_b is not at hand)
     drift: DriftSums | None = None
+    leftovers: Leftovers = field(default_factory=Leftovers)
 
     def tick(self, n: int) -> None:
         self.bytes_read += n
@@ -362,6 +371,7 @@ def make_report(run: Run, selections: dict[str, Selection], kept: dict[str, int]
         engine=run.models.kernels.PATH_NAME,
         drift=DriftReport.from_sums(run.drift, run.options.scale) if run.drift is not None else None,
         drift_note=_drift_note(run),
+        leftovers=run.leftovers.to_dict(),
     )
 
 

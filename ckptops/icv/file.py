@@ -221,6 +221,33 @@ def _created_by() -> str:
     return f"ckptops {__version__}"
 
 
+#: alpha above this many times the rule's default (0.12 for both rules) draws a warning: the
+#: steering term then rivals the hidden state itself and outputs usually degrade
+SANE_ALPHA_FACTOR = 10.0
+
+
+def check_strength(icv: "ICV", where: str = "ICV") -> float:
+    """Refuse an ICV whose effective strength s = scale_factor * alpha, or s times a layer vector
+    (computed in float32 by the hooks), is not finite (every logit would be NaN); warn when alpha
+    is beyond :data:`SANE_ALPHA_FACTOR` times the rule's default. Returns s."""
+    import warnings
+
+    strength = icv.scale_factor * icv.alpha
+    if not math.isfinite(strength):
+        raise ICVError(f"{where}: effective strength scale_factor x alpha = {icv.scale_factor!r} x {icv.alpha!r} "
+                       "is not a finite number; use an alpha like the default 0.12")
+    for index, vector in icv.vectors.items():
+        if not bool(torch.isfinite(vector.float() * strength).all()):
+            raise ICVError(f"{where}: alpha {icv.alpha!r} times the layer-{index} vector overflows float32; "
+                           "use an alpha like the default 0.12")
+    sane = SANE_ALPHA_FACTOR * get_rule(icv.rule).default_alpha
+    if icv.alpha > sane:
+        warnings.warn(f"{where}: alpha {icv.alpha:g} is over {sane:g} ({SANE_ALPHA_FACTOR:g}x the default "
+                      f"{get_rule(icv.rule).default_alpha:g}); the steering will likely dominate and degrade outputs",
+                      stacklevel=2)
+    return strength
+
+
 def check_alpha(alpha: float) -> float:
     value = float(alpha)
     if not math.isfinite(value) or value < 0:
@@ -298,6 +325,14 @@ def load_icv(path: str | os.PathLike) -> ICV:
     file = Path(path)
     if not file.is_file():
         raise ICVError(f"{where}: no such ICV file" if not file.exists() else f"{where}: not a file")
+    from ckptops.checkpoint.header import read_header
+
+    from ckptops.errors import HeaderError
+
+    try:
+        read_header(file)  # every header check (at least safetensors' own) before safe_open maps it
+    except HeaderError as exc:
+        raise ICVError(f"{exc} (not a readable safetensors file)") from None
     try:
         with safe_open(file, framework="pt", device="cpu") as handle:
             meta = dict(handle.metadata() or {})

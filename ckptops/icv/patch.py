@@ -36,7 +36,7 @@ from torch import nn
 from ckptops.errors import ICVError
 from ckptops.icv._extras import require_transformers
 from ckptops.icv.arch import DecoderLayout, find_decoder_layout
-from ckptops.icv.file import ICV, load_icv
+from ckptops.icv.file import ICV, check_strength, load_icv
 
 ICV_FILENAME = "icv.safetensors"
 """A checkpoint folder holding this file gets it applied by :func:`from_pretrained`."""
@@ -195,6 +195,7 @@ def apply_icv(model: nn.Module, icv_or_path: ICV | str | os.PathLike, alpha: flo
         icv.check_fits(layout.hidden_size, layout.num_layers, f"this {layout.model_type} model")
     except ICVError as exc:
         raise ICVError(f"{where}: {exc}") from None
+    check_strength(icv, where)  # a non-finite strength would turn every logit into NaN
     hooks = []
     for index in icv.layers:
         module = layout.mlp_site(index) if icv.site == "mlp_output" else layout.layers[index]
