@@ -318,3 +318,9 @@ def test_hub_refs(tmp_path, hub):  # noqa: F811  (the FakeHub fixture)
     for name, value in local.drift.overall.__dict__.items():
         assert remote.drift.overall.__dict__[name] == pytest.approx(value, rel=1e-12), name
     assert remote.inputs["target"] == "org/target"
+
+
+def test_tensor_scope(tmp_path):
+    paths = make_triple(tmp_path, "aligned", c=0.3)
+    report = run_diagnose(paths, top_k=0.2, scale=2.0, scope="tensor")
+    check_report(report.drift, reference_figures(paths, top_k=0.2, scale=2.0, scope="tensor"))
