@@ -81,7 +81,7 @@ _CHOICES = {
     ("harm", "dtype"): ("float32", "bfloat16"),
     ("icv", "positions"): ("last4", "last"),
     ("icv", "method"): ("pc1+mean", "pc1"),
-    ("icv", "rule"): ("official", "paper"),
+    ("icv", "rule"): ("official", "paper", "additive"),
 }
 
 

@@ -185,3 +185,18 @@ def test_sliding_windows_that_would_change_the_function_are_refused(tmp_path):
     qwen = _folder(tmp_path, "qwen2", use_sliding_window=True, layer_types=["sliding_attention"] * LAYERS)
     with pytest.raises(UsageError, match="sliding-window"):
         bake_icv(qwen, tmp_path / "q-out", progress=False)
+
+
+def test_every_card_says_how_to_serve_with_each_runtime():
+    from ckptops.checkpoint.card import render_card
+
+    ident = {"type": "local", "ref": "x", "hash_kind": "sha256", "sha256": "ab" * 32}
+    text = render_card({"title": "t", "parameters": {"method": "harm-direction-removal", "top_k": 0.1},
+                        "inputs": {role: ident for role in ("base", "harmful", "target")}}, hub_repo="org/safe")
+    serve = text[text.index("## How to serve"):]
+    for phrase in ("ckptops.from_pretrained", "--rule additive", "ckptops icv bake", "vLLM", "MLX",
+                   "export-gguf", "--control-vector-scaled control.gguf:1", "layer 0", "**without**"):
+        assert phrase in serve, phrase
+    baked = render_card({"title": "b", "parameters": {"method": "icv-bake", "strength": 0.012},
+                         "inputs": {"model": ident, "icv": {"ref": "icv.safetensors", "sha256": "cd"}}}, hub_repo="org/b")
+    assert "vllm serve org/b" in baked and "convert_hf_to_gguf.py" in baked and "steer twice" in baked

@@ -176,6 +176,12 @@ class DriftReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> DriftReport:
+        """The report back from :meth:`to_dict` (e.g. a recipe run's JSON summary)."""
+        return cls(DriftFigures(**data["overall"]), {k: DriftFigures(**v) for k, v in data["layers"].items()},
+                   Verdict(**data["verdict"]), data["scale"], dict(data.get("parameters") or {}))
+
     def summary(self) -> dict:
         """The whole-model figures and the verdict (what ``ckptops.json`` and the card record)."""
         return {"overall": asdict(self.overall), "verdict": asdict(self.verdict),
@@ -221,7 +227,15 @@ def add_chunk_sums(sums: np.ndarray, target: np.ndarray, base: np.ndarray, tau: 
                    masked: np.ndarray | None) -> None:
     """Add one chunk's five sums to ``sums`` (float64[5]); inputs are float32 arrays of equal
     length: theta_t, theta_b, tau and M tau (``masked is tau``: everything selected; None: only
-    dd, tt and dt are added). The numpy twin of the sums in ``_fused.c``'s update loop."""
+    dd, tt and dt are added). The numpy twin of the sums in ``_fused.c``'s update loop. A
+    NaN/Inf input gives NaN sums without a numpy warning: the caller's finiteness check then
+    stops the run with a message naming the tensor."""
+    with np.errstate(all="ignore"):
+        _add_chunk_sums(sums, target, base, tau, masked)
+
+
+def _add_chunk_sums(sums: np.ndarray, target: np.ndarray, base: np.ndarray, tau: np.ndarray,
+                    masked: np.ndarray | None) -> None:
     d64, x64, m64 = _buffers()
     n = target.shape[0]
     for i in range(0, n, SLICE):
