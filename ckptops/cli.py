@@ -15,6 +15,7 @@ from ckptops import _startup
 
 _startup.guard()  # until the imports below are done, Ctrl-C prints one line and exits 130
 
+import contextlib  # noqa: E402
 import errno  # noqa: E402
 
 import click  # noqa: E402
@@ -23,13 +24,37 @@ from ckptops import __version__  # noqa: E402
 from ckptops.errors import CkptopsError  # noqa: E402
 
 
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """ckptops' own warnings as one ``warning: <text>`` line each (once per text); library
+    warnings keep Python's format."""
+    import warnings
+
+    original = warnings.showwarning
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "ckptops" not in str(filename):
+            return original(message, category, filename, lineno, file, line)
+        text = " ".join(str(message).split())
+        if text not in seen:
+            seen.add(text)
+            click.echo(f"warning: {text}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", module="ckptops")  # each run shows its own (deduplicated above)
+        warnings.showwarning = show
+        yield
+
+
 class _Group(click.Group):
     """A click group that turns library errors into one-line messages."""
 
     def invoke(self, ctx: click.Context):
         _startup.release()  # from here Ctrl-C is a KeyboardInterrupt, turned into one line below
         try:
-            return super().invoke(ctx)
+            with _warnings_as_lines():
+                return super().invoke(ctx)
         except CkptopsError as exc:
             if os.environ.get("CKPTOPS_DEBUG"):
                 raise

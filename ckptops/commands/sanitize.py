@@ -69,7 +69,9 @@ def sanitize(base, harmful, target, out, top_k, scale, scope, exclude, layers, e
     """
     from ckptops.commands.icv import _warnings_as_lines
     from ckptops.hdr.sanitize import sanitize as run
+    from ckptops.preflight import check_layers_text
 
+    check_layers_text(layers)  # --layers '' is a mistake, not "all layers"
     with _warnings_as_lines():
         report = run(base, harmful, target, out, top_k=top_k, scale=scale, scope=scope, exclude=list(exclude),
                      layers=layers, dtype=dtype, max_memory=max_memory, shard_size=shard_size,

@@ -30,6 +30,7 @@ from ckptops.checkpoint.publish import check_destination, copy_side_files, stagi
 from ckptops.checkpoint.resolve import Checkpoint, fingerprint, full_sha256
 from ckptops.checkpoint.writer import OutShard, OutTensor, ShardWriter, layout_by_size, layout_like_target
 from ckptops.errors import UsageError
+from ckptops.hdr.checks import check_after_work, check_before_work
 from ckptops.hdr.chunks import WorkerPool, single_threaded_torch
 from ckptops.hdr.drift import DriftReport, DriftSums
 from ckptops.hdr.engine import Models, Selection, apply_all, select_thresholds
@@ -191,10 +192,12 @@ def sanitize(
     options = options if options is not None else SanitizeOptions(**choices)
     run = resolve(base, harmful, target, out, options)
     plan_output(run)
+    check_before_work(run)  # harmful settings and silent no-ops, before any tensor data
     run.leftovers = sweep(run.out_path)
     with staging_folder(run.out_path, options.overwrite) as folder, single_threaded_torch():
         selections, kept, writer = select_and_apply(run, folder)
         report = make_report(run, selections, kept, writer)
+        check_after_work(report)
         publish(run, folder, writer, report, started)
     report.seconds = time.perf_counter() - started
     push_output(run, report)
@@ -356,7 +359,9 @@ def make_report(run: Run, selections: dict[str, Selection], kept: dict[str, int]
     return SanitizeReport(
         out=str(run.out_path),
         tensors_total=len(plan.tasks),
-        tensors_changed=sum(1 for v in kept.values() if v),
+        # a tensor changes where values were selected, unless scale 0 (or a zero tau) leaves it as it was
+        tensors_changed=(sum(1 for v in kept.values() if v)
+                         if run.options.scale != 0 and any(s.threshold for s in selections.values()) else 0),
         values_selected_over=selected,
         values_selected=kept_total,
         fraction_kept=kept_total / selected if selected else 0.0,
