@@ -217,6 +217,7 @@ def test_cli_writes_nothing_and_prints(tmp_path):
     (["--top-k", "1.5"], "--top-k"),
     (["--scale", "nan"], "--scale"),
     (["--exclude", ".*"], "no tensor takes part"),
+    (["--layers", ""], "--layers"),
 ])
 def test_cli_bad_input(tmp_path, args, message):
     from ckptops.cli import main
