@@ -9,7 +9,10 @@ checkpoint engine never imports transformers::
 
 from __future__ import annotations
 
-from ckptops._lazy import lazy_getattr
+from ckptops import _startup
+
+_startup.guard()  # the CLI only (never a library user): Ctrl-C while starting up is one line
+from ckptops._lazy import lazy_getattr  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -18,6 +21,8 @@ _EXPORTS = {
     "sanitize": "ckptops.hdr.sanitize",
     "SanitizeOptions": "ckptops.hdr.sanitize",
     "SanitizeReport": "ckptops.hdr.sanitize",
+    "diagnose": "ckptops.hdr.diagnose",
+    "DiagnoseReport": "ckptops.hdr.diagnose",
     "open_checkpoint": "ckptops.checkpoint.resolve",
     "Checkpoint": "ckptops.checkpoint.resolve",
     "compute_icv": "ckptops.icv.compute",

@@ -7,30 +7,68 @@ non-zero exit code; no traceback reaches the user unless ``CKPTOPS_DEBUG=1`` is 
 
 from __future__ import annotations
 
-import errno
 import os
+import signal
 import sys
 
-import click
+from ckptops import _startup
 
-from ckptops import __version__
-from ckptops.errors import CkptopsError
+_startup.guard()  # until the imports below are done, Ctrl-C prints one line and exits 130
+
+import contextlib  # noqa: E402
+import errno  # noqa: E402
+
+import click  # noqa: E402
+
+from ckptops import __version__  # noqa: E402
+from ckptops.errors import CkptopsError  # noqa: E402
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """ckptops' own warnings as one ``warning: <text>`` line each (once per text); library
+    warnings keep Python's format."""
+    import warnings
+
+    original = warnings.showwarning
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "ckptops" not in str(filename):
+            return original(message, category, filename, lineno, file, line)
+        text = " ".join(str(message).split())
+        if text not in seen:
+            seen.add(text)
+            click.echo(f"warning: {text}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", module="ckptops")  # each run shows its own (deduplicated above)
+        warnings.showwarning = show
+        yield
 
 
 class _Group(click.Group):
     """A click group that turns library errors into one-line messages."""
 
     def invoke(self, ctx: click.Context):
+        _startup.release()  # from here Ctrl-C is a KeyboardInterrupt, turned into one line below
         try:
-            return super().invoke(ctx)
+            with _warnings_as_lines():
+                return super().invoke(ctx)
         except CkptopsError as exc:
             if os.environ.get("CKPTOPS_DEBUG"):
                 raise
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("error: interrupted; no output was written", err=True)
+            click.echo(_startup.interrupted_message(), err=True)
             ctx.exit(130)
+        except RecursionError:
+            # deeply nested input that a parser did not catch; never a traceback
+            if os.environ.get("CKPTOPS_DEBUG"):
+                raise
+            click.echo("error: input nested too deeply to read", err=True)
+            ctx.exit(1)
         except OSError as exc:
             if os.environ.get("CKPTOPS_DEBUG"):
                 raise
@@ -48,6 +86,7 @@ def main() -> None:
 
     \b
     sanitize   remove the harm direction from a model's weights (streaming, low RAM)
+    diagnose   will HDR help this target? how it drifted, against the harm vector
     icv        compute, inspect and export the Safe-Align in-context vector
     generate   try a model with and without its in-context vector
     eval       measure refusals, over-refusal and perplexity offline
@@ -66,7 +105,7 @@ def _register() -> None:
     """Add every command module's commands; a module that is not there yet is skipped."""
     import importlib
 
-    for name in ("sanitize", "demo", "icv", "evaluate", "hub", "recipe", "harm", "tune"):
+    for name in ("sanitize", "diagnose", "demo", "icv", "evaluate", "hub", "recipe", "harm", "tune"):
         try:
             module = importlib.import_module(f"ckptops.commands.{name}")
         except ModuleNotFoundError as exc:
@@ -97,8 +136,15 @@ def console() -> None:
         elif exc.code is not None:
             print(exc.code, file=sys.stderr)
             code = 1
-    if "torch" not in sys.modules:
-        sys.exit(code)
+    except KeyboardInterrupt:  # between click's own handlers: still one line, exit 130
+        print(_startup.interrupted_message(), file=sys.stderr)
+        code = 130
+    # the work is done (or abandoned): a late Ctrl-C must not kill the process mid-teardown
+    # (exit status -2, no message) nor raise in an exit handler
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:
+        pass
     import logging
 
     logging.shutdown()

@@ -66,6 +66,11 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
     return seen
 
 
+def _no_constant(name: str):
+    """NaN and Infinity are not JSON (Python's parser accepts them; safetensors does not)."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def header_length(prefix: bytes, file_size: int, where: str) -> int:
     """Read and check the 8-byte length prefix of a safetensors file of ``file_size`` bytes."""
     if file_size < 8 or len(prefix) < 8:
@@ -80,45 +85,93 @@ def header_length(prefix: bytes, file_size: int, where: str) -> int:
     return n
 
 
+#: safetensors counts elements and bytes in 64-bit unsigned integers and refuses any overflow
+_U64 = 1 << 64
+
+
+def _printable(text: str) -> bool:
+    """Whether a string from the header is valid Unicode (JSON can spell lone surrogates such as
+    ``\\ud800``; safetensors refuses them, and they cannot be printed or written back)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(text: str) -> str:
+    """A header string as it can be printed in a one-line message, whatever it holds."""
+    return ascii(text) if not _printable(text) else repr(text)
+
+
+def _element_count(shape: list[int]) -> int | None:
+    """The product of ``shape`` as safetensors computes it (left to right, checked in 64 bits):
+    None if any partial product overflows, even when a later dimension is 0."""
+    count = 1
+    for dim in shape:
+        count *= dim
+        if count >= _U64:
+            return None
+    return count
+
+
 def parse_header(name: str, raw: bytes, file_size: int, where: str | None = None) -> ShardHeader:
-    """Validate the JSON header ``raw`` of a file of ``file_size`` bytes; raise HeaderError."""
+    """Validate the JSON header ``raw`` of a file of ``file_size`` bytes; raise HeaderError.
+
+    At least as strict as safetensors itself (checked by a seeded fuzzer in the tests against
+    ``safe_open``), so that every accepted input gives an output that safetensors opens."""
     where = where or name
     try:
         text = raw.decode("utf-8")
-        obj = json.loads(text, object_pairs_hook=_no_duplicates)
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except RecursionError:
+        raise HeaderError(f"{where}: header JSON is nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as exc:
-        raise HeaderError(f"{where}: header is not valid JSON ({exc})") from None
+        raise HeaderError(f"{where}: header is not valid JSON ({' '.join(str(exc).split())[:200]})") from None
     if not isinstance(obj, dict):
         raise HeaderError(f"{where}: header is JSON but not an object")
+    try:  # a lone surrogate anywhere (even in an ignored field) makes safetensors refuse the file
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise HeaderError(f"{where}: header holds a lone surrogate escape (\\ud800-\\udfff), not valid Unicode") from None
+    except RecursionError:
+        raise HeaderError(f"{where}: header JSON is nested too deeply") from None
     data_start = 8 + len(raw)
     data_size = file_size - data_start
-    metadata = obj.pop("__metadata__", None) or {}
+    metadata = obj.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+        isinstance(k, str) and isinstance(v, str) and _printable(k) and _printable(v) for k, v in metadata.items()
     ):
-        raise HeaderError(f"{where}: __metadata__ must map strings to strings")
+        raise HeaderError(f"{where}: __metadata__ must be an object mapping strings to strings")
 
     entries: list[tuple[int, int, TensorInfo]] = []
     for tname, spec in obj.items():
+        if not _printable(tname):
+            raise HeaderError(f"{where}: tensor name {_shown(tname)} is not valid Unicode (lone surrogate)")
         if not isinstance(spec, dict):
             raise HeaderError(f"{where}: tensor {tname!r}: entry is not an object")
         dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-        if dtype not in SAFETENSORS_DTYPES:
-            raise HeaderError(f"{where}: tensor {tname!r}: unknown dtype {dtype!r}")
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+            raise HeaderError(f"{where}: tensor {tname!r}: unknown dtype {_shown(str(dtype))[:80]}")
         if not isinstance(shape, list) or not all(
-            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s < _U64 for s in shape
         ):
-            raise HeaderError(f"{where}: tensor {tname!r}: shape {shape!r} is not a list of non-negative integers")
+            raise HeaderError(f"{where}: tensor {tname!r}: shape {str(shape)[:80]} is not a list of non-negative 64-bit integers")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not all(isinstance(o, int) and not isinstance(o, bool) and 0 <= o < _U64 for o in offsets)
         ):
-            raise HeaderError(f"{where}: tensor {tname!r}: data_offsets {offsets!r} must be two integers")
+            raise HeaderError(f"{where}: tensor {tname!r}: data_offsets {str(offsets)[:80]} must be two non-negative integers")
         begin, end = offsets
-        if begin < 0 or end < begin:
+        if end < begin:
             raise HeaderError(f"{where}: tensor {tname!r}: data_offsets {offsets} are not an increasing pair")
-        size = SAFETENSORS_DTYPES[dtype][0] * math.prod(shape)
+        count = _element_count(shape)
+        if count is None or count * SAFETENSORS_DTYPES[dtype][0] >= _U64:
+            raise HeaderError(f"{where}: tensor {tname!r}: shape {shape} overflows a 64-bit element count")
+        size = SAFETENSORS_DTYPES[dtype][0] * count
         if end - begin != size:
             raise HeaderError(
                 f"{where}: tensor {tname!r}: {dtype} {tuple(shape)} needs {size} bytes but data_offsets span {end - begin}"
@@ -150,17 +203,12 @@ def read_header(path: Path, name: str | None = None) -> ShardHeader:
     """Read and validate the header of a local safetensors file."""
     path = Path(path)
     name = name or path.name
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            n = header_length(f.read(8), size, str(path))
-            raw = f.read(n)
-    except IsADirectoryError:
-        raise HeaderError(f"{path}: is a directory, not a safetensors file") from None
-    except FileNotFoundError:
-        raise HeaderError(f"{path}: file not found") from None
-    except PermissionError:
-        raise HeaderError(f"{path}: permission denied") from None
+    from ckptops.safeio import open_regular
+
+    with os.fdopen(open_regular(path, HeaderError, "safetensors file"), "rb") as f:  # no FIFO, no device
+        size = os.fstat(f.fileno()).st_size
+        n = header_length(f.read(8), size, str(path))
+        raw = f.read(n)
     if len(raw) != n:
         raise HeaderError(f"{path}: file ended inside the header (truncated)")
     return parse_header(name, raw, size, str(path))

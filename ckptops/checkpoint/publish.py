@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from ckptops.checkpoint.leftovers import claim, release
 from ckptops.checkpoint.resolve import INDEX_NAME
 from ckptops.errors import OutputError
 
@@ -44,10 +45,12 @@ def staging_folder(out: Path, overwrite: bool) -> Iterator[Path]:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = parent / f".{out.name}.ckptops-tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
+        claim(tmp)  # a later run can tell a dead run's leftovers from a live run's folder
     except OSError as exc:
         raise OutputError(f"{parent}: cannot create the output folder ({exc.strerror or exc})") from None
     try:
         yield tmp
+        release(tmp)
         move_into_place(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

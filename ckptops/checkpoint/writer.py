@@ -108,6 +108,7 @@ class DirectFile:
 
     def __init__(self, path: Path, size: int) -> None:
         self.size = size
+        self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
         self._free: queue.Queue = queue.Queue()
         self._maps = [mmap.mmap(-1, self.BLOCK) for _ in range(self.BLOCKS)]  # page aligned
@@ -122,6 +123,7 @@ class DirectFile:
         self._start = 0  # file offset of the staging block's first byte (aligned)
         self._early: dict[int, bytes] = {}
         self._completed = False
+        self._aborted = False  # set by abort(): waiting writers give up, the writer thread stops
         self._lock = threading.Lock()
 
     def _drain(self) -> None:
@@ -132,7 +134,7 @@ class DirectFile:
                 break
             offset, block, nbytes = item
             try:
-                if self._error is None:
+                if self._error is None and not self._aborted:
                     done = 0
                     while done < nbytes:
                         done += os.pwrite(self.fd, block[done:nbytes], offset + done)
@@ -140,8 +142,11 @@ class DirectFile:
                 self._error = exc
             self._free.put(block)
             item = block = None
-        while not self._free.empty():
-            self._free.get()  # drop the numpy views, so that the maps can close
+        while True:  # drop the numpy views, so that the maps can close
+            try:
+                self._free.get_nowait()
+            except queue.Empty:
+                break
         for block in self._maps:
             try:
                 block.close()
@@ -151,6 +156,8 @@ class DirectFile:
     def write_at(self, offset: int, data: memoryview) -> None:
         if self._error is not None:
             raise self._error
+        if self._aborted:
+            raise OutputError(f"{self.path}: output abandoned (the run failed or was interrupted)")
         with self._lock:
             if offset != self._start + self._staged:
                 self._early[offset] = np.frombuffer(data, dtype=np.uint8).copy()
@@ -169,9 +176,31 @@ class DirectFile:
             if self._staged == self.BLOCK:
                 self._full.put((self._start, self._stage, self.BLOCK))
                 self._start += self.BLOCK
-                self._stage, self._staged = self._free.get(), 0
+                self._stage, self._staged = None, 0
+                self._stage = self._take_free()
         if self._start + self._staged == self.size:
             self._complete()
+
+    def _take_free(self) -> np.ndarray:
+        """A free staging block; waits for the writer thread, but gives up once :meth:`abort` is
+        called (a worker blocked here would otherwise keep the whole run from ending: the
+        interrupted run closes the writer, and the pool waits for this worker)."""
+        while True:
+            if self._aborted:
+                raise OutputError(f"{self.path}: output abandoned (the run failed or was interrupted)")
+            try:
+                return self._free.get(timeout=0.05)
+            except queue.Empty:
+                pass
+
+    def abort(self) -> None:
+        """Give up on this file: writers waiting for a block raise, the writer thread writes no
+        more and ends. Safe to call from any thread, any number of times; does not close the fd
+        (call :meth:`close` once no worker can still write)."""
+        if self._completed:
+            return
+        self._aborted = True
+        self._full.put(None)
 
     def _complete(self) -> None:
         """The last byte is staged: write the padded tail and let the writer thread finish and
@@ -198,12 +227,8 @@ class DirectFile:
 
     def close(self) -> None:
         if self._thread.is_alive():
-            if not self._completed:  # failed run: give the stage back, stop the writer thread
-                if self._stage is not None:
-                    self._free.put(self._stage)
-                    self._stage = None
-                self._full.put(None)
-                self._completed = True
+            if not self._completed:  # failed run: stop the writer thread
+                self.abort()
             self._thread.join()
         if self.fd >= 0:
             os.close(self.fd)
@@ -214,10 +239,17 @@ class BufferedFile:
     """The portable fallback (no ``O_DIRECT``: macOS, tmpfs): ``pwrite`` through the page cache."""
 
     def __init__(self, path: Path, size: int) -> None:
+        self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._aborted = False
         os.ftruncate(self.fd, size)
 
+    def abort(self) -> None:
+        self._aborted = True
+
     def write_at(self, offset: int, data: memoryview) -> None:
+        if self._aborted:
+            raise OutputError(f"{self.path}: output abandoned (the run failed or was interrupted)")
         done = 0
         while done < len(data):
             done += os.pwrite(self.fd, data[done:], offset + done)
@@ -254,6 +286,8 @@ class ShardWriter:
         try:
             for shard in shards:
                 head, offsets = header_bytes(shard, metadata)
+                if "/" in shard.name:  # the input's index kept its shards in a subfolder: so do we
+                    (self.folder / shard.name).parent.mkdir(parents=True, exist_ok=True)
                 file = open_output(self.folder / shard.name, len(head) + shard.nbytes, direct)
                 self._files.append(file)
                 file.write_at(0, memoryview(head))
@@ -281,6 +315,15 @@ class ShardWriter:
             file.finish()
         self.close()
 
+    def abort(self) -> None:
+        """Make every pending or future ``write`` fail at once (workers blocked on the writer
+        wake up), without closing files: call it before waiting for the workers, and
+        :meth:`close` after."""
+        for file in self._files:
+            file.abort()
+
     def close(self) -> None:
+        """Close every file; a file not finished is abandoned first (see :meth:`abort`)."""
+        self.abort()
         while self._files:
             self._files.pop().close()

@@ -30,6 +30,8 @@ def band_count(h, h_kind: int, b, b_kind: int, n: int, lo: int, size: int, hist)
 
 
 def apply(h, h_kind: int, b, b_kind: int, t, t_kind: int, n: int, shrink: float | None, scale: float,
-          out, out_kind: int) -> tuple[bool, bool]:
-    """``t - scale * hardshrink(h - b, shrink)`` into ``out``; (all finite, any selected non-zero)."""
-    return _fused.apply(h, h_kind, b, b_kind, t, t_kind, n, shrink or 0.0, shrink is not None, scale, out, out_kind)
+          out, out_kind: int, sums=None) -> tuple[bool, bool]:
+    """``t - scale * hardshrink(h - b, shrink)`` into ``out``; (all finite, any selected non-zero).
+    ``sums`` (float64[5], optional) gets the chunk's drift sums added (see :mod:`ckptops.hdr.drift`)."""
+    return _fused.apply(h, h_kind, b, b_kind, t, t_kind, n, shrink or 0.0, shrink is not None, scale, out, out_kind,
+                        sums)

@@ -58,16 +58,17 @@ def low_kernel(models: Models, top_bits: int):
 
 def hdr_chunk(
     chunk: Chunk, buf: WorkerBuffers, models: Models, writer: ShardWriter, shrink: float | None, scale: float,
-    tensor_changed: bool | None = None,
+    tensor_changed: bool | None = None, sums: np.ndarray | None = None,
 ) -> int:
     """Write one chunk of theta_t - scale * hardshrink(tau, shrink); returns 1 if any value
-    changed, else 0 (``tensor_changed``, when the selection pass knows it, is used instead)."""
+    changed, else 0 (``tensor_changed``, when the selection pass knows it, is used instead).
+    ``sums`` (float64[5]) gets the chunk's drift sums added, in the same loop."""
     task: TensorTask = chunk.task
     n = chunk.size
     t, t_bf16 = buf.stage.read_native(models.files, models.target, task.target, chunk.start, chunk.stop, buf.c_np)
     out_bf16 = task.out_dtype == "BF16"
     finite, changed = fused.apply(*_read_pair(chunk, buf, models), t, int(t_bf16), n, shrink, scale,
-                                  buf.out.view, int(out_bf16))
+                                  buf.out.view, int(out_bf16), sums)
     if not finite:
         raise nonfinite_error(chunk, models, "theta_t - scale * tau")
     if task.out_dtype == "F16":

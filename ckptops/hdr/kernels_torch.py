@@ -17,6 +17,7 @@ from ckptops.checkpoint.reader import byte_view
 from ckptops.errors import TensorValueError
 from ckptops.hdr import select
 from ckptops.hdr.chunks import Chunk, WorkerBuffers, torch_for_workers
+from ckptops.hdr.drift import add_chunk_sums
 from ckptops.hdr.nonfinite import nonfinite_error
 
 if TYPE_CHECKING:
@@ -78,27 +79,33 @@ def low_kernel(models: Models, top_bits: int):
 
 def hdr_chunk(
     chunk: Chunk, buf: WorkerBuffers, models: Models, writer: ShardWriter, shrink: float | None, scale: float,
-    tensor_changed: bool | None = None,
+    tensor_changed: bool | None = None, sums: np.ndarray | None = None,
 ) -> int:
     """Write one chunk of theta_t - scale * where(|tau| >= t, tau, +0), the mask being
     ``hardshrink(tau, shrink)``; returns 1 if any value changed, else 0 (exact per-group counts
     come from the selection histograms). ``tensor_changed``, when the selection pass knows it,
-    saves looking at this chunk's values."""
+    saves looking at this chunk's values. ``sums`` (float64[5]) gets the chunk's drift sums
+    added (numpy over the float32 buffers, before the update overwrites them)."""
     task: TensorTask = chunk.task
     n = chunk.size
     tau = _tau(chunk, buf, models)
+    buf.stage.read_f32(models.files, models.target, task.target, chunk.start, chunk.stop, buf.c)
+    masked = tau
     if shrink is not None:
-        torch.hardshrink(tau, shrink, out=buf.b[:n])
-        tau = buf.b[:n]
+        # the key buffer (unused by this pass) takes the selection, so base stays in buf.b
+        masked = torch.from_numpy(buf.key_np[:n].view(np.float32))
+        torch.hardshrink(tau, shrink, out=masked)
+    if sums is not None:
+        tau_np = buf.a_np[:n]
+        add_chunk_sums(sums, buf.c_np[:n], buf.b_np[:n], tau_np, tau_np if masked is tau else masked.numpy())
     if tensor_changed is None:
-        low, high = torch.aminmax(tau)  # cheaper than tau.any(), and exact
+        low, high = torch.aminmax(masked)  # cheaper than masked.any(), and exact
         changed = int(bool(low < 0) or bool(high > 0))
     else:
         changed = int(tensor_changed)
-    tau.mul_(scale)
-    buf.stage.read_f32(models.files, models.target, task.target, chunk.start, chunk.stop, buf.c)
+    masked.mul_(scale)
     result = buf.c[:n]
-    result.sub_(tau)
+    result.sub_(masked)
     if not _all_finite(result):
         raise nonfinite_error(chunk, models, "theta_t - scale * tau")
     write_f32(result, task, chunk.start, buf, writer)

@@ -1,6 +1,10 @@
 """``ckptops.sanitize``: Harm Direction Removal from three checkpoints to a new model folder.
 
-resolve -> plan -> select thresholds (pass 1) -> apply and write (pass 2) -> publish [-> push].
+The pipeline, one named function per step, in the order :func:`sanitize` calls them:
+:func:`resolve` (open the inputs, headers only) -> :func:`plan_output` (align tensors, lay out
+shards) -> :func:`select_pass` (the exact thresholds) -> :func:`apply_pass` (compute and write)
+-> :func:`publish` (index, side files, ``ckptops.json``, card; moved into place) ->
+:func:`push_output`. Options are one validated :class:`SanitizeOptions`.
 Every check that needs no tensor data (options, paths, names, shapes; for Hub inputs, every
 header, read by range requests) runs before any work starts, and the output is built in a
 temporary folder that replaces ``out`` only when complete.
@@ -12,7 +16,6 @@ input shards as soon as no remaining work needs them.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,25 +23,21 @@ from pathlib import Path
 
 from ckptops import __version__
 from ckptops.checkpoint.card import render_card
-from ckptops.checkpoint.dtypes import CONFIG_DTYPE_NAMES, DTYPE_NAMES, itemsize
+from ckptops.checkpoint.dtypes import CONFIG_DTYPE_NAMES, itemsize
+from ckptops.checkpoint.leftovers import Leftovers, sweep
+from ckptops.checkpoint.lora import Inputs, open_inputs
 from ckptops.checkpoint.publish import check_destination, copy_side_files, staging_folder, write_index
-from ckptops.checkpoint.lora import open_inputs
 from ckptops.checkpoint.resolve import Checkpoint, fingerprint, full_sha256
-from ckptops.checkpoint.writer import OutTensor, ShardWriter, layout_by_size, layout_like_target
+from ckptops.checkpoint.writer import OutShard, OutTensor, ShardWriter, layout_by_size, layout_like_target
 from ckptops.errors import UsageError
-from ckptops.hdr.chunks import WorkerBuffers, WorkerPool, single_threaded_torch
-from ckptops.hdr.engine import Models, apply_all, select_thresholds
+from ckptops.hdr.checks import check_after_work, check_before_work
+from ckptops.hdr.chunks import WorkerPool, single_threaded_torch
+from ckptops.hdr.drift import DriftReport, DriftSums
+from ckptops.hdr.engine import Models, Selection, apply_all, select_thresholds
 from ckptops.hdr.low_disk import run_low_disk
-from ckptops.hdr.layers import format_layers, parse_layers
-from ckptops.hdr.plan import SCOPES, make_plan
+from ckptops.hdr.options import BASELINE_RSS, DEFAULT_CHUNK, SanitizeOptions, chunk_for_memory  # noqa: F401
+from ckptops.hdr.plan import Plan, make_plan
 from ckptops.progress import ByteProgress
-from ckptops.units import parse_size
-
-#: resident memory before any buffer: ~250 MiB with torch imported (the torch path), less
-#: without (the fused path); chunks use the rest
-BASELINE_RSS = 320 << 20
-DEFAULT_CHUNK = 1 << 20
-
 
 @dataclass
 class SanitizeReport:
@@ -61,6 +60,17 @@ class SanitizeReport:
     pushed: dict = field(default_factory=dict)
     #: which per-chunk code ran: "fused C loops" or "torch ops" (same bits; see hdr/fused.py)
     engine: str = ""
+    #: how the target drifted from the base against tau, computed in the apply pass (see
+    #: hdr/drift.py); None when --harmful is a LoRA adapter (the base is then never read)
+    drift: DriftReport | None = None
+    #: why ``drift`` is None
+    drift_note: str = ""
+    #: temporary folders of earlier runs into the same output: removed (dead runs) and live
+    leftovers: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.drift, dict):  # rebuilt from to_dict() (the recipe command does)
+            self.drift = DriftReport.from_dict(self.drift)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,36 +99,28 @@ class SanitizeReport:
             f"  read {self.bytes_read / 1e9:.2f} GB, wrote {self.bytes_written / 1e9:.2f} GB in {self.seconds:.1f} s "
             f"({rate:.2f} GB/s read; {self.engine or 'torch ops'})"
         )
+        lines += drift_lines(self.drift, self.drift_note)
+        for folder in self.leftovers.get("removed", []):
+            lines.append(f"  removed leftover  {folder} (an interrupted earlier run)")
+        for folder in self.leftovers.get("live", []):
+            lines.append(f"  note: {folder} belongs to another ckptops run still writing into this output; left alone")
         if self.pushed:
             lines.append(f"  pushed to {self.pushed['url']} (branch {self.pushed['branch']}, commit {self.pushed['commit'][:12]})")
         return "\n".join(lines)
 
 
-def _check_numbers(top_k: float, scale: float) -> None:
-    if not isinstance(top_k, (int, float)) or not math.isfinite(top_k) or not 0 < top_k <= 1:
-        raise UsageError(f"--top-k must be a fraction in (0, 1] (0.10 keeps the largest 10%), got {top_k!r}")
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise UsageError(f"--scale must be a finite number, got {scale!r}")
-
-
-def _output_dtype(dtype: str | None) -> str | None:
-    if dtype is None or dtype == "auto":
-        return None
-    code = DTYPE_NAMES.get(str(dtype).lower())
-    if code is None:
-        raise UsageError(f"--dtype must be auto, bfloat16, float16 or float32, not {dtype!r}")
-    return code
-
-
-def chunk_for_memory(max_memory: int, workers: int) -> int:
-    """Elements per chunk so that all workers' buffers fit beside the interpreter in max_memory."""
-    room = max_memory - BASELINE_RSS
-    if room < 16 << 20:
-        raise UsageError(
-            f"--max-memory {max_memory >> 20} MiB is too small: ckptops needs about {(BASELINE_RSS >> 20) + 16} MiB at least"
-        )
-    chunk = room // (4 * workers * WorkerBuffers.bytes_per_element())
-    return int(max(1 << 12, min(DEFAULT_CHUNK, chunk)))
+def drift_lines(drift: DriftReport | None, note: str = "") -> list[str]:
+    """The whole-model drift figures and the verdict, as sanitize prints them."""
+    if drift is None:
+        return [f"  drift             not computed: {note or 'see ckptops diagnose'}"]
+    o = drift.overall
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    return [
+        f"  drift             cos(theta_t - theta_b, tau) {fmt(o.cos_tau)}, with M tau {fmt(o.cos_masked_tau)}, "
+        f"projection {fmt(o.projection)}; at scale {drift.scale:g}: ||lambda M tau||/||d|| {fmt(o.step_ratio)}, "
+        f"||d - lambda M tau||/||d|| {fmt(o.residual_ratio)}",
+        ("warning: " if drift.verdict.warning else "  verdict: ") + drift.verdict.message,
+    ]
 
 
 def _identity(checkpoint: Checkpoint, full_hash: bool) -> dict:
@@ -147,27 +149,8 @@ def sanitize(
     target: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    top_k: float = 0.10,
-    scale: float = 3.0,
-    scope: str = "global",
-    exclude: list[str] | tuple[str, ...] = (),
-    layers: str | frozenset[int] | None = None,
-    dtype: str | None = None,
-    max_memory: str | int = "1GiB",
-    shard_size: str | int | None = None,
-    overwrite: bool = False,
-    progress: bool | None = None,
-    hash_inputs: bool = False,
-    workers: int | None = None,
-    chunk_elements: int | None = None,
-    title: str | None = None,
-    low_disk: bool = False,
-    push_to_hub: str | None = None,
-    private: bool = False,
-    branch: str | None = None,
-    commit_message: str | None = None,
-    edit_area: str | None = None,
-    force: bool = False,
+    options: SanitizeOptions | None = None,
+    **choices,
 ) -> SanitizeReport:
     """Subtract the top-k pruned harm vector from ``target`` and write the result to ``out``.
 
@@ -175,13 +158,21 @@ def sanitize(
     in float32 and ``t`` the exact top-``top_k`` magnitude threshold over ``scope`` (``global``:
     every scalar of the model, as the official code; ``layer``; ``tensor``). Tensors matching an
     ``exclude`` regex, or outside ``layers`` when given, are copied unchanged. Returns a
-    :class:`SanitizeReport`; raises :class:`ckptops.errors.CkptopsError` on bad input, leaving
+    :class:`SanitizeReport` (its ``drift``: the figures of :func:`ckptops.diagnose`, computed in
+    the apply pass, with a verdict); raises :class:`ckptops.errors.CkptopsError` on bad input, leaving
     ``out`` untouched.
+
+    The choices are the fields of :class:`SanitizeOptions`, given either as keywords
+    (``top_k=0.1, scale=3.0, scope="global", exclude=(), layers=None, edit_area=None,
+    dtype="auto", max_memory="1GiB", shard_size=None, workers=None, chunk_elements=None,
+    low_disk=False, hash_inputs=False, progress=None, overwrite=False, force=False, title=None,
+    push_to_hub=None, private=False, branch=None, commit_message=None``) or as one ``options``
+    object.
 
     Inputs may be Hub references (``org/name[@revision]``): each revision is pinned to a commit
     and every header read before any download; shards then download through the Hugging Face
     cache in the order the passes need them. ``low_disk`` releases input shards as soon as no
-    remaining work reads them (see the module docstring for what each scope keeps).
+    remaining work reads them (see :mod:`ckptops.hdr.low_disk`).
     ``push_to_hub`` uploads the finished folder to that repo (``private``, ``branch``,
     ``commit_message``); if the push fails, ``out`` is complete and the error says how to retry.
 
@@ -196,135 +187,222 @@ def sanitize(
         print(report.format_text())
     """
     started = time.perf_counter()
-    _check_numbers(top_k, scale)
-    if scope not in SCOPES:
-        raise UsageError(f"--scope must be one of {', '.join(SCOPES)}, not {scope!r}")
-    out_code = _output_dtype(dtype)
-    layer_set = parse_layers(layers) if not isinstance(layers, frozenset) else layers
-    memory = parse_size(max_memory, "--max-memory")
-    shard_bytes = parse_size(shard_size, "--shard-size") if shard_size is not None else None
-    workers = workers or min(2, os.cpu_count() or 1)
-    chunk = chunk_elements or chunk_for_memory(memory, workers)
-    if edit_area is not None and edit_area != "auto":
-        raise UsageError(f"--edit-area must be 'auto', not {edit_area!r}")
-    if edit_area is not None and layer_set is not None:
-        raise UsageError("give --layers or --edit-area auto, not both")
-    if push_to_hub is None and (private or branch or commit_message):
-        raise UsageError("--private, --branch and --commit-message only apply with --push-to-hub")
-    if push_to_hub is not None:
+    if options is not None and choices:
+        raise TypeError("sanitize(): give options=SanitizeOptions(...) or keyword choices, not both")
+    options = options if options is not None else SanitizeOptions(**choices)
+    run = resolve(base, harmful, target, out, options)
+    plan_output(run)
+    check_before_work(run)  # harmful settings and silent no-ops, before any tensor data
+    run.leftovers = sweep(run.out_path)
+    with staging_folder(run.out_path, options.overwrite) as folder, single_threaded_torch():
+        selections, kept, writer = select_and_apply(run, folder)
+        report = make_report(run, selections, kept, writer)
+        check_after_work(report)
+        publish(run, folder, writer, report, started)
+    report.seconds = time.perf_counter() - started
+    push_output(run, report)
+    return report
+
+
+@dataclass
+class Run:
+    """What the passes of one sanitize run share: the options, the opened inputs, where the
+    output goes, the plan and output shard layout (filled by :func:`plan_output`), and the
+    bytes read so far (counted by :meth:`tick`, which also moves the progress bar)."""
+
+    options: SanitizeOptions
+    models: Models
+    inputs: Inputs
+    out_path: Path
+    #: the layer set of the run: ``--layers``, or the edit area ``--edit-area auto`` found
+    layers: frozenset[int] | None
+    plan: Plan | None = None
+    shards: list[OutShard] = field(default_factory=list)
+    bytes_read: int = 0
+    bar: ByteProgress | None = None
+    #: the drift sums the apply pass adds up (None when harmful is a LoRA adapter: the base is
+    #: not read, so theta_t - theta_b is not at hand)
+    drift: DriftSums | None = None
+    leftovers: Leftovers = field(default_factory=Leftovers)
+
+    def tick(self, n: int) -> None:
+        self.bytes_read += n
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def parameters(self) -> dict:
+        return self.options.to_parameters(self.layers)
+
+    def identities(self) -> dict:
+        return {role: _identity(ckpt, self.options.hash_inputs) for role, ckpt in
+                (("base", self.models.base), ("harmful", self.models.harmful), ("target", self.models.target))}
+
+
+def resolve(base, harmful, target, out, options: SanitizeOptions) -> Run:
+    """Open the three inputs (headers only; ``harmful`` may be a LoRA adapter and ``target``
+    BASE+ADAPTER, see :mod:`ckptops.checkpoint.lora`), check the destination and, for
+    ``edit_area="auto"``, find the edit area. Every check that needs no tensor data runs here."""
+    if options.push_to_hub is not None:
         from ckptops.hub.push import check_push_target
 
-        check_push_target(push_to_hub)
-
-    # harmful may be a LoRA adapter and target BASE+ADAPTER (see checkpoint/lora.py)
+        check_push_target(options.push_to_hub)
     opened = open_inputs(base, harmful, target)
     models = Models(opened.tau_base, opened.harmful, opened.target)
-    if not force:
+    if not options.force:
         refuse_if_sanitized(models.target)
     for checkpoint in (models.base, models.harmful, models.target):
-        checkpoint.progress = progress
+        checkpoint.progress = options.progress
     roots = [m.root for m in (models.base, models.harmful, models.target) if m.root is not None]
-    out_path = check_destination(Path(out), roots, overwrite)
-    area_report = None
-    if edit_area is not None:
+    out_path = check_destination(Path(out), roots, options.overwrite)
+    layers = options.layers
+    if options.edit_area is not None:
         from ckptops.hdr.diff import diff_checkpoints
 
-        area_report = diff_checkpoints(opened.base, models.target, workers=workers)
-        if not area_report.edit_area:
+        area = diff_checkpoints(opened.base, models.target, workers=options.worker_count)
+        if not area.edit_area:
             raise UsageError(
                 f"--edit-area auto: {models.target.ref} does not differ from {models.base.ref} in any decoder layer"
             )
-        layer_set = frozenset(area_report.edit_area)
-    plan = make_plan(models.base, models.harmful, models.target, scope=scope, exclude=list(exclude),
-                     layers=layer_set, out_dtype=out_code)
+        layers = frozenset(area.edit_area)
+    run = Run(options, models, opened, out_path, layers)
+    run.drift = DriftSums() if opened.tau_base is opened.base and not _drift_sums_off() else None
+    return run
 
-    out_tensors = [(OutTensor(t.name, t.out_dtype, t.target.shape), t.target.shard) for t in plan.tasks]
-    shards = (layout_by_size([t for t, _ in out_tensors], shard_bytes) if shard_bytes
-              else layout_like_target(out_tensors))
-    parameters = {
-        "method": "harm-direction-removal",
-        "top_k": top_k,
-        "scale": scale,
-        "scope": scope,
-        "exclude": list(exclude),
-        "layers": format_layers(layer_set) if layer_set is not None else "all",
-        "edit_area": "auto" if area_report is not None else "",
-        "dtype": dtype or "auto",
-        "ckptops_version": __version__,
-    }
-    inputs = {role: _identity(ckpt, hash_inputs) for role, ckpt in
-              (("base", models.base), ("harmful", models.harmful), ("target", models.target))}
 
-    # selection reads base and harmful once (plus a 1/64 sample); global scope under --low-disk,
-    # and the rare fallback, read them twice
-    passes = 2 if (low_disk and scope == "global") else 1
-    select_bytes = passes * sum(t.numel * (itemsize(t.base.dtype) + itemsize(t.harmful.dtype))
-                                for t in plan.hdr_tasks) if top_k < 1 else 0
-    with staging_folder(out_path, overwrite) as folder, single_threaded_torch():
-        pool = WorkerPool(workers, chunk)
-        writer = ShardWriter(folder, shards, {"format": "pt", "producer": f"ckptops {__version__}"})
-        bytes_read = 0
-        bar = None
+def _drift_sums_off() -> bool:
+    """``CKPTOPS_NO_DRIFT_SUMS=1`` skips the drift sums: only ``bench/bench_sanitize.py
+    --drift-cost`` sets it, to measure what they cost."""
+    return os.environ.get("CKPTOPS_NO_DRIFT_SUMS", "") not in ("", "0")
 
-        def tick(n: int) -> None:
-            nonlocal bytes_read
-            bytes_read += n
-            bar.update(n)
 
-        apply_total = sum(t.target.nbytes + (t.base.nbytes + t.harmful.nbytes if t.action == "hdr" else 0)
-                          for t in plan.tasks)
-        try:
-            if low_disk:
-                with ByteProgress(select_bytes + apply_total, "select + apply (low disk)", progress) as bar:
-                    selections, kept = run_low_disk(plan, models, pool, writer, top_k, scale, scope, tick)
-            else:
-                with ByteProgress(select_bytes, "select threshold", progress) as bar:
-                    selections = select_thresholds(plan, models, pool, top_k, tick)
-                with ByteProgress(apply_total, "apply + write", progress) as bar:
-                    kept = apply_all(plan, models, pool, writer, selections, scale, tick)
-            writer.finish()
-        finally:
-            writer.close()
-            pool.close()
-            models.files.close()
-        copied: dict[str, list[str]] = {}
-        for task in plan.tasks:
-            if task.action == "copy":
-                copied.setdefault(task.reason, []).append(task.name)
-        selected = sum(plan.groups.values())
-        kept_total = sum(sel.kept for sel in selections.values())
-        report = SanitizeReport(
-            out=str(out_path),
-            tensors_total=len(plan.tasks),
-            tensors_changed=sum(1 for v in kept.values() if v),
-            values_selected_over=selected,
-            values_selected=kept_total,
-            fraction_kept=kept_total / selected if selected else 0.0,
-            thresholds={g: s.threshold for g, s in selections.items()},
-            bytes_read=bytes_read,
-            bytes_written=writer.total_bytes(),
-            seconds=0.0,
-            copied=copied,
-            resized=plan.resized,
-            parameters=parameters,
-            inputs=inputs,
-            engine=models.kernels.PATH_NAME,
-        )
-        write_index(folder, writer.weight_map(), writer.total_bytes())
-        config_dtype = CONFIG_DTYPE_NAMES.get(out_code) if out_code else None
-        copy_side_files(models.target.side_files(), folder, config_dtype)
-        report.seconds = time.perf_counter() - started
-        provenance = {"tool": f"ckptops {__version__}", "title": title or f"{Path(out_path).name}",
-                      "parameters": parameters, "inputs": inputs, "report": _summary(report)}
-        (folder / "ckptops.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
-        (folder / "README.md").write_text(render_card(provenance, hub_repo=push_to_hub), encoding="utf-8")
+def _drift_note(run: Run) -> str:
+    if run.drift is not None:
+        return ""
+    if run.inputs.tau_base is not run.inputs.base:
+        return "--harmful is a LoRA adapter and sanitize does not read the base then (run `ckptops diagnose`)"
+    return "switched off by CKPTOPS_NO_DRIFT_SUMS"
+
+
+def plan_output(run: Run) -> None:
+    """Align the inputs tensor by tensor (:func:`ckptops.hdr.plan.make_plan`) and lay out the
+    output shards: the target's sharding, or ``shard_size`` pieces."""
+    options = run.options
+    run.plan = make_plan(run.models.base, run.models.harmful, run.models.target, scope=options.scope,
+                         exclude=list(options.exclude), layers=run.layers, out_dtype=options.out_code)
+    out_tensors = [(OutTensor(t.name, t.out_dtype, t.target.shape), t.target.shard) for t in run.plan.tasks]
+    run.shards = (layout_by_size([t for t, _ in out_tensors], options.shard_size) if options.shard_size
+                  else layout_like_target(out_tensors))
+
+
+def select_and_apply(run: Run, folder: Path) -> tuple[dict[str, Selection], dict[str, int], ShardWriter]:
+    """The streaming work: :func:`select_pass` then :func:`apply_pass` (or, with ``low_disk``,
+    both piece by piece, see :mod:`ckptops.hdr.low_disk`), writing the shards into ``folder``.
+    Returns the selections, the changed-chunk counts per tensor and the (finished) writer."""
+    options, plan, models = run.options, run.plan, run.models
+    workers = options.worker_count
+    pool = WorkerPool(workers, options.chunk)
+    writer = ShardWriter(folder, run.shards, {"format": "pt", "producer": f"ckptops {__version__}"})
+    try:
+        if options.low_disk:
+            total = selection_bytes(run) + apply_bytes(plan)
+            with ByteProgress(total, "select + apply (low disk)", options.progress) as run.bar:
+                selections, kept = run_low_disk(plan, models, pool, writer, options.top_k, options.scale,
+                                                options.scope, run.tick, drift=run.drift)
+        else:
+            selections = select_pass(run, pool)
+            kept = apply_pass(run, pool, writer, selections)
+        writer.finish()
+    finally:
+        run.bar = None
+        writer.abort()  # no-op after finish(); else wakes workers waiting on the writer
+        pool.close()
+        writer.close()
+        models.files.close()
+    return selections, kept, writer
+
+
+def select_pass(run: Run, pool: WorkerPool) -> dict[str, Selection]:
+    """Pass 1: the exact threshold of every selection group (see :mod:`ckptops.hdr.engine`)."""
+    with ByteProgress(selection_bytes(run), "select threshold", run.options.progress) as run.bar:
+        return select_thresholds(run.plan, run.models, pool, run.options.top_k, run.tick)
+
+
+def apply_pass(run: Run, pool: WorkerPool, writer: ShardWriter, selections: dict[str, Selection]) -> dict[str, int]:
+    """Pass 2: theta_t - scale * (|tau| >= t) * tau for every tensor, written to the shards."""
+    with ByteProgress(apply_bytes(run.plan), "apply + write", run.options.progress) as run.bar:
+        return apply_all(run.plan, run.models, pool, writer, selections, run.options.scale, run.tick, drift=run.drift)
+
+
+def selection_bytes(run: Run) -> int:
+    """Bytes the selection reads: base and harmful once (plus a 1/64 sample, not counted here);
+    global scope under ``low_disk`` reads them twice (and so does the rare fallback)."""
+    if run.options.top_k >= 1:
+        return 0
+    passes = 2 if (run.options.low_disk and run.options.scope == "global") else 1
+    return passes * sum(t.numel * (itemsize(t.base.dtype) + itemsize(t.harmful.dtype)) for t in run.plan.hdr_tasks)
+
+
+def apply_bytes(plan: Plan) -> int:
+    """Bytes the apply pass reads: every target tensor, and base and harmful of HDR tensors."""
+    return sum(t.target.nbytes + (t.base.nbytes + t.harmful.nbytes if t.action == "hdr" else 0) for t in plan.tasks)
+
+
+def make_report(run: Run, selections: dict[str, Selection], kept: dict[str, int], writer: ShardWriter) -> SanitizeReport:
+    """The run's :class:`SanitizeReport` (``seconds`` is set by the caller at the end)."""
+    plan = run.plan
+    copied: dict[str, list[str]] = {}
+    for task in plan.tasks:
+        if task.action == "copy":
+            copied.setdefault(task.reason, []).append(task.name)
+    selected = sum(plan.groups.values())
+    kept_total = sum(sel.kept for sel in selections.values())
+    return SanitizeReport(
+        out=str(run.out_path),
+        tensors_total=len(plan.tasks),
+        # a tensor changes where values were selected, unless scale 0 (or a zero tau) leaves it as it was
+        tensors_changed=(sum(1 for v in kept.values() if v)
+                         if run.options.scale != 0 and any(s.threshold for s in selections.values()) else 0),
+        values_selected_over=selected,
+        values_selected=kept_total,
+        fraction_kept=kept_total / selected if selected else 0.0,
+        thresholds={g: s.threshold for g, s in selections.items()},
+        bytes_read=run.bytes_read,
+        bytes_written=writer.total_bytes(),
+        seconds=0.0,
+        copied=copied,
+        resized=plan.resized,
+        parameters=run.parameters(),
+        inputs=run.identities(),
+        engine=run.models.kernels.PATH_NAME,
+        drift=DriftReport.from_sums(run.drift, run.options.scale) if run.drift is not None else None,
+        drift_note=_drift_note(run),
+        leftovers=run.leftovers.to_dict(),
+    )
+
+
+def publish(run: Run, folder: Path, writer: ShardWriter, report: SanitizeReport, started: float) -> None:
+    """Complete the staging folder: the index, the target's config/tokenizer files, the
+    provenance record ``ckptops.json`` and the model card (the caller then moves it into place)."""
+    write_index(folder, writer.weight_map(), writer.total_bytes())
+    out_code = run.options.out_code
+    config_dtype = CONFIG_DTYPE_NAMES.get(out_code) if out_code else None
+    copy_side_files(run.models.target.side_files(), folder, config_dtype)
     report.seconds = time.perf_counter() - started
-    if push_to_hub is not None:
-        from ckptops.hub.push import push
+    provenance = {"tool": f"ckptops {__version__}", "title": run.options.title or f"{Path(run.out_path).name}",
+                  "parameters": report.parameters, "inputs": report.inputs, "report": _summary(report)}
+    (folder / "ckptops.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+    (folder / "README.md").write_text(render_card(provenance, hub_repo=run.options.push_to_hub), encoding="utf-8")
 
-        report.pushed = push(out_path, push_to_hub, private=private, branch=branch,
-                             commit_message=commit_message).to_dict()
-    return report
+
+def push_output(run: Run, report: SanitizeReport) -> None:
+    """With ``push_to_hub``: upload the finished folder and record where in the report."""
+    options = run.options
+    if options.push_to_hub is None:
+        return
+    from ckptops.hub.push import push
+
+    report.pushed = push(run.out_path, options.push_to_hub, private=options.private, branch=options.branch,
+                         commit_message=options.commit_message).to_dict()
 
 
 def refuse_if_sanitized(target: Checkpoint) -> None:
@@ -355,4 +433,5 @@ def _summary(report: SanitizeReport) -> dict:
         "thresholds": report.thresholds,
         "copied": {k: len(v) for k, v in report.copied.items()},
         "resized": report.resized,
+        "drift": report.drift.summary() if report.drift is not None else None,
     }

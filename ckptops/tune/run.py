@@ -321,14 +321,18 @@ def _search(session: TuneSession, split: PromptSplit, candidates: list[Candidate
 
     # 4. the candidates
     measured: dict[str, Trial] = {}
-    bar = tqdm(total=trials if trials is not None else len(candidates), desc="tune", unit="trial",
-               disable=not progress, dynamic_ncols=True)
+    total = trials if trials is not None else len(candidates)
+    logged = min(total, sum(1 for c in candidates if trial_log.get("tune", c) is not None))
+    # trials read from the log start the bar (initial), so that its rate and ETA count new work only
+    bar = tqdm(total=total, initial=logged, desc="tune", unit="trial", disable=not progress, dynamic_ncols=True)
 
     def evaluate(candidate: Candidate) -> Measurement:
         bar.set_postfix_str(f"scale {candidate.scale:g} top-k {candidate.top_k:g} alpha {candidate.alpha:g}")
+        cached = trial_log.get("tune", candidate) is not None
         m = run_one("tune", candidate, reference)
         measured[candidate.key] = Trial(candidate, m)
-        bar.update(1)
+        if not cached:
+            bar.update(1)
         return m
 
     try:
@@ -340,7 +344,12 @@ def _search(session: TuneSession, split: PromptSplit, candidates: list[Candidate
     finally:
         bar.close()
 
-    # 5. choose, then the held-out figures
+    # 5. choose among every tuning trial in the log (a rerun with more values extends the search),
+    #    then the held-out figures
+    for candidate, m in trial_log.logged("tune"):
+        if candidate != TARGET and candidate.key not in measured:
+            measured[candidate.key] = Trial(candidate, m)
+            alphas = sorted(set(alphas) | {candidate.alpha})
     trial_list = list(measured.values())
     chosen_trial, least = choose(trial_list, target_m, limits)
     chosen = chosen_trial.candidate if chosen_trial is not None else None

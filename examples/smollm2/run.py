@@ -456,7 +456,7 @@ def tune_step(work: Path, original: Path, harmful: Path, target: Path, files: di
         "tune", "--base", original, "--harmful", harmful, "--target", target,
         "--harmful-prompts", files["heldout"], "--benign-prompts", xstest,
         "--holdout", "0.5", "--limit", str(n), "--scales", scales, "--top-ks", top_ks, "--icv-alphas", alphas,
-        "--ppl", HERE / "benign_text.txt", "--max-ppl-increase", "0.03",
+        "--ppl", HERE / "benign_text.txt", "--max-ppl-increase", "0.03", "--max-kl", "1.0",
         "--max-new-tokens", str(max_new_tokens), "--batch-size", str(batch_size),
         "--threads", str(threads or 1), "--seed", "0", "--out", report,
     )
@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads, here and in the ckptops commands (default: torch's choice; "
                              "1 is faster on a machine other jobs are also using)")
-    parser.add_argument("--tune-scales", default="0.5,1,2", help="step 7: HDR scales to try")
+    parser.add_argument("--tune-scales", default="0.5,1,1.5,1.75,2", help="step 7: HDR scales to try")
     parser.add_argument("--tune-top-ks", default="0.05,0.1", help="step 7: HDR top-k fractions to try")
     parser.add_argument("--tune-alphas", default="0,0.12", help="step 7: ICV alphas to try (0 = no ICV)")
     parser.add_argument("--tune-n", type=int, default=60,

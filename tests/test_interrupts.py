@@ -1,0 +1,137 @@
+"""Ctrl-C and worker failures end a run promptly, with one line, exit 130 and nothing left behind.
+
+The class of failure: a worker thread blocked on the output writer (waiting for a free staging
+block) while the main thread, interrupted, closes the writer and then waits for the worker: the
+run hung for ever. The CLI test interrupts a real ``sanitize`` run of about a second at many
+points (start-up imports, selection, apply/write, publish); the unit test forces the blocked
+worker deterministically with a slow disk.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def triple(tmp_path_factory):
+    from ckptops.synth import Preset, write_triple
+
+    root = tmp_path_factory.mktemp("sigint")
+    # about 250 MB per model: a float32-output sanitize takes about a second
+    return write_triple(root, Preset(1024, 2816, 8, 8, 4, 16000))
+
+
+def _start(triple, out: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("CKPTOPS_DEBUG", None)
+    args = [sys.executable, "-m", "ckptops.cli", "sanitize", "--base", str(triple["base"]),
+            "--harmful", str(triple["harmful"]), "--target", str(triple["target"]),
+            "--out", str(out), "-q", "--dtype", "float32"]
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if ".ckptops-" in p.name]
+
+
+def test_sigint_at_many_points_ends_promptly_with_130_and_no_leftovers(triple, tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "out"
+    started = time.perf_counter()
+    probe = _start(triple, out)
+    probe.communicate(timeout=120)
+    whole = time.perf_counter() - started
+    assert probe.returncode == 0
+    import shutil
+
+    shutil.rmtree(out)
+    # from the moment the interpreter itself is up (a SIGINT inside Python's own start-up, before
+    # any ckptops code runs, is Python's to report) to the end of the run
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], env=env, check=True)
+    bare = time.perf_counter() - started
+    failures = []
+    delays = [bare + (whole - bare) * f for f in np.linspace(0.0, 1.0, 12)]
+    for delay in delays:
+        process = _start(triple, out)
+        time.sleep(delay)
+        process.send_signal(signal.SIGINT)
+        try:
+            _, err = process.communicate(timeout=max(10.0, 3 * whole))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            failures.append(f"{delay:.2f}s: still running {max(10.0, 3 * whole):.0f} s after SIGINT")
+            shutil.rmtree(out, ignore_errors=True)
+            for name in _leftovers(tmp_path):
+                shutil.rmtree(tmp_path / name, ignore_errors=True)
+            continue
+        lines = err.decode("utf-8", "replace").strip().splitlines()
+        left = _leftovers(tmp_path)
+        if process.returncode == 0:  # the signal came after the work was done: a complete output
+            with safe_open(str(out / "model.safetensors"), "pt") as f:
+                assert len(list(f.keys())) == 75
+            shutil.rmtree(out)
+        elif process.returncode != 130:
+            failures.append(f"{delay:.2f}s: exit {process.returncode}, stderr {lines[-3:]}")
+        elif lines != [f"error: interrupted; {out} unchanged"]:
+            failures.append(f"{delay:.2f}s: stderr {lines[-3:]}")
+        elif out.exists():
+            failures.append(f"{delay:.2f}s: {out} was created")
+        if left:
+            failures.append(f"{delay:.2f}s: left {left}")
+            for name in left:
+                shutil.rmtree(tmp_path / name, ignore_errors=True)
+    assert not failures, "\n".join(failures)
+
+
+def test_close_wakes_a_worker_blocked_on_a_slow_disk(tmp_path, monkeypatch):
+    """A worker waiting for a free staging block gets an error when the run gives up, and
+    closing the file returns, even while the disk is still busy."""
+    from ckptops.checkpoint import writer as writer_module
+    from ckptops.checkpoint.writer import OutShard, OutTensor, ShardWriter
+
+    real_pwrite = os.pwrite
+
+    def slow_pwrite(fd, data, offset):
+        time.sleep(0.05)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(writer_module.os, "pwrite", slow_pwrite)
+    count = 64 << 20  # 256 MiB of float32: far more than the staging blocks hold
+    shard = OutShard("model.safetensors", [OutTensor("w", "F32", (count,))])
+    writer = ShardWriter(tmp_path, [shard], {})
+    chunk = np.ones(1 << 20, dtype=np.float32)
+    outcome = {}
+
+    def worker():
+        try:
+            for i in range(count // len(chunk)):
+                writer.write("w", i * chunk.nbytes, chunk)
+            outcome["result"] = "finished"
+        except Exception as exc:  # noqa: BLE001 - the point is which exception
+            outcome["result"] = exc
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    time.sleep(0.3)  # the worker fills the staging blocks and waits for the slow disk
+    started = time.perf_counter()
+    writer.close()  # what a failed or interrupted run does
+    thread.join(5)
+    assert not thread.is_alive(), "the worker is still blocked on the writer"
+    assert time.perf_counter() - started < 5
+    assert isinstance(outcome.get("result"), Exception), outcome
+    assert "abandoned" in str(outcome["result"])
