@@ -82,6 +82,8 @@ def main() -> None:
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--torch-path", action="store_true", help="also time the torch path (CKPTOPS_NO_FUSED=1)")
+    ap.add_argument("--drift-cost", action="store_true",
+                    help="also time each path without the drift sums (CKPTOPS_NO_DRIFT_SUMS=1), runs interleaved")
     args = ap.parse_args()
     from ckptops.hdr import fused
 
@@ -98,8 +100,12 @@ def main() -> None:
     variants = [(f"ckptops sanitize --scope global ({default_path})", None)]
     if args.torch_path:
         variants.append(("ckptops sanitize --scope global (torch path)", {**os.environ, "CKPTOPS_NO_FUSED": "1"}))
-    for name, env in variants:
-        for _ in range(args.repeat):
+    if args.drift_cost:
+        variants += [(f"{name}, no drift sums", {**(env or os.environ), "CKPTOPS_NO_DRIFT_SUMS": "1"})
+                     for name, env in list(variants)]
+    # interleaved (a, b, a, b ...) so that a change in machine load hits every variant alike
+    for _ in range(args.repeat):
+        for name, env in variants:
             shutil.rmtree(out, ignore_errors=True)  # each run writes a fresh folder, as a user's would
             rows.append((name, *measure(ckptops, env)))
     shutil.rmtree(out, ignore_errors=True)
@@ -125,6 +131,14 @@ def main() -> None:
         wall = [r[1] for r in runs]
         print(f"{name}: median {statistics.median(wall):.1f} s (min {min(wall):.1f}, max {max(wall):.1f}, "
               f"{len(wall)} runs), peak RSS max {max(r[2] for r in runs) / 2**30:.2f} GiB")
+    if args.drift_cost:
+        for name, _ in variants:
+            if name.endswith(", no drift sums"):
+                continue
+            with_sums = statistics.median(r[1] for r in rows if r[0] == name)
+            without = statistics.median(r[1] for r in rows if r[0] == f"{name}, no drift sums")
+            print(f"drift sums cost, {name}: median {with_sums:.2f} s with, {without:.2f} s without "
+                  f"(x{with_sums / without:.3f})")
     if rows[-1][0].startswith("mergekit"):
         ours = [r for r in rows if r[0] == variants[0][0]]
         wall, rss = statistics.median(r[1] for r in ours), max(r[2] for r in ours)

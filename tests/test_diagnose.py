@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from conftest import llama_state, write_folder
 from hdr_reference import load_folder, reference_hdr
+from hub_server import hub  # noqa: F401  (fixture)
 
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -253,6 +254,9 @@ def test_sanitize_records_the_figures(tmp_path, engine_path, scope, low_disk):
     recorded = json.loads((tmp_path / "out" / "ckptops.json").read_text())["report"]["drift"]
     assert_figures(recorded["overall"], reference["overall"], "ckptops.json")
     assert_figures(recorded["layers"]["layer 1"], reference["layer 1"], "ckptops.json layer 1")
+    # per-chunk sums added in (tensor, offset) order: a rerun records the very same figures
+    again = _run_sanitize(paths, tmp_path / "again", top_k=0.1, scale=3.0, scope=scope, low_disk=low_disk)
+    assert again.drift == report.drift
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"| cos(d, tau) | {reference['overall']['cos_tau']:.3f} |" in card
     assert "**Warning:** the target barely moved" in card
@@ -301,3 +305,22 @@ def test_lora_harmful(tmp_path, engine_path):
     sanitized = ckptops.sanitize(base, adapter, target, tmp_path / "out", top_k=0.1, chunk_elements=1000,
                                  progress=False)
     assert sanitized.drift is None and "not computed" in sanitized.format_text()
+
+
+def test_hub_refs(tmp_path, hub):  # noqa: F811  (the FakeHub fixture)
+    """Hub references give the same figures as the local folders."""
+    paths = make_triple(tmp_path / "m", "aligned")
+    refs = {role: hub.add_folder(f"org/{role}", paths[role]) for role in ("base", "harmful", "target")}
+    assert refs
+    local = run_diagnose(paths, top_k=0.1, scale=3.0)
+    remote = run_diagnose({r: f"org/{r}" for r in ("base", "harmful", "target")}, top_k=0.1, scale=3.0)
+    # the band path's bins add up per worker thread: equal up to float64 summation order
+    for name, value in local.drift.overall.__dict__.items():
+        assert remote.drift.overall.__dict__[name] == pytest.approx(value, rel=1e-12), name
+    assert remote.inputs["target"] == "org/target"
+
+
+def test_tensor_scope(tmp_path):
+    paths = make_triple(tmp_path, "aligned", c=0.3)
+    report = run_diagnose(paths, top_k=0.2, scale=2.0, scope="tensor")
+    check_report(report.drift, reference_figures(paths, top_k=0.2, scale=2.0, scope="tensor"))

@@ -55,18 +55,30 @@ def _order(key: str) -> tuple[int, int]:
 
 
 class DriftSums:
-    """The five sums and the value count per layer group (``layer <i>`` / ``other``)."""
+    """The five sums and the value count per layer group (``layer <i>`` / ``other``).
+
+    Chunks add into their own accumulator (:meth:`chunk_slot`), and a group's sums add those up
+    in (tensor name, offset) order when read, so that the figures do not depend on which worker
+    thread took which chunk: a rerun records the same ``ckptops.json``. :meth:`slot` is a running
+    accumulator per group for sums that are not per chunk (diagnose's band bins)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, np.ndarray] = {}
+        self.parts: dict[tuple[str, int], tuple[str, np.ndarray]] = {}
         self.counts: dict[str, int] = {}
 
     def slot(self, key: str) -> np.ndarray:
-        """The float64[5] accumulator of ``key`` (created at zero)."""
+        """The running float64[5] accumulator of ``key`` (created at zero)."""
         found = self.sums.get(key)
         if found is None:
             found = self.sums[key] = np.zeros(len(SUMS), dtype=np.float64)
         return found
+
+    def chunk_slot(self, key: str, name: str, start: int) -> np.ndarray:
+        """A float64[5] accumulator for the chunk of tensor ``name`` at element ``start``."""
+        part = np.zeros(len(SUMS), dtype=np.float64)
+        self.parts[(name, start)] = (key, part)
+        return part
 
     def add_count(self, key: str, n: int) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
@@ -74,14 +86,28 @@ class DriftSums:
     def merge(self, other: DriftSums) -> None:
         for key, values in other.sums.items():
             self.slot(key)[:] += values
+        self.parts.update(other.parts)
         for key, n in other.counts.items():
             self.add_count(key, n)
 
+    def groups(self) -> dict[str, np.ndarray]:
+        """The sums of every group: its chunks in (name, offset) order, then its running accumulator."""
+        totals = {key: np.zeros(len(SUMS), dtype=np.float64) for key in self.keys()}
+        for order in sorted(self.parts):
+            key, part = self.parts[order]
+            totals[key] += part
+        for key, values in self.sums.items():
+            totals[key] += values
+        return totals
+
+    def group(self, key: str) -> np.ndarray:
+        return self.groups()[key]
+
     def total(self) -> np.ndarray:
-        return sum(self.sums.values(), np.zeros(len(SUMS), dtype=np.float64))
+        return sum(self.groups().values(), np.zeros(len(SUMS), dtype=np.float64))
 
     def keys(self) -> list[str]:
-        return sorted(set(self.sums) | set(self.counts), key=_order)
+        return sorted(set(self.sums) | {k for k, _ in self.parts.values()} | set(self.counts), key=_order)
 
 
 def _stable(x: float | None, digits: int = 9) -> float | None:
@@ -178,8 +204,10 @@ class DriftReport:
 
     @classmethod
     def from_sums(cls, drift: DriftSums, scale: float, parameters: dict | None = None) -> DriftReport:
-        layers = {key: DriftFigures.from_sums(drift.slot(key), drift.counts.get(key, 0), scale) for key in drift.keys()}
-        overall = DriftFigures.from_sums(drift.total(), sum(drift.counts.values()), scale)
+        groups = drift.groups()
+        layers = {key: DriftFigures.from_sums(sums, drift.counts.get(key, 0), scale) for key, sums in groups.items()}
+        total = sum(groups.values(), np.zeros(len(SUMS), dtype=np.float64))
+        overall = DriftFigures.from_sums(total, sum(drift.counts.values()), scale)
         return cls(overall, layers, verdict(overall, scale), scale, dict(parameters or {}))
 
     def to_dict(self) -> dict:

@@ -267,7 +267,7 @@ def apply_all(
             sums = None
             if drift is not None:
                 key = group_key(task.name)
-                sums = counts.drift.slot(key)
+                sums = counts.drift.chunk_slot(key, task.name, chunk.start)
                 counts.drift.add_count(key, chunk.size)
             counts.kept[task.name] = counts.kept.get(task.name, 0) + path.hdr_chunk(
                 chunk, buf, models, writer, shrink[task.group], scale,

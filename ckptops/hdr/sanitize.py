@@ -63,6 +63,8 @@ class SanitizeReport:
     #: how the target drifted from the base against tau, computed in the apply pass (see
     #: hdr/drift.py); None when --harmful is a LoRA adapter (the base is then never read)
     drift: DriftReport | None = None
+    #: why ``drift`` is None
+    drift_note: str = ""
     #: temporary folders of earlier runs into the same output: removed (dead runs) and live
     leftovers: dict = field(default_factory=dict)
 
@@ -97,7 +99,7 @@ class SanitizeReport:
             f"  read {self.bytes_read / 1e9:.2f} GB, wrote {self.bytes_written / 1e9:.2f} GB in {self.seconds:.1f} s "
             f"({rate:.2f} GB/s read; {self.engine or 'torch ops'})"
         )
-        lines += drift_lines(self.drift)
+        lines += drift_lines(self.drift, self.drift_note)
         for folder in self.leftovers.get("removed", []):
             lines.append(f"  removed leftover  {folder} (an interrupted earlier run)")
         for folder in self.leftovers.get("live", []):
@@ -107,11 +109,10 @@ class SanitizeReport:
         return "\n".join(lines)
 
 
-def drift_lines(drift: DriftReport | None) -> list[str]:
+def drift_lines(drift: DriftReport | None, note: str = "") -> list[str]:
     """The whole-model drift figures and the verdict, as sanitize prints them."""
     if drift is None:
-        return ["  drift             not computed: --harmful is a LoRA adapter and sanitize does not read the base "
-                "(run `ckptops diagnose`)"]
+        return [f"  drift             not computed: {note or 'see ckptops diagnose'}"]
     o = drift.overall
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
     return [
@@ -157,7 +158,8 @@ def sanitize(
     in float32 and ``t`` the exact top-``top_k`` magnitude threshold over ``scope`` (``global``:
     every scalar of the model, as the official code; ``layer``; ``tensor``). Tensors matching an
     ``exclude`` regex, or outside ``layers`` when given, are copied unchanged. Returns a
-    :class:`SanitizeReport`; raises :class:`ckptops.errors.CkptopsError` on bad input, leaving
+    :class:`SanitizeReport` (its ``drift``: the figures of :func:`ckptops.diagnose`, computed in
+    the apply pass, with a verdict); raises :class:`ckptops.errors.CkptopsError` on bad input, leaving
     ``out`` untouched.
 
     The choices are the fields of :class:`SanitizeOptions`, given either as keywords
@@ -263,8 +265,22 @@ def resolve(base, harmful, target, out, options: SanitizeOptions) -> Run:
             )
         layers = frozenset(area.edit_area)
     run = Run(options, models, opened, out_path, layers)
-    run.drift = DriftSums() if opened.tau_base is opened.base else None
+    run.drift = DriftSums() if opened.tau_base is opened.base and not _drift_sums_off() else None
     return run
+
+
+def _drift_sums_off() -> bool:
+    """``CKPTOPS_NO_DRIFT_SUMS=1`` skips the drift sums: only ``bench/bench_sanitize.py
+    --drift-cost`` sets it, to measure what they cost."""
+    return os.environ.get("CKPTOPS_NO_DRIFT_SUMS", "") not in ("", "0")
+
+
+def _drift_note(run: Run) -> str:
+    if run.drift is not None:
+        return ""
+    if run.inputs.tau_base is not run.inputs.base:
+        return "--harmful is a LoRA adapter and sanitize does not read the base then (run `ckptops diagnose`)"
+    return "switched off by CKPTOPS_NO_DRIFT_SUMS"
 
 
 def plan_output(run: Run) -> None:
@@ -359,6 +375,7 @@ def make_report(run: Run, selections: dict[str, Selection], kept: dict[str, int]
         inputs=run.identities(),
         engine=run.models.kernels.PATH_NAME,
         drift=DriftReport.from_sums(run.drift, run.options.scale) if run.drift is not None else None,
+        drift_note=_drift_note(run),
         leftovers=run.leftovers.to_dict(),
     )
 
