@@ -74,6 +74,11 @@ class _Group(click.Group):
                 raise
             if exc.errno == errno.EPIPE:
                 ctx.exit(0)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                where = exc.filename or _startup.output_named(sys.argv[1:]) or "the output"
+                click.echo(f"error: {where}: no space left on the disk; free space or write elsewhere "
+                           "(outputs are moved into place only when complete: nothing partial was kept)", err=True)
+                ctx.exit(1)
             where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
             click.echo(f"error: {exc.strerror or exc}{where}", err=True)
             ctx.exit(1)
