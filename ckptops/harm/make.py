@@ -86,7 +86,7 @@ def _imports():
         import transformers
     except ImportError as exc:
         raise UsageError(f"harm make needs transformers and peft ({exc.name} is missing): "
-                         "pip install 'ckptops[harm]'") from None
+                         "pip install -e '.[harm]' (in a clone of ckptops)") from None
     return torch, transformers, peft
 
 

@@ -1,6 +1,6 @@
 """The ICV file: one float32 vector per steered decoder layer plus the metadata to apply it safely.
 
-Layout (SPEC §3), a safetensors file of a few kilobytes::
+Layout, a safetensors file of a few kilobytes::
 
     icv.layers.{i}   float32[hidden_size]   0-based decoder-layer index i, stored toward *safe*
     __metadata__     format, format_version, rule, site, alpha, scale_factor, strength,
