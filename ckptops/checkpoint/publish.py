@@ -108,8 +108,8 @@ def copy_side_files(files: dict[str, Path], folder: Path, config_dtype: str | No
         if name == "config.json" and config_dtype is not None:
             try:
                 config = json.loads(source.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise OutputError(f"{source}: cannot read config.json ({exc})") from None
+            except (OSError, ValueError, RecursionError) as exc:
+                raise OutputError(f"{source}: cannot read config.json ({' '.join(str(exc).split())[:200]})") from None
             for key in ("torch_dtype", "dtype"):
                 if key in config:
                     config[key] = config_dtype

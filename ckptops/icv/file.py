@@ -320,10 +320,12 @@ def _read_norms(meta: dict, where: str) -> dict[int, float]:
     text = meta.get(NORMS_KEY)
     if text is None:
         return {}
+    from ckptops.safeio import loads_json
+
+    raw = loads_json(text, f"{where}: metadata {NORMS_KEY}", ICVError)  # nesting, NaN, surrogates
     try:
-        raw = json.loads(text)
         norms = {int(k): float(v) for k, v in raw.items()}
-    except (ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError, AttributeError, OverflowError):
         raise ICVError(f"{where}: metadata {NORMS_KEY} is not a JSON object of layer -> number") from None
     bad = [i for i, v in norms.items() if not math.isfinite(v) or v < 0]
     if bad:
