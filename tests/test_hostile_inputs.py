@@ -204,3 +204,18 @@ def test_question_file_fifo_is_refused(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(UsageError, match="FIFO"):
         load_questions(fifo)
+
+
+@pytest.mark.parametrize("special", ["fifo", "/dev/zero"])
+def test_perplexity_file_that_never_ends_is_refused_before_the_model_loads(tmp_path, monkeypatch, special):
+    import ckptops.icv.load as load_module
+
+    monkeypatch.setattr(load_module, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    path = tmp_path / "text.txt" if special == "fifo" else Path(special)
+    if special == "fifo":
+        os.mkfifo(path)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n')
+    model = _tiny(tmp_path / "m")
+    _one_line(_run(["eval", "--model", str(model), "--prompts", str(prompts), "--label", "harmful",
+                    "--ppl", str(path), "--threads", "1"], timeout=10), str(path))
