@@ -68,8 +68,9 @@ def test_in_memory_candidate_equals_sanitize_bit_for_bit(triple, tmp_path, scale
 
     folders, _, _ = triple
     out = tmp_path / "sanitized"
+    # force: sanitize refuses a negative scale (it adds the harm vector) unless told
     sanitize(folders["base"], folders["harmful"], folders["target"], out, top_k=top_k, scale=scale, scope=scope,
-             progress=False, force=True)  # force: a negative scale adds tau, refused unless forced
+             progress=False, force=scale < 0)
     written = load_file(str(out / "model.safetensors"))
     expected = reference_hdr(load_folder(folders["base"]), load_folder(folders["harmful"]),
                              load_folder(folders["target"]), top_k=top_k, scale=scale, scope=scope)[0]
