@@ -85,8 +85,45 @@ def hdr_chunk(
     come from the selection histograms). ``tensor_changed``, when the selection pass knows it,
     saves looking at this chunk's values."""
     task: TensorTask = chunk.task
+    tau = _tau(chunk, buf, models)
+    buf.stage.read_f32(models.files, models.target, task.target, chunk.start, chunk.stop, buf.c)
+    return _apply_and_write(chunk, buf, models, writer, tau, shrink, scale, tensor_changed)
+
+
+def band_apply_chunk(chunk: Chunk, buf: WorkerBuffers, models: Models, writer: ShardWriter, lo: int, size: int,
+                     shift: int, hist: np.ndarray, shrink: float | None, scale: float, record) -> int:
+    """The one-read pass over one chunk (same contract as :func:`kernels_fused.band_apply_chunk`)."""
+    task: TensorTask = chunk.task
     n = chunk.size
     tau = _tau(chunk, buf, models)
+    if not _all_finite(tau):
+        raise nonfinite_error(chunk, models)
+    bits = torch.abs(tau, out=buf.b[:n]).view(torch.int32).numpy()
+    below, inside = buf.below[:n], buf.inside[:n]
+    np.less(bits, lo, out=below)
+    np.less(bits, lo + size, out=inside)
+    n_below, n_upto = int(np.count_nonzero(below)), int(np.count_nonzero(inside))
+    hist[0] += n_below
+    hist[-1] += n - n_upto
+    buf.stage.read_f32(models.files, models.target, task.target, chunk.start, chunk.stop, buf.c)
+    peak = lo + size if n_upto < n else lo - 1
+    if n_upto > n_below:
+        np.logical_xor(inside, below, out=inside)
+        idx = np.flatnonzero(inside).astype(np.uint32)
+        values = bits[idx]
+        np.add.at(hist, 1 + ((values - lo) >> shift), 1)
+        if n_upto == n:
+            peak = int(values.max())
+        record(chunk, idx, buf.a_np[idx], buf.c_np[idx])
+    _apply_and_write(chunk, buf, models, writer, tau, shrink, scale, False)
+    return peak
+
+
+def _apply_and_write(chunk: Chunk, buf: WorkerBuffers, models: Models, writer: ShardWriter, tau,
+                     shrink: float | None, scale: float, tensor_changed: bool | None) -> int:
+    """theta_t (already in ``buf.c``) - scale * hardshrink(tau, shrink), rounded and written."""
+    task: TensorTask = chunk.task
+    n = chunk.size
     if shrink is not None:
         torch.hardshrink(tau, shrink, out=buf.b[:n])
         tau = buf.b[:n]
@@ -96,7 +133,6 @@ def hdr_chunk(
     else:
         changed = int(tensor_changed)
     tau.mul_(scale)
-    buf.stage.read_f32(models.files, models.target, task.target, chunk.start, chunk.stop, buf.c)
     result = buf.c[:n]
     result.sub_(tau)
     if not _all_finite(result):
@@ -131,4 +167,4 @@ def write_f32(result, task: TensorTask, start: int, buf: WorkerBuffers, writer: 
     writer.write(task.name, start * size, byte_view(out))
 
 
-__all__ = ["band_kernel", "low_kernel", "hdr_chunk", "convert_chunk", "write_f32"]
+__all__ = ["band_kernel", "low_kernel", "hdr_chunk", "band_apply_chunk", "convert_chunk", "write_f32"]
