@@ -21,6 +21,8 @@ _EXPORTS = {
     "sanitize": "ckptops.hdr.sanitize",
     "SanitizeOptions": "ckptops.hdr.sanitize",
     "SanitizeReport": "ckptops.hdr.sanitize",
+    "diagnose": "ckptops.hdr.diagnose",
+    "DiagnoseReport": "ckptops.hdr.diagnose",
     "open_checkpoint": "ckptops.checkpoint.resolve",
     "Checkpoint": "ckptops.checkpoint.resolve",
     "compute_icv": "ckptops.icv.compute",

@@ -61,6 +61,7 @@ def main() -> None:
 
     \b
     sanitize   remove the harm direction from a model's weights (streaming, low RAM)
+    diagnose   will HDR help this target? how it drifted, against the harm vector
     icv        compute, inspect and export the Safe-Align in-context vector
     generate   try a model with and without its in-context vector
     eval       measure refusals, over-refusal and perplexity offline
@@ -79,7 +80,7 @@ def _register() -> None:
     """Add every command module's commands; a module that is not there yet is skipped."""
     import importlib
 
-    for name in ("sanitize", "demo", "icv", "evaluate", "hub", "recipe", "harm", "tune"):
+    for name in ("sanitize", "diagnose", "demo", "icv", "evaluate", "hub", "recipe", "harm", "tune"):
         try:
             module = importlib.import_module(f"ckptops.commands.{name}")
         except ModuleNotFoundError as exc:

@@ -81,7 +81,7 @@ _CHOICES = {
     ("harm", "dtype"): ("float32", "bfloat16"),
     ("icv", "positions"): ("last4", "last"),
     ("icv", "method"): ("pc1+mean", "pc1"),
-    ("icv", "rule"): ("official", "paper"),
+    ("icv", "rule"): ("official", "paper", "additive"),
 }
 
 
@@ -181,17 +181,25 @@ def _type_name(types: tuple[type, ...]) -> str:
     return " or ".join(dict.fromkeys(names[t] for t in types))
 
 
+#: a recipe is a few dozen lines; anything this large is not one
+MAX_RECIPE_BYTES = 1024 * 1024
+
+
 def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, override and validate a recipe file."""
+    from ckptops.safeio import read_text, unprintable
+
     path = Path(path)
+    # a regular file (not /dev/zero or a FIFO) of recipe size, strict UTF-8
+    text = read_text(path, MAX_RECIPE_BYTES, RecipeError, "recipe file")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: no such recipe file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"{path}: cannot read ({exc})") from None
+        data = tomllib.loads(text)
+    except RecursionError:
+        raise RecipeError(f"{path}: TOML nested too deeply") from None
     except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(f"{path}: not valid TOML ({exc})") from None
+        raise RecipeError(f"{path}: not valid TOML ({' '.join(str(exc).split())})") from None
+    if unprintable(data):
+        raise RecipeError(f"{path}: holds text that is not valid Unicode")
     return validate(apply_overrides(data, overrides), str(path))
 
 

@@ -39,7 +39,7 @@ def assert_one_line_error(result, *fragments):
 def test_help_lists_commands_with_examples():
     top = run("--help")
     assert top.exit_code == 0 and "icv" in top.output and "generate" in top.output
-    for command in (["icv", "compute"], ["icv", "inspect"], ["icv", "export-gguf"], ["generate"]):
+    for command in (["icv", "compute"], ["icv", "inspect"], ["icv", "export-gguf"], ["icv", "bake"], ["generate"]):
         result = run(*command, "--help")
         assert result.exit_code == 0 and "Example" in result.output, command
 
@@ -69,7 +69,14 @@ def test_compute_inspect_export(checkpoint, tmp_path):
     gguf_out = tmp_path / "control.gguf"
     exported = run("icv", "export-gguf", out, gguf_out, "--alpha", "0.5")
     assert exported.exit_code == 0 and gguf_out.is_file()
-    assert "2 direction tensors" in exported.stdout and "does not reproduce" in exported.stdout
+    assert "2 direction tensors" in exported.stdout and "the file's rule is official" in exported.stdout
+    # the printed commands name the file, scale 1 and the file's layers (direction.N on 0-based layer N)
+    server = next(line.split() for line in exported.stdout.splitlines() if line.strip().startswith("llama-server"))
+    assert server[server.index("--control-vector-scaled") + 1] == f"{gguf_out}:1"
+    assert server[server.index("--control-vector-layer-range") + 1:][:2] == ["1", "2"]
+    assert any(line.strip().startswith("llama-cli") for line in exported.stdout.splitlines())
+    wrong = run("icv", "export-gguf", out, tmp_path / "other.gguf", "--model-hint", "qwen2")
+    assert_one_line_error(wrong, "--model-hint 'qwen2' does not match", "phi3")
 
     again = run("icv", "compute", "--model", folder, "--out", out, "--demos", demos, "-q")
     assert_one_line_error(again, str(out), "already exists")

@@ -73,7 +73,7 @@ GOOD = {"icv.layers.1": torch.zeros(16), "icv.layers.3": torch.ones(16)}
 
 
 @pytest.mark.parametrize("tensors,meta,message", [
-    (GOOD, {"format_version": "2"}, r"unknown ICV format version '2'.*reads version 1"),
+    (GOOD, {"format_version": "3"}, r"unknown ICV format version '3'.*reads versions 1, 2"),
     (GOOD, {"format": None}, r"not a ckptops ICV file"),
     (GOOD, {"format": "something-else"}, r"not a ckptops ICV file"),
     (GOOD, {"rule": "sideways"}, r"unknown rule 'sideways'"),

@@ -8,15 +8,25 @@ import numpy as np
 import pytest
 import torch
 
-from ckptops.errors import ICVError, MissingExtraError, OutputError
+from ckptops.errors import ICVError, MissingExtraError, OutputError, UsageError
 from ckptops.icv.file import ICV
 from ckptops.icv.gguf_export import export_gguf
 
 
+NORMS = {0: 3.0, 1: 0.5, 2: 2.0, 3: 7.25}
+
+
 def _icv(layers=(0, 1, 2, 3), **kw) -> ICV:
     generator = torch.Generator().manual_seed(7)
+    kw.setdefault("mlp_norms", {i: NORMS[i] for i in layers})
     return ICV(vectors={i: torch.randn(24, generator=generator) for i in layers}, hidden_size=24, num_layers=4,
                model_type="mistral", **kw)
+
+
+def _additive_reference(vector: torch.Tensor, alpha: float, norm: float) -> np.ndarray:
+    """u = 0.1 * alpha * m * v / |v|, in float64 numpy (the documented additive rule)."""
+    v = vector.numpy().astype(np.float64)
+    return (0.1 * alpha * norm * v / np.sqrt((v * v).sum())).astype(np.float32)
 
 
 def _read(path):
@@ -41,18 +51,40 @@ def test_export_reads_back_as_a_llama_cpp_control_vector(tmp_path):
     assert set(types.values()) == {"F32"}
     for i in (1, 2, 3):
         assert tensors[f"direction.{i}"].shape == (24,)
-        expected = (icv.vectors[i].numpy().astype(np.float64) * 0.12).astype(np.float32)  # alpha * v, paper rule
-        np.testing.assert_array_equal(tensors[f"direction.{i}"], expected)
-    assert result.layers == [1, 2, 3] and result.dropped_layers == [0]
+        expected = _additive_reference(icv.vectors[i], 0.12, NORMS[i])  # the official file, run additively
+        np.testing.assert_allclose(tensors[f"direction.{i}"], expected, rtol=1e-6, atol=0)
+    assert result.layers == [1, 2, 3] and result.dropped_layers == [0] and result.source_rule == "official"
 
 
 def test_alpha_and_hint_overrides(tmp_path):
-    icv = _icv(layers=(2, 3))
-    result = export_gguf(icv, tmp_path / "c.gguf", alpha=1.5, model_hint="llama")
+    icv = _icv(layers=(2, 3), rule="additive")
+    result = export_gguf(icv, tmp_path / "c.gguf", alpha=1.5, model_hint="Mistral")
     fields, tensors, _ = _read(tmp_path / "c.gguf")
-    assert fields["controlvector.model_hint"] == "llama" and fields["controlvector.layer_count"] == 2
-    np.testing.assert_allclose(tensors["direction.3"], icv.vectors[3].numpy() * 1.5, rtol=1e-6)
+    assert fields["controlvector.model_hint"] == "Mistral" and fields["controlvector.layer_count"] == 2
+    np.testing.assert_allclose(tensors["direction.3"], _additive_reference(icv.vectors[3], 1.5, NORMS[3]), rtol=1e-6)
     assert result.dropped_layers == []
+
+
+def test_a_hint_naming_another_model_is_refused(tmp_path):
+    with pytest.raises(UsageError, match=r"--model-hint 'llama' does not match .*mistral"):
+        export_gguf(_icv(layers=(2, 3)), tmp_path / "c.gguf", model_hint="llama")
+    assert not (tmp_path / "c.gguf").exists()
+
+
+def test_a_file_without_mlp_norms_is_refused(tmp_path):
+    with pytest.raises(ICVError, match=r"--rule additive"):
+        export_gguf(_icv(layers=(2, 3), mlp_norms={}), tmp_path / "c.gguf")
+
+
+def test_printed_flags_follow_llama_cpp_syntax_and_the_file_layers(tmp_path):
+    result = export_gguf(_icv(layers=(2, 3)), tmp_path / "c.gguf")
+    command = result.commands("m.gguf")["llama-server"].split()
+    assert command[:3] == ["llama-server", "-m", "m.gguf"]
+    # llama.cpp's arg.cpp: --control-vector-scaled takes ONE argument FNAME:SCALE
+    i = command.index("--control-vector-scaled")
+    assert command[i + 1] == f"{tmp_path / 'c.gguf'}:1"
+    j = command.index("--control-vector-layer-range")
+    assert command[j + 1:j + 3] == ["2", "3"]  # direction.N is added to 0-based layer N's output
 
 
 def test_refusals(tmp_path):
@@ -62,7 +94,7 @@ def test_refusals(tmp_path):
     with pytest.raises(OutputError, match="already exists"):
         export_gguf(_icv(layers=(1,)), tmp_path / "c.gguf")
     export_gguf(_icv(layers=(1,)), tmp_path / "c.gguf", overwrite=True)
-    nameless = ICV(vectors={1: torch.ones(4)}, hidden_size=4, num_layers=2)
+    nameless = ICV(vectors={1: torch.ones(4)}, hidden_size=4, num_layers=2, mlp_norms={1: 1.0})
     with pytest.raises(ICVError, match="--model-hint"):
         export_gguf(nameless, tmp_path / "d.gguf")
 

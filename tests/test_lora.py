@@ -265,3 +265,27 @@ def test_tune_accepts_an_adapter_as_harmful(tiny, tmp_path):
         assert [n for n, v in written.items() if n in state and not torch.equal(state[n], v)] == []
     finally:
         hdr.close()
+
+
+@pytest.mark.parametrize("scaling", [1.0, 2.0, 4.0, 0.5, 3.0])
+def test_folded_scaling_gives_the_bits_of_scaling_after_the_product(scaling, engine_path):
+    """The engine forms (s * B) @ A when s is a power of two >= 1: the same bits as PEFT's
+    fl(B @ A) * s, checked here against the plain product."""
+    from ckptops.checkpoint.lora import LoraModule, _fold_scaling
+
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(16, 300, generator=g), torch.randn(200, 16, generator=g) * 1e-2
+    module = _fold_scaling(LoraModule("w", a, b.clone(), scaling, False, scaling))
+    assert torch.equal((module.b @ module.a) * module.post_scale, (b @ a) * scaling)
+    assert (module.post_scale == 1.0) == (scaling in (1.0, 2.0, 4.0))
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_low_disk_gives_the_same_bytes_with_adapters(tiny, tmp_path, scope):
+    runs = {}
+    for low_disk in (False, True):
+        out = tmp_path / f"out-{low_disk}"
+        ckptops.sanitize(tiny["base"], tiny["adapter"], f"{tiny['base']}+{tiny['patterned']}", out, scope=scope,
+                         low_disk=low_disk, chunk_elements=999, progress=False)
+        runs[low_disk] = (out / "model.safetensors").read_bytes()
+    assert runs[False] == runs[True]

@@ -71,6 +71,17 @@ def test_values_written_against_a_wrong_estimate_are_corrected(models, tmp_path,
     _check(tmp_path / "out", expected)
     one = report.one_read
     assert not one["band_missed"] and one["values_corrected"] > 100
+    _same_drift(report, paths, tmp_path, scope)
+
+
+def _same_drift(report, paths, tmp_path, scope="global") -> None:
+    """The drift figures (sums over the exact selection) equal those of the two-pass engine."""
+    two = ckptops.sanitize(paths["base"], paths["harmful"], paths["target"], tmp_path / "two-pass", scope=scope,
+                           chunk_elements=4096, progress=False, one_read=False)
+    for key, figures in two.drift.layers.items():
+        got = report.drift.layers[key]
+        for name in ("norm_masked_tau", "cos_masked_tau", "projection", "residual_ratio", "cos_tau", "values"):
+            assert getattr(got, name) == pytest.approx(getattr(figures, name), rel=1e-9, abs=1e-12), (key, name)
 
 
 def test_ties_at_the_threshold(tmp_path):
@@ -118,6 +129,7 @@ def test_forced_band_miss_falls_back_exactly(models, tmp_path, monkeypatch):
     _check(tmp_path / "out", expected)
     assert report.one_read["band_missed"] == ["all"]
     assert "band missed" in report.format_text()
+    _same_drift(report, paths, tmp_path)
 
 
 def test_corrections_spill_to_a_file(models, tmp_path, monkeypatch):

@@ -225,3 +225,25 @@ def test_bad_input_is_one_line_before_any_model_loads(triple, tmp_path, monkeypa
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
     assert not out.exists()
+
+
+def test_a_rerun_with_more_values_measures_only_the_new_ones(triple, session, tmp_path):
+    folders, harmful, xs = triple
+    judged = []
+
+    def judge(prompts, outputs):
+        judged.append(len(outputs))
+        return ["compliance" for _ in outputs]
+
+    out = tmp_path / "extend"
+    common = dict(top_ks=[0.1], max_new_tokens=3, max_kl=1e9, max_broken_increase=1.0, judge=judge, progress=False,
+                  session=session)
+    first = tune(folders["base"], folders["harmful"], folders["target"], harmful, xs, out, scales=[1.0], **common)
+    assert [t.candidate.scale for t in first.trials] == [1.0]
+    calls = len(judged)
+    second = tune(folders["base"], folders["harmful"], folders["target"], harmful, xs, out, scales=[2.0], **common)
+    assert sorted(t.candidate.scale for t in second.trials) == [1.0, 2.0]  # the log's trial is kept
+    records = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()[1:]]
+    tuned = [r["candidate"]["scale"] for r in records if r["split"] == "tune"]
+    assert tuned == [0.0, 1.0, 2.0]  # the target and each candidate measured once
+    assert len(judged) - calls <= 2  # at most the new trial and its held-out row

@@ -127,6 +127,8 @@ class LoraModule:
     b: object  # torch float32 (out, r)
     scaling: float
     fan_in_fan_out: bool
+    #: applied after B @ A; 1.0 when ``scaling`` was folded into ``b`` (see :func:`_fold_scaling`)
+    post_scale: float = 1.0
 
     @property
     def rank(self) -> int:
@@ -252,8 +254,28 @@ def read_adapter(folder: Path) -> Adapter:
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         if not all(bool(t.isfinite().all()) for t in (a, b)):
             raise CheckpointError(f"{weights}: module {module} holds NaN or Inf")
-        modules[f"{module}.weight"] = LoraModule(f"{module}.weight", a.contiguous(), b.contiguous(), float(scaling), fan)
+        modules[f"{module}.weight"] = _fold_scaling(LoraModule(f"{module}.weight", a.contiguous(), b.contiguous(),
+                                                               float(scaling), fan, float(scaling)))
     return Adapter(folder, config, weights, modules)
+
+
+def _fold_scaling(module: LoraModule) -> LoraModule:
+    """Multiply B by the scaling once, when that gives the same bits as scaling each product.
+
+    Multiplying by a power of two >= 1 is exact and commutes with every float32 rounding of the
+    product as long as nothing overflows (the bound below is far from it), so (s * B) @ A equals
+    fl(B @ A) * s bit for bit and saves a pass over every chunk (a third of the product's cost).
+    Other scalings are applied after the product, as PEFT does."""
+    s = module.scaling
+    mantissa, _ = math.frexp(s)
+    if s < 1.0 or mantissa != 0.5:
+        return module
+    bound = float(module.b.abs().max()) * s * float(module.a.abs().max()) * module.rank
+    if not bound < 1e30:
+        return module
+    module.b = module.b * s
+    module.post_scale = 1.0
+    return module
 
 
 def _describe_unsupported(keys: list[str]) -> str:
@@ -360,7 +382,8 @@ class LoraSource(ZeroSource):
                 scratch = self._scratch.buffer = torch.empty(need, dtype=torch.float32)
             torch.mm(left, right, out=scratch[:need].view(r1 - r0, cols))
             out[:n].copy_(scratch[start - r0 * cols: stop - r0 * cols])
-        out[:n].mul_(module.scaling)
+        if module.post_scale != 1.0:
+            out[:n].mul_(module.post_scale)
 
     def _values(self, stage, files, info: TensorInfo, start: int, stop: int, out) -> None:
         import torch

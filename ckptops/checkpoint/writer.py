@@ -286,6 +286,8 @@ class ShardWriter:
         try:
             for shard in shards:
                 head, offsets = header_bytes(shard, metadata)
+                if "/" in shard.name:  # the input's index kept its shards in a subfolder: so do we
+                    (self.folder / shard.name).parent.mkdir(parents=True, exist_ok=True)
                 file = open_output(self.folder / shard.name, len(head) + shard.nbytes, direct)
                 self._files.append(file)
                 file.write_at(0, memoryview(head))

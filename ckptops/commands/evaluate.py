@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import click
 
+from ckptops.threads import threads_option, use_threads
+
 from ckptops.evaluate.prompts import AUTO_LABEL
 
 _LABELS = ["harmful", "benign", "unsafe", "safe", AUTO_LABEL]
@@ -22,6 +24,8 @@ _LABELS = ["harmful", "benign", "unsafe", "safe", AUTO_LABEL]
 )
 @click.option("--icv", metavar="FILE", help="Apply this ICV file while generating (with --compare: to SANITIZED only).")
 @click.option("--icv-alpha", type=float, default=None, help="Override the ICV file's alpha.")
+@click.option("--icv-rule", type=click.Choice(["official", "paper", "additive"]), default=None,
+              help="Override the ICV file's rule (additive: what a baked folder or llama.cpp runs).")
 @click.option(
     "--prompts", "prompt_files", multiple=True, required=True, metavar="FILE",
     help="Prompt file: JSON lines or CSV with a prompt column (repeatable).",
@@ -54,9 +58,11 @@ _LABELS = ["harmful", "benign", "unsafe", "safe", AUTO_LABEL]
 @click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Write the JSON report (every prompt, output and verdict).")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or status lines.")
+@threads_option
 def eval_cmd(
-    model_dir, compare_dirs, icv, icv_alpha, prompt_files, labels, judge, max_new_tokens, batch_size, limit,
+    model_dir, compare_dirs, icv, icv_alpha, icv_rule, prompt_files, labels, judge, max_new_tokens, batch_size, limit,
     chat_template, ppl_file, ppl_window, ppl_stride, ppl_max_tokens, dtype, device, out_file, as_json, quiet,
+    threads,
 ) -> None:
     """Measure how often a model refuses harmful prompts and over-refuses benign ones.
 
@@ -85,13 +91,14 @@ def eval_cmd(
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be at least 1, got {limit}")
     progress = not quiet
+    use_threads(threads)
 
     def log(message: str) -> None:
         if progress:
             click.echo(message, err=True)
 
     common = dict(
-        labels=list(labels), icv=icv, icv_alpha=icv_alpha, judge=judge, max_new_tokens=max_new_tokens,
+        labels=list(labels), icv=icv, icv_alpha=icv_alpha, icv_rule=icv_rule, judge=judge, max_new_tokens=max_new_tokens,
         batch_size=batch_size, chat_template=chat_template, limit=limit, ppl=ppl_file, ppl_window=ppl_window,
         ppl_stride=ppl_stride, ppl_max_tokens=ppl_max_tokens, dtype=dtype, device=device, progress=progress,
         log=log,

@@ -15,7 +15,9 @@ from typing import Iterator
 
 import click
 
-_RULES = ["official", "paper"]
+from ckptops.threads import threads_option, use_threads
+
+_RULES = ["official", "paper", "additive"]
 
 
 @contextmanager
@@ -53,7 +55,8 @@ def icv_group() -> None:
     \b
     compute      demonstrations -> icv.safetensors (official Safety Arithmetic recipe)
     inspect      print an ICV file's metadata and per-layer norms
-    export-gguf  write a llama.cpp control vector (plain addition; differs from the official rule)
+    bake         write a checkpoint whose weights carry an additive-rule ICV (any runtime)
+    export-gguf  write a llama.cpp control vector (the additive rule) and print the flags
 
     Put icv.safetensors in a checkpoint folder and `ckptops generate` or
     `ckptops.from_pretrained(folder)` apply it at load time. See docs/icv.md.
@@ -73,7 +76,9 @@ def icv_group() -> None:
 @click.option("--layers", metavar="LIST", default=None,
               help="Keep only these decoder layers, e.g. 4-6 (an edited model's edit area). Default: all.")
 @click.option("--rule", type=click.Choice(_RULES), default="official", show_default=True,
-              help="How the file says to apply it: official (MLP output, gated, s=0.1*alpha) or paper (h + alpha*v).")
+              help="How the file says to apply it: official (MLP output, gated, s=0.1*alpha), paper (h + alpha*v) "
+                   "or additive (MLP output + s*m_l*v/|v|, s=0.1*alpha, m_l the layer's typical MLP-output norm; "
+                   "bakeable, and what llama.cpp runs).")
 @click.option("--alpha", type=float, default=None, help="Strength recorded in the file (default 0.12).")
 @click.option("--max-memory", default=None, metavar="SIZE",
               help="Cap resident weights, e.g. 4GiB; the rest is offloaded to disk (slower, low RAM).")
@@ -81,7 +86,9 @@ def icv_group() -> None:
               help="Where accelerate may write offloaded weights (default: a temporary folder).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def compute(model_ref, out, demos, positions, method, layers, rule, alpha, max_memory, offload_folder, overwrite, quiet):
+@threads_option
+def compute(model_ref, out, demos, positions, method, layers, rule, alpha, max_memory, offload_folder, overwrite, quiet,
+            threads):
     """Compute the safety ICV of MODEL and write it to --out.
 
     Runs every demonstration pair (unsafe and safe answer to a harmful question) through the
@@ -93,6 +100,7 @@ def compute(model_ref, out, demos, positions, method, layers, rule, alpha, max_m
       ckptops icv compute --model llama2-safe --out llama2-safe/icv.safetensors
       ckptops icv compute --model big-model --out icv.safetensors --max-memory 4GiB
       ckptops icv compute --model edited --out icv.safetensors --layers 4-6 --demos my_pairs.jsonl
+      ckptops icv compute --model llama2-safe --out icv.safetensors --rule additive
     """
     from pathlib import Path
 
@@ -107,6 +115,7 @@ def compute(model_ref, out, demos, positions, method, layers, rule, alpha, max_m
         raise OutputError(f"{target}: already exists (use --overwrite to replace it)")
     chosen = parse_layers(layers)
     pairs = load_demos(demos)  # validate before the (slow) model load
+    use_threads(threads)
     started = time.perf_counter()
     with _warnings_as_lines(), load_model(model_ref, max_memory=max_memory, offload_folder=offload_folder,
                                           quiet=_quiet_libraries(quiet)) as loaded:
@@ -155,8 +164,15 @@ def inspect_icv(path, as_json):
     click.echo(f"  layers          {format_layers(icv.layers)} ({len(icv.layers)} of {icv.num_layers})")
     for key in sorted(set(meta) - {"format", "format_version", "created_by", "rule", "site", "alpha", "scale_factor",
                                    "strength", "sign_convention", "method", "positions", "num_demos", "demos_sha256",
-                                   "model_type", "hidden_size", "num_layers", "source", "source_sha256"}):
+                                   "model_type", "hidden_size", "num_layers", "source", "source_sha256",
+                                   "mlp_output_norms"}):
         click.echo(f"  {key:<15} {meta[key]}")
+    if icv.mlp_norms and all(i in icv.mlp_norms for i in icv.layers):
+        click.echo("  layer  |v|         m_l (MLP norm)  |u_l| additive")
+        for i, n in norms.items():
+            additive = icv.strength * icv.mlp_norms[i] if icv.rule == "additive" else 0.1 * icv.alpha * icv.mlp_norms[i]
+            click.echo(f"  {i:>5}  {n:<10.6g}  {icv.mlp_norms[i]:<14.6g}  {additive:.6g}")
+        return
     click.echo("  layer  |v|")
     for i, n in norms.items():
         click.echo(f"  {i:>5}  {n:.6g}")
@@ -165,29 +181,76 @@ def inspect_icv(path, as_json):
 @icv_group.command("export-gguf")
 @click.argument("icv_path", metavar="ICV", type=click.Path(dir_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
-@click.option("--model-hint", default=None, help="controlvector.model_hint (default: the ICV's model type, e.g. llama).")
-@click.option("--alpha", type=float, default=None, help="Scale of the exported vector (default: the file's alpha).")
+@click.option("--model-hint", default=None,
+              help="controlvector.model_hint (default: the ICV's model type; another type is refused).")
+@click.option("--alpha", type=float, default=None, help="Strength of the exported vector (default: the file's alpha).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def export_gguf_command(icv_path, out, model_hint, alpha, overwrite):
-    """Write ICV as a llama.cpp control vector (GGUF) holding alpha * v per layer.
+    """Write ICV as a llama.cpp control vector (GGUF) and print the llama.cpp flags to use it.
 
-    llama.cpp adds the vector plainly to each layer's output (no gate, no renormalisation, and
-    never to layer 0), which is the paper's rule without rescaling -- not the official rule.
-    Check the behaviour on your model.
+    The file holds the additive rule's absolute vector u_N = s*m_N*v_N/|v_N| as direction.N,
+    which llama.cpp adds to the output of 0-based decoder layer N: at scale 1 llama.cpp computes
+    what `--rule additive` computes in ckptops. llama.cpp cannot steer layer 0, so layer 0 is
+    left out (with a warning). An official- or paper-rule file is exported under the additive
+    rule at the same alpha.
 
     \b
     Example:
       ckptops icv export-gguf icv.safetensors safety.gguf
-      llama-cli -m model.gguf --control-vector safety.gguf -p "..."
+      llama-server -m model.gguf --control-vector-scaled safety.gguf:1 --control-vector-layer-range 1 29
     """
     from ckptops.icv.gguf_export import export_gguf
 
     with _warnings_as_lines():
         result = export_gguf(icv_path, out, model_hint=model_hint, alpha=alpha, overwrite=overwrite)
-    click.echo(f"wrote {result.path}: {len(result.layers)} direction tensors (alpha {result.alpha:g}, "
-               f"model hint {result.model_hint!r})")
-    click.echo("note: llama.cpp adds the vector plainly (paper rule without rescaling); it does not reproduce "
-               "the official gated rule")
+    start, end = result.layer_range
+    click.echo(f"wrote {result.path}: {len(result.layers)} direction tensors, layers {start}-{end}, additive rule, "
+               f"alpha {result.alpha:g} (strength {result.strength:g}), model hint {result.model_hint!r}")
+    if result.source_rule != "additive":
+        click.echo(f"note: the file's rule is {result.source_rule}; llama.cpp can only add, so this is the additive "
+                   "rule at the same alpha -- preview it with `ckptops generate --rule additive`")
+    commands = result.commands()
+    click.echo("run it with llama.cpp (scale 1 = exactly the additive rule; :0.5 halves it):")
+    click.echo(f"  {commands['llama-server']}")
+    click.echo(f"  {commands['llama-cli']}")
+    if ":" in str(result.path) or "," in str(result.path):
+        click.echo("warning: the path holds ':' or ',', which llama.cpp's FNAME:SCALE parser splits on; "
+                   "move the file to a plain path", err=True)
+
+
+@icv_group.command("bake")
+@click.option("--model", "model_ref", required=True, metavar="MODEL", help="Checkpoint folder (safetensors).")
+@click.option("--icv", "icv_path", type=click.Path(dir_okay=False), default=None,
+              help="Additive-rule ICV file (default: MODEL/icv.safetensors).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write.")
+@click.option("--alpha", type=float, default=None, help="Override the file's alpha.")
+@click.option("--title", default=None, help="Title of the model card (default: the folder name).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def bake_command(model_ref, icv_path, out, alpha, title, overwrite, quiet):
+    """Write MODEL with an additive-rule ICV baked into its weights, for any runtime.
+
+    Each steered layer gets mlp.down_proj.bias = u_l (the additive rule's vector); gate/up and
+    unsteered layers get zero biases, config.json gets mlp_bias: true. Every other tensor is
+    copied byte for byte. Exact for Llama, Mistral and Qwen2 (the last two relabelled as Llama);
+    other architectures and non-additive ICV files are refused with the reason.
+
+    \b
+    Example:
+      ckptops icv compute --model llama2-safe --out icv.safetensors --rule additive
+      ckptops icv bake --model llama2-safe --icv icv.safetensors --out llama2-safe-baked
+      vllm serve llama2-safe-baked
+    """
+    from ckptops.icv.bake import bake_icv
+
+    report = bake_icv(model_ref, out, icv_path, alpha=alpha, overwrite=overwrite, title=title,
+                      progress=_progress(quiet))
+    from ckptops.hdr.layers import format_layers
+
+    relabel = f", relabelled {report.model_type} -> llama" if report.model_type != report.baked_as else ""
+    click.echo(f"wrote {report.out}: additive ICV on layers {format_layers(report.layers)} "
+               f"(alpha {report.alpha:g}, strength {report.strength:g}) as {report.bias_tensors} bias tensors"
+               f"{relabel}, {report.seconds:.1f} s")
 
 
 @click.command("generate")
@@ -205,7 +268,8 @@ def export_gguf_command(icv_path, out, model_hint, alpha, overwrite):
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="Model dtype (auto: the checkpoint's).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or loading messages.")
-def generate(model_ref, icv_path, no_icv, alpha, rule, prompts, max_new_tokens, chat, compare, dtype, quiet):
+@threads_option
+def generate(model_ref, icv_path, no_icv, alpha, rule, prompts, max_new_tokens, chat, compare, dtype, quiet, threads):
     """Greedy-generate from MODEL, steered by an ICV -- a quick way to try one.
 
     \b
@@ -230,6 +294,8 @@ def generate(model_ref, icv_path, no_icv, alpha, rule, prompts, max_new_tokens, 
         raise UsageError(f"--alpha/--rule/--compare need an ICV (--icv FILE or {ICV_FILENAME} in the model folder)")
     if chosen is not None and not chosen.is_file():
         raise UsageError(f"{chosen}: no such ICV file")
+    check_before_loading(model_ref, prompts, chosen, alpha, rule)
+    use_threads(threads)
     with _warnings_as_lines(), load_model(model_ref, dtype=dtype, quiet=_quiet_libraries(quiet),
                                                 hash_weights=False) as loaded:
         model, tokenizer = loaded.model, loaded.tokenizer
@@ -253,6 +319,28 @@ def generate(model_ref, icv_path, no_icv, alpha, rule, prompts, max_new_tokens, 
                 click.echo(f"[{label}]", err=True)
             click.echo(text)
     sys.stdout.flush()
+
+
+def check_before_loading(model_ref, prompts, icv_path, alpha, rule) -> None:
+    """Everything ``generate`` can check without the model: prompt text, the ICV file and the
+    effective strength (alpha overrides included), so that a bad option fails in a second, not
+    after the model has loaded."""
+    from ckptops.errors import UsageError
+    from ckptops.icv.file import check_alpha, check_strength, load_icv
+    from ckptops.safeio import check_text
+
+    for number, prompt in enumerate(prompts, start=1):
+        check_text(prompt, f"--prompt {number}", UsageError)
+        if len(prompt) > 100_000:
+            raise UsageError(f"--prompt {number} is {len(prompt):,} characters; keep prompts under 100,000")
+    if alpha is not None:
+        check_alpha(alpha)
+    if icv_path is not None:
+        icv = load_icv(icv_path)
+        if alpha is not None or rule is not None:
+            icv = icv.with_application(alpha=alpha, rule=rule)
+        with _warnings_as_lines():
+            check_strength(icv, str(icv_path))
 
 
 COMMANDS = [icv_group, generate]

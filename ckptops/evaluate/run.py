@@ -70,12 +70,12 @@ def _load(model_ref: str | os.PathLike, dtype: str, device: str, quiet: bool):
     return loaded
 
 
-def _apply_icv(model: Any, icv: str | os.PathLike, alpha: float | None):
+def _apply_icv(model: Any, icv: str | os.PathLike, alpha: float | None, rule: str | None = None):
     try:
         from ckptops.icv.patch import apply_icv
     except ImportError as exc:  # pragma: no cover - the ICV module ships with ckptops
         raise EvalError(f"--icv needs ckptops.icv.patch, which cannot be imported here ({exc})") from exc
-    return apply_icv(model, icv, alpha=alpha)
+    return apply_icv(model, icv, alpha=alpha, rule=rule)
 
 
 def _evaluate_one(
@@ -86,6 +86,7 @@ def _evaluate_one(
     icv: str | os.PathLike | None,
     icv_alpha: float | None,
     max_new_tokens: int,
+    icv_rule: str | None = None,
     batch_size: int,
     chat_template: bool | None,
     ppl: str | os.PathLike | None,
@@ -108,7 +109,7 @@ def _evaluate_one(
     handle = None
     try:
         if icv is not None:
-            handle = _apply_icv(loaded.model, icv, icv_alpha)
+            handle = _apply_icv(loaded.model, icv, icv_alpha, icv_rule)
             log(f"applied ICV {icv} ({handle!r})")
         prompts = [p for s in sets for p in s.prompts]
         generations, stats = generate(
@@ -198,6 +199,7 @@ def evaluate(
     labels: Sequence[str] = (),
     icv: str | os.PathLike | None = None,
     icv_alpha: float | None = None,
+    icv_rule: str | None = None,
     judge: str | JudgeFunction = "keyword",
     max_new_tokens: int = 64,
     batch_size: int = 16,
@@ -220,6 +222,7 @@ def evaluate(
         labels: ``--label`` values, paired with the files as in :func:`load_prompt_sets`.
         icv: an ICV file to apply while generating (and while measuring perplexity).
         icv_alpha: override the ICV file's alpha.
+        icv_rule: override the ICV file's rule (``official``, ``paper`` or ``additive``).
         judge: ``"keyword"``, ``"module:function"``, an entry-point name, or a callable.
         chat_template: ``None`` uses the tokenizer's chat template when it has one.
         limit: the first ``limit`` prompts of each file only.
@@ -233,7 +236,7 @@ def evaluate(
     loaded_judge = load_judge(judge)
     evaluation = _evaluate_one(
         model, sets, loaded_judge,
-        icv=icv, icv_alpha=icv_alpha, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        icv=icv, icv_alpha=icv_alpha, icv_rule=icv_rule, max_new_tokens=max_new_tokens, batch_size=batch_size,
         chat_template=chat_template, ppl=ppl, ppl_window=ppl_window, ppl_stride=ppl_stride,
         ppl_max_tokens=ppl_max_tokens, dtype=dtype, device=device, progress=progress, log=say,
     )
@@ -252,6 +255,7 @@ def compare(
     labels: Sequence[str] = (),
     icv: str | os.PathLike | None = None,
     icv_alpha: float | None = None,
+    icv_rule: str | None = None,
     judge: str | JudgeFunction = "keyword",
     max_new_tokens: int = 64,
     batch_size: int = 16,
@@ -281,7 +285,7 @@ def compare(
         device=device, progress=progress, log=say,
     )
     a = _evaluate_one(original, sets, loaded_judge, icv=None, icv_alpha=None, **common)
-    b = _evaluate_one(sanitized, sets, loaded_judge, icv=icv, icv_alpha=icv_alpha, **common)
+    b = _evaluate_one(sanitized, sets, loaded_judge, icv=icv, icv_alpha=icv_alpha, icv_rule=icv_rule, **common)
     return CompareReport(
         a=a,
         b=b,

@@ -170,7 +170,7 @@ static inline __attribute__((always_inline)) Py_ssize_t collect_body(const void 
                                                                      const void *t, int tk, Py_ssize_t n,
                                                                      uint32_t lo, uint32_t size, int shift,
                                                                      int64_t *counts, BandResult *res, uint32_t *idx,
-                                                                     float *taus, float *targets) {
+                                                                     float *taus, float *targets, float *bases) {
     long long below = 0, above = 0;
     long long peak = (long long)lo - 1;
     uint32_t worst = 0;
@@ -200,6 +200,7 @@ static inline __attribute__((always_inline)) Py_ssize_t collect_body(const void 
                     idx[found] = (uint32_t)(s + i);
                     taus[found] = load(h, hk, s + i) - load(b, bk, s + i);
                     targets[found] = load(t, tk, s + i);
+                    bases[found] = load(b, bk, s + i);
                     found++;
                 }
             }
@@ -215,32 +216,34 @@ static inline __attribute__((always_inline)) Py_ssize_t collect_body(const void 
 #define COLLECT_VARIANT(name, HK, BK)                                                                  \
     MULTIVERSION static Py_ssize_t name(const void *h, const void *b, const void *t, int tk, Py_ssize_t n, \
                                         uint32_t lo, uint32_t size, int shift, int64_t *counts,           \
-                                        BandResult *res, uint32_t *idx, float *taus, float *targets) {    \
-        return collect_body(h, HK, b, BK, t, tk, n, lo, size, shift, counts, res, idx, taus, targets);   \
+                                        BandResult *res, uint32_t *idx, float *taus, float *targets,      \
+                                        float *bases) {                                                   \
+        return collect_body(h, HK, b, BK, t, tk, n, lo, size, shift, counts, res, idx, taus, targets,    \
+                            bases);                                                                       \
     }
 COLLECT_VARIANT(collect_bf16_bf16, KIND_BF16, KIND_BF16)
 COLLECT_VARIANT(collect_f32_f32, KIND_F32, KIND_F32)
 COLLECT_VARIANT(collect_bf16_f32, KIND_BF16, KIND_F32)
 COLLECT_VARIANT(collect_f32_bf16, KIND_F32, KIND_BF16)
 
-/* band_collect(h, h_kind, b, b_kind, t, t_kind, n, lo, size, shift, hist, idx, taus, targets)
+/* band_collect(h, h_kind, b, b_kind, t, t_kind, n, lo, size, shift, hist, idx, taus, targets, bases)
  *   -> (finite, peak, found)
  * band_count with in-band patterns counted 2**shift to a counter (hist: ((size - 1) >> shift) + 3
  * counters; the last counts those above), and for every |tau| pattern inside [lo, lo + size): its
- * index (uint32), tau and the target value (float32) appended to idx/taus/targets (each with room
- * for n entries). */
+ * index (uint32), tau, the target and the base value (float32) appended to idx/taus/targets/bases
+ * (each with room for n entries). */
 static PyObject *band_collect(PyObject *self, PyObject *args) {
-    Py_buffer h, b, t, hist, idx, taus, targets;
+    Py_buffer h, b, t, hist, idx, taus, targets, bases;
     int hk, bk, tk, shift;
     Py_ssize_t n;
     long long lo, size;
-    if (!PyArg_ParseTuple(args, "y*iy*iy*inLLiw*w*w*w*", &h, &hk, &b, &bk, &t, &tk, &n, &lo, &size, &shift, &hist,
-                          &idx, &taus, &targets))
+    if (!PyArg_ParseTuple(args, "y*iy*iy*inLLiw*w*w*w*w*", &h, &hk, &b, &bk, &t, &tk, &n, &lo, &size, &shift, &hist,
+                          &idx, &taus, &targets, &bases))
         return NULL;
     PyObject *result = NULL;
     if (check_buffer(&h, hk, n, "h") || check_buffer(&b, bk, n, "b") || check_buffer(&t, tk, n, "t") ||
         check_buffer(&idx, KIND_F32, n, "idx") || check_buffer(&taus, KIND_F32, n, "taus") ||
-        check_buffer(&targets, KIND_F32, n, "targets"))
+        check_buffer(&targets, KIND_F32, n, "targets") || check_buffer(&bases, KIND_F32, n, "bases"))
         goto done;
     if (size < 1 || lo < 0 || lo + size > 0x80000000LL || shift < 0 || shift > 30 ||
         hist.len < (Py_ssize_t)((((size - 1) >> shift) + 3) * 8)) {
@@ -254,15 +257,15 @@ static PyObject *band_collect(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     const uint32_t ulo = (uint32_t)lo, usize = (uint32_t)size;
     uint32_t *ip = (uint32_t *)idx.buf;
-    float *tp = (float *)taus.buf, *gp = (float *)targets.buf;
+    float *tp = (float *)taus.buf, *gp = (float *)targets.buf, *bp = (float *)bases.buf;
     if (hk == KIND_BF16 && bk == KIND_BF16)
-        found = collect_bf16_bf16(h.buf, b.buf, t.buf, tk, n, ulo, usize, shift, counts, &r, ip, tp, gp);
+        found = collect_bf16_bf16(h.buf, b.buf, t.buf, tk, n, ulo, usize, shift, counts, &r, ip, tp, gp, bp);
     else if (hk == KIND_F32 && bk == KIND_F32)
-        found = collect_f32_f32(h.buf, b.buf, t.buf, tk, n, ulo, usize, shift, counts, &r, ip, tp, gp);
+        found = collect_f32_f32(h.buf, b.buf, t.buf, tk, n, ulo, usize, shift, counts, &r, ip, tp, gp, bp);
     else if (hk == KIND_BF16)
-        found = collect_bf16_f32(h.buf, b.buf, t.buf, tk, n, ulo, usize, shift, counts, &r, ip, tp, gp);
+        found = collect_bf16_f32(h.buf, b.buf, t.buf, tk, n, ulo, usize, shift, counts, &r, ip, tp, gp, bp);
     else
-        found = collect_f32_bf16(h.buf, b.buf, t.buf, tk, n, ulo, usize, shift, counts, &r, ip, tp, gp);
+        found = collect_f32_bf16(h.buf, b.buf, t.buf, tk, n, ulo, usize, shift, counts, &r, ip, tp, gp, bp);
     counts[0] += r.below;
     counts[last] += r.above;
     Py_END_ALLOW_THREADS
@@ -275,6 +278,7 @@ done:
     PyBuffer_Release(&idx);
     PyBuffer_Release(&taus);
     PyBuffer_Release(&targets);
+    PyBuffer_Release(&bases);
     return result;
 }
 
@@ -284,62 +288,164 @@ typedef struct {
     uint32_t bad, nonzero;
 } ApplyResult;
 
+/* The five float64 sums of the drift diagnosis (ckptops/hdr/drift.py), over the chunk:
+ * sum d^2, sum tau^2, sum d*tau, sum (M tau)^2, sum d*(M tau), with d = (double)t - (double)b
+ * (exact: both are float32 values), tau the float32 tau and M tau the selected float32 tau.
+ * They are kept in LANES independent partial sums so that the compiler can vectorise them
+ * without reassociating floating-point additions (which -fno-fast-math forbids); the lanes are
+ * added up once per call. Nothing here touches the output: its bits are the same with or
+ * without sums. */
+#define LANES 8
+#define NSUMS 5
+
 /* keep_bits: 0xFFFFFFFF-style mask of the selected entries. With shrinking, |tau| > lambda
  * (lambda >= 0, so comparing bit patterns is comparing values) keeps tau and anything else
- * becomes +0.0, as torch.hardshrink does; without, tau is kept as it is (-0.0 included). */
+ * becomes +0.0, as torch.hardshrink does; without, tau is kept as it is (-0.0 included).
+ * ``with_sums`` is a constant at every call site: 0 compiles the sums away. */
+/* Add one block's terms to the LANES-wide partial sums. GCC/Clang vector extensions keep the
+ * lanes independent (four float64 per vector, two vectors per sum); other compilers get the same
+ * sums lane by lane. */
+#if defined(__GNUC__)
+typedef float v4f __attribute__((vector_size(16)));
+typedef double v4d __attribute__((vector_size(32)));
+/* four floats widened to float64 (a macro: an inline function returning v4d warns about the
+ * AVX ABI in the default clone) */
+#define LOAD4(p) __extension__({ v4f v_; memcpy(&v_, (p), sizeof(v_)); __builtin_convertvector(v_, v4d); })
+#endif
+
+static inline __attribute__((always_inline)) void add_sums(const float *tvs, const float *bvs, const float *taus,
+                                                            const float *ms, Py_ssize_t len,
+                                                            double acc[NSUMS][LANES]) {
+    Py_ssize_t j = 0;
+#if defined(__GNUC__)
+    v4d a[NSUMS][2];
+    for (int k = 0; k < NSUMS; k++)
+        for (int q = 0; q < 2; q++)
+            memcpy(&a[k][q], &acc[k][4 * q], sizeof(v4d));
+    for (; j + LANES <= len; j += LANES)
+        for (int q = 0; q < 2; q++) {
+            Py_ssize_t o = j + 4 * q;
+            v4d d = LOAD4(tvs + o) - LOAD4(bvs + o), x = LOAD4(taus + o), m = LOAD4(ms + o);
+            a[0][q] += d * d;
+            a[1][q] += x * x;
+            a[2][q] += d * x;
+            a[3][q] += m * m;
+            a[4][q] += d * m;
+        }
+    for (int k = 0; k < NSUMS; k++)
+        for (int q = 0; q < 2; q++)
+            memcpy(&acc[k][4 * q], &a[k][q], sizeof(v4d));
+#endif
+    for (; j < len; j++) {
+        int l = (int)(j % LANES);
+        double d = (double)tvs[j] - (double)bvs[j], x = taus[j], m = ms[j];
+        acc[0][l] += d * d;
+        acc[1][l] += x * x;
+        acc[2][l] += d * x;
+        acc[3][l] += m * m;
+        acc[4][l] += d * m;
+    }
+}
+
 static inline __attribute__((always_inline)) void apply_body(const void *h, int hk, const void *b, int bk,
                                                               const void *t, int tk, Py_ssize_t n,
                                                               uint32_t lam_bits, uint32_t all, float scale,
-                                                              void *out, int ok, ApplyResult *res) {
+                                                              void *out, int ok, ApplyResult *res,
+                                                              int with_sums, double *sums) {
     uint32_t bad = 0, nonzero = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        uint32_t tb = f32_bits(load(h, hk, i) - load(b, bk, i));
-        uint32_t keep = all | -(uint32_t)((tb & ABS_MASK) > lam_bits);
-        uint32_t sb = tb & keep;
-        nonzero |= sb & ABS_MASK;
-        float s = bits_f32(sb) * scale;
-        uint32_t r = f32_bits(load(t, tk, i) - s);
-        bad |= (uint32_t)((r & EXP_MASK) == EXP_MASK);
-        if (ok == KIND_BF16)
-            ((uint16_t *)out)[i] = (uint16_t)((r + 0x7FFFu + ((r >> 16) & 1u)) >> 16);
-        else
-            ((uint32_t *)out)[i] = r;
+    double acc[NSUMS][LANES];
+    memset(acc, 0, sizeof(acc));
+    float tvs[BLOCK], bvs[BLOCK], taus[BLOCK], ms[BLOCK];
+    for (Py_ssize_t s0 = 0; s0 < n; s0 += BLOCK) {
+        Py_ssize_t len = n - s0 < BLOCK ? n - s0 : BLOCK;
+        for (Py_ssize_t j = 0; j < len; j++) {
+            Py_ssize_t i = s0 + j;
+            float bv = load(b, bk, i), tv = load(t, tk, i);
+            float tau = load(h, hk, i) - bv;
+            uint32_t tb = f32_bits(tau);
+            uint32_t keep = all | -(uint32_t)((tb & ABS_MASK) > lam_bits);
+            uint32_t sb = tb & keep;
+            nonzero |= sb & ABS_MASK;
+            float masked = bits_f32(sb);
+            float s = masked * scale;
+            uint32_t r = f32_bits(tv - s);
+            bad |= (uint32_t)((r & EXP_MASK) == EXP_MASK);
+            if (ok == KIND_BF16)
+                ((uint16_t *)out)[i] = (uint16_t)((r + 0x7FFFu + ((r >> 16) & 1u)) >> 16);
+            else
+                ((uint32_t *)out)[i] = r;
+            if (with_sums) {
+                tvs[j] = tv;
+                bvs[j] = bv;
+                taus[j] = tau;
+                ms[j] = masked;
+            }
+        }
+        if (with_sums)
+            add_sums(tvs, bvs, taus, ms, len, acc);
     }
+    if (with_sums)
+        for (int k = 0; k < NSUMS; k++) {
+            double total = 0.0;
+            for (int l = 0; l < LANES; l++)
+                total += acc[k][l];
+            sums[k] += total;
+        }
     res->bad = bad;
     res->nonzero = nonzero;
 }
 
-#define APPLY_VARIANT(name, HK, BK, TK, OK)                                                           \
+#define APPLY_VARIANT(name, HK, BK, TK, OK, WS)                                                       \
     MULTIVERSION static void name(const void *h, const void *b, const void *t, Py_ssize_t n,          \
                                   uint32_t lam_bits, uint32_t all, float scale, void *out,              \
-                                  ApplyResult *res) {                                                   \
-        apply_body(h, HK, b, BK, t, TK, n, lam_bits, all, scale, out, OK, res);                        \
+                                  ApplyResult *res, double *sums) {                                     \
+        apply_body(h, HK, b, BK, t, TK, n, lam_bits, all, scale, out, OK, res, WS, sums);              \
     }
-APPLY_VARIANT(apply_bf16_to_bf16, KIND_BF16, KIND_BF16, KIND_BF16, KIND_BF16)
-APPLY_VARIANT(apply_f32_to_f32, KIND_F32, KIND_F32, KIND_F32, KIND_F32)
-APPLY_VARIANT(apply_bf16_to_f32, KIND_BF16, KIND_BF16, KIND_BF16, KIND_F32)
+APPLY_VARIANT(apply_bf16_to_bf16, KIND_BF16, KIND_BF16, KIND_BF16, KIND_BF16, 0)
+APPLY_VARIANT(apply_f32_to_f32, KIND_F32, KIND_F32, KIND_F32, KIND_F32, 0)
+APPLY_VARIANT(apply_bf16_to_f32, KIND_BF16, KIND_BF16, KIND_BF16, KIND_F32, 0)
+APPLY_VARIANT(apply_bf16_to_bf16_sums, KIND_BF16, KIND_BF16, KIND_BF16, KIND_BF16, 1)
+APPLY_VARIANT(apply_f32_to_f32_sums, KIND_F32, KIND_F32, KIND_F32, KIND_F32, 1)
+APPLY_VARIANT(apply_bf16_to_f32_sums, KIND_BF16, KIND_BF16, KIND_BF16, KIND_F32, 1)
 
 /* any other mix of kinds: the same arithmetic with the kinds looked up per element */
 static void apply_mixed(const void *h, int hk, const void *b, int bk, const void *t, int tk, Py_ssize_t n,
-                        uint32_t lam_bits, uint32_t all, float scale, void *out, int ok, ApplyResult *res) {
-    apply_body(h, hk, b, bk, t, tk, n, lam_bits, all, scale, out, ok, res);
+                        uint32_t lam_bits, uint32_t all, float scale, void *out, int ok, ApplyResult *res,
+                        double *sums) {
+    if (sums)
+        apply_body(h, hk, b, bk, t, tk, n, lam_bits, all, scale, out, ok, res, 1, sums);
+    else
+        apply_body(h, hk, b, bk, t, tk, n, lam_bits, all, scale, out, ok, res, 0, sums);
 }
 
-/* apply(h, h_kind, b, b_kind, t, t_kind, n, shrink, use_shrink, scale, out, out_kind)
+/* apply(h, h_kind, b, b_kind, t, t_kind, n, shrink, use_shrink, scale, out, out_kind[, sums])
  *   -> (finite, changed)
  * out[i] = t - ((|tau| > shrink or not use_shrink) ? tau : +0) * (float)scale, written as float32
  * (out_kind 0) or bfloat16 rounded to nearest even (out_kind 1). finite is False when a result
  * is NaN/Inf (out is then partly written and must be discarded); changed is True when some
- * selected tau is non-zero. shrink must be >= 0. */
+ * selected tau is non-zero. shrink must be >= 0. sums, when given (a writable buffer of five
+ * float64), gets the chunk's drift sums added to it (see apply_one); out is the same either way. */
 static PyObject *apply(PyObject *self, PyObject *args) {
-    Py_buffer h, b, t, out;
+    Py_buffer h, b, t, out, sums_buf;
     int hk, bk, tk, ok, use_shrink;
     Py_ssize_t n;
     float shrink, scale;
-    if (!PyArg_ParseTuple(args, "y*iy*iy*infpfw*i", &h, &hk, &b, &bk, &t, &tk, &n, &shrink, &use_shrink,
-                          &scale, &out, &ok))
+    PyObject *sums_obj = Py_None;
+    if (!PyArg_ParseTuple(args, "y*iy*iy*infpfw*i|O", &h, &hk, &b, &bk, &t, &tk, &n, &shrink, &use_shrink,
+                          &scale, &out, &ok, &sums_obj))
         return NULL;
     PyObject *result = NULL;
+    double *sums = NULL;
+    sums_buf.obj = NULL;
+    if (sums_obj != Py_None) {
+        if (PyObject_GetBuffer(sums_obj, &sums_buf, PyBUF_WRITABLE) < 0)
+            goto done;
+        if (sums_buf.len < (Py_ssize_t)(NSUMS * sizeof(double))) {
+            PyErr_SetString(PyExc_ValueError, "apply: sums must hold five float64");
+            goto done;
+        }
+        sums = (double *)sums_buf.buf;
+    }
     if (check_buffer(&h, hk, n, "h") || check_buffer(&b, bk, n, "b") || check_buffer(&t, tk, n, "t") ||
         check_buffer(&out, ok, n, "out"))
         goto done;
@@ -351,13 +457,13 @@ static PyObject *apply(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     const uint32_t lam_bits = f32_bits(shrink), all = use_shrink ? 0u : 0xFFFFFFFFu;
     if (hk == KIND_BF16 && bk == KIND_BF16 && tk == KIND_BF16 && ok == KIND_BF16)
-        apply_bf16_to_bf16(h.buf, b.buf, t.buf, n, lam_bits, all, scale, out.buf, &r);
+        (sums ? apply_bf16_to_bf16_sums : apply_bf16_to_bf16)(h.buf, b.buf, t.buf, n, lam_bits, all, scale, out.buf, &r, sums);
     else if (hk == KIND_F32 && bk == KIND_F32 && tk == KIND_F32 && ok == KIND_F32)
-        apply_f32_to_f32(h.buf, b.buf, t.buf, n, lam_bits, all, scale, out.buf, &r);
+        (sums ? apply_f32_to_f32_sums : apply_f32_to_f32)(h.buf, b.buf, t.buf, n, lam_bits, all, scale, out.buf, &r, sums);
     else if (hk == KIND_BF16 && bk == KIND_BF16 && tk == KIND_BF16 && ok == KIND_F32)
-        apply_bf16_to_f32(h.buf, b.buf, t.buf, n, lam_bits, all, scale, out.buf, &r);
+        (sums ? apply_bf16_to_f32_sums : apply_bf16_to_f32)(h.buf, b.buf, t.buf, n, lam_bits, all, scale, out.buf, &r, sums);
     else
-        apply_mixed(h.buf, hk, b.buf, bk, t.buf, tk, n, lam_bits, all, scale, out.buf, ok, &r);
+        apply_mixed(h.buf, hk, b.buf, bk, t.buf, tk, n, lam_bits, all, scale, out.buf, ok, &r, sums);
     Py_END_ALLOW_THREADS
     result = Py_BuildValue("(OO)", r.bad ? Py_False : Py_True, r.nonzero ? Py_True : Py_False);
 done:
@@ -365,6 +471,8 @@ done:
     PyBuffer_Release(&b);
     PyBuffer_Release(&t);
     PyBuffer_Release(&out);
+    if (sums_buf.obj != NULL)
+        PyBuffer_Release(&sums_buf);
     return result;
 }
 

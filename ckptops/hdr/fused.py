@@ -30,14 +30,16 @@ def band_count(h, h_kind: int, b, b_kind: int, n: int, lo: int, size: int, hist)
 
 
 def apply(h, h_kind: int, b, b_kind: int, t, t_kind: int, n: int, shrink: float | None, scale: float,
-          out, out_kind: int) -> tuple[bool, bool]:
-    """``t - scale * hardshrink(h - b, shrink)`` into ``out``; (all finite, any selected non-zero)."""
-    return _fused.apply(h, h_kind, b, b_kind, t, t_kind, n, shrink or 0.0, shrink is not None, scale, out, out_kind)
+          out, out_kind: int, sums=None) -> tuple[bool, bool]:
+    """``t - scale * hardshrink(h - b, shrink)`` into ``out``; (all finite, any selected non-zero).
+    ``sums`` (float64[5], optional) gets the chunk's drift sums added (see :mod:`ckptops.hdr.drift`)."""
+    return _fused.apply(h, h_kind, b, b_kind, t, t_kind, n, shrink or 0.0, shrink is not None, scale, out, out_kind,
+                        sums)
 
 
 def band_collect(h, h_kind: int, b, b_kind: int, t, t_kind: int, n: int, lo: int, size: int, shift: int, hist,
-                 idx, taus, targets) -> tuple[bool, int, int]:
+                 idx, taus, targets, bases) -> tuple[bool, int, int]:
     """:func:`band_count` with in-band patterns counted ``2**shift`` to a counter, and every
-    in-band value's index, tau and target value written to ``idx``/``taus``/``targets``;
-    (all finite, peak, how many were written). See ``_fused.c``."""
-    return _fused.band_collect(h, h_kind, b, b_kind, t, t_kind, n, lo, size, shift, hist, idx, taus, targets)
+    in-band value's index, tau, target and base value written to ``idx``/``taus``/``targets``/
+    ``bases``; (all finite, peak, how many were written). See ``_fused.c``."""
+    return _fused.band_collect(h, h_kind, b, b_kind, t, t_kind, n, lo, size, shift, hist, idx, taus, targets, bases)

@@ -17,6 +17,7 @@ from ckptops.checkpoint.reader import byte_view
 from ckptops.errors import TensorValueError
 from ckptops.hdr import select
 from ckptops.hdr.chunks import Chunk, WorkerBuffers, torch_for_workers
+from ckptops.hdr.drift import add_chunk_sums
 from ckptops.hdr.nonfinite import nonfinite_error
 
 if TYPE_CHECKING:
@@ -78,27 +79,31 @@ def low_kernel(models: Models, top_bits: int):
 
 def hdr_chunk(
     chunk: Chunk, buf: WorkerBuffers, models: Models, writer: ShardWriter, shrink: float | None, scale: float,
-    tensor_changed: bool | None = None,
+    tensor_changed: bool | None = None, sums: np.ndarray | None = None,
 ) -> int:
     """Write one chunk of theta_t - scale * where(|tau| >= t, tau, +0), the mask being
     ``hardshrink(tau, shrink)``; returns 1 if any value changed, else 0 (exact per-group counts
     come from the selection histograms). ``tensor_changed``, when the selection pass knows it,
-    saves looking at this chunk's values."""
+    saves looking at this chunk's values. ``sums`` (float64[5]) gets the chunk's drift sums
+    added (numpy over the float32 buffers, before the update overwrites them)."""
     task: TensorTask = chunk.task
     tau = _tau(chunk, buf, models)
     buf.stage.read_f32(models.files, models.target, task.target, chunk.start, chunk.stop, buf.c)
-    return _apply_and_write(chunk, buf, models, writer, tau, shrink, scale, tensor_changed)
+    return _apply_and_write(chunk, buf, models, writer, tau, shrink, scale, tensor_changed, sums)
 
 
 def band_apply_chunk(chunk: Chunk, buf: WorkerBuffers, models: Models, writer: ShardWriter, lo: int, size: int,
-                     shift: int, hist: np.ndarray, shrink: float | None, scale: float, record) -> int:
+                     shift: int, hist: np.ndarray, shrink: float | None, scale: float, record,
+                     sums: np.ndarray | None = None) -> int:
     """The one-read pass over one chunk (same contract as :func:`kernels_fused.band_apply_chunk`)."""
     task: TensorTask = chunk.task
     n = chunk.size
     tau = _tau(chunk, buf, models)
     if not _all_finite(tau):
         raise nonfinite_error(chunk, models)
-    bits = torch.abs(tau, out=buf.b[:n]).view(torch.int32).numpy()
+    # |tau|'s bits in the key buffer: base stays in buf.b (records and drift sums read it)
+    bits = buf.key_np[:n].view(np.int32)
+    torch.abs(tau, out=torch.from_numpy(bits.view(np.float32)))
     below, inside = buf.below[:n], buf.inside[:n]
     np.less(bits, lo, out=below)
     np.less(bits, lo + size, out=inside)
@@ -114,27 +119,34 @@ def band_apply_chunk(chunk: Chunk, buf: WorkerBuffers, models: Models, writer: S
         np.add.at(hist, 1 + ((values - lo) >> shift), 1)
         if n_upto == n:
             peak = int(values.max())
-        record(chunk, idx, buf.a_np[idx], buf.c_np[idx])
-    _apply_and_write(chunk, buf, models, writer, tau, shrink, scale, False)
+        record(chunk, idx, buf.a_np[idx], buf.c_np[idx], buf.b_np[idx])
+    _apply_and_write(chunk, buf, models, writer, tau, shrink, scale, False, sums)
     return peak
 
 
 def _apply_and_write(chunk: Chunk, buf: WorkerBuffers, models: Models, writer: ShardWriter, tau,
-                     shrink: float | None, scale: float, tensor_changed: bool | None) -> int:
-    """theta_t (already in ``buf.c``) - scale * hardshrink(tau, shrink), rounded and written."""
+                     shrink: float | None, scale: float, tensor_changed: bool | None,
+                     sums: np.ndarray | None = None) -> int:
+    """theta_t (already in ``buf.c``, base in ``buf.b``) - scale * hardshrink(tau, shrink),
+    rounded and written."""
     task: TensorTask = chunk.task
     n = chunk.size
+    masked = tau
     if shrink is not None:
-        torch.hardshrink(tau, shrink, out=buf.b[:n])
-        tau = buf.b[:n]
+        # the key buffer takes the selection, so base stays in buf.b
+        masked = torch.from_numpy(buf.key_np[:n].view(np.float32))
+        torch.hardshrink(tau, shrink, out=masked)
+    if sums is not None:
+        tau_np = buf.a_np[:n]
+        add_chunk_sums(sums, buf.c_np[:n], buf.b_np[:n], tau_np, tau_np if masked is tau else masked.numpy())
     if tensor_changed is None:
-        low, high = torch.aminmax(tau)  # cheaper than tau.any(), and exact
+        low, high = torch.aminmax(masked)  # cheaper than masked.any(), and exact
         changed = int(bool(low < 0) or bool(high > 0))
     else:
         changed = int(tensor_changed)
-    tau.mul_(scale)
+    masked.mul_(scale)
     result = buf.c[:n]
-    result.sub_(tau)
+    result.sub_(masked)
     if not _all_finite(result):
         raise nonfinite_error(chunk, models, "theta_t - scale * tau")
     write_f32(result, task, chunk.start, buf, writer)

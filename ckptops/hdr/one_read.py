@@ -37,7 +37,8 @@ from ckptops.checkpoint.dtypes import itemsize
 from ckptops.checkpoint.writer import ShardWriter
 from ckptops.errors import TensorValueError
 from ckptops.hdr import engine, select
-from ckptops.hdr.chunks import Chunk, WorkerBuffers, WorkerPool, split
+from ckptops.hdr.chunks import Chunk, WorkerBuffers, WorkerPool
+from ckptops.hdr.drift import DriftSums, group_key
 from ckptops.hdr.engine import Models, Selection
 from ckptops.hdr.nonfinite import nonfinite_error
 from ckptops.hdr.plan import Plan, TensorTask
@@ -59,7 +60,7 @@ def correction_budget(max_memory: int) -> int:
     return max(1 << 20, (max_memory - BASELINE_RSS) // 4)
 
 
-RECORD = np.dtype([("task", "<u4"), ("element", "<u8"), ("tau", "<f4"), ("target", "<f4")])
+RECORD = np.dtype([("task", "<u4"), ("element", "<u8"), ("tau", "<f4"), ("target", "<f4"), ("base", "<f4")])
 
 
 @dataclass
@@ -100,12 +101,14 @@ class Corrections:
         self._memory_bytes = 0
         self._lock = threading.Lock()
 
-    def add(self, task_index: int, start: int, idx: np.ndarray, taus: np.ndarray, targets: np.ndarray) -> None:
+    def add(self, task_index: int, start: int, idx: np.ndarray, taus: np.ndarray, targets: np.ndarray,
+            bases: np.ndarray) -> None:
         records = np.empty(len(idx), dtype=RECORD)
         records["task"] = task_index
         np.add(idx, start, out=records["element"], dtype=np.uint64, casting="unsafe")
         records["tau"] = taus
         records["target"] = targets
+        records["base"] = bases
         with self._lock:
             self._memory.append(records)
             self._memory_bytes += records.nbytes
@@ -148,6 +151,8 @@ class OneReadTally:
     hists: dict[str, np.ndarray] = field(default_factory=dict)
     peaks: dict[str, int] = field(default_factory=dict)
     kept: dict[str, int] = field(default_factory=dict)
+    #: drift sums per selection group (a group whose band missed has its own recomputed)
+    drift: dict[str, DriftSums] = field(default_factory=dict)
 
 
 @dataclass
@@ -206,8 +211,10 @@ def estimate_band(tasks: list[TensorTask], count: int, rank: int, models: Models
 
 def run_one_read(plan: Plan, models: Models, pool: WorkerPool, writer: ShardWriter, folder: Path, top_k: float,
                  scale: float, tick: Callable[[int], None] | None, correction_budget: int,
-                 units: list[tuple[Plan, Callable[[], None]]] | None = None) -> OneReadResult:
+                 units: list[tuple[Plan, Callable[[], None]]] | None = None,
+                 drift: DriftSums | None = None) -> OneReadResult:
     """Sample, then one pass over every tensor, then the corrections (see the module docstring).
+    ``drift``, when given, gets the drift sums (:mod:`ckptops.hdr.drift`) of the exact selection.
 
     ``units`` (``--low-disk``): the plan cut into consecutive pieces, each with a function to
     call once its pass is done (it releases the input files no later piece reads)."""
@@ -237,9 +244,15 @@ def run_one_read(plan: Plan, models: Models, pool: WorkerPool, writer: ShardWrit
         else:
             task = chunk.task
             band = bands.get(task.group)
+            sums = None
+            if drift is not None:
+                key = group_key(task.name)
+                per_group = tally.drift.setdefault(task.group, DriftSums())
+                sums = per_group.slot(key)
+                per_group.add_count(key, chunk.size)
             if band is None:
                 tally.kept[task.name] = tally.kept.get(task.name, 0) + path.hdr_chunk(
-                    chunk, buf, models, writer, shrink[task.group], scale)
+                    chunk, buf, models, writer, shrink[task.group], scale, None, sums)
             else:
                 hist = tally.hists.get(task.group)
                 if hist is None:
@@ -247,7 +260,7 @@ def run_one_read(plan: Plan, models: Models, pool: WorkerPool, writer: ShardWrit
                 index = task_index[task.name]
                 peak = path.band_apply_chunk(
                     chunk, buf, models, writer, band.lo, band.size, band.shift, hist, band.shrink, scale,
-                    lambda c, idx, taus, targets: corrections.add(index, c.start, idx, taus, targets))
+                    lambda c, *values: corrections.add(index, c.start, *values), sums)
                 tally.peaks[task.name] = max(peak, tally.peaks.get(task.name, -1))
             read = chunk.size * sum(itemsize(i.dtype) for i in (task.target, task.base, task.harmful))
         if tick:
@@ -286,16 +299,25 @@ def run_one_read(plan: Plan, models: Models, pool: WorkerPool, writer: ShardWrit
         for task in groups[group]:
             kept[task.name] = int(peaks.get(task.name, -1) >= reach)
     locations = writer.locations()
-    patched = patch(plan, corrections, bands, selections, missed, scale, locations)
+    group_drift: dict[str, DriftSums] = {}
+    for state in states:
+        for group, sums in state.drift.items():
+            group_drift.setdefault(group, DriftSums()).merge(sums)
+    patched = patch(plan, corrections, bands, selections, missed, scale, locations, group_drift)
     spilled = corrections.spilled_bytes
     corrections.remove()
     for group in missed:  # the sample misled: today's passes for this group, written over
         tasks = groups[group]
         sub = Plan(tasks, {group: plan.groups[group]})
         selections.update(engine.select_thresholds(sub, models, pool, top_k, tick))
+        group_drift[group] = DriftSums()
         with PatchWriter(locations) as again:
-            for name, value in engine.apply_all(sub, models, pool, again, selections, scale, tick).items():
+            for name, value in engine.apply_all(sub, models, pool, again, selections, scale, tick,
+                                                drift=group_drift[group] if drift is not None else None).items():
                 kept[name] = value
+    if drift is not None:
+        for sums in group_drift.values():
+            drift.merge(sums)
     summary = {
         "groups": len(bands),
         "selected_before": sorted(g for g in groups if g not in bands and top_k < 1),
@@ -341,11 +363,14 @@ def exact_thresholds(plan: Plan, corrections: Corrections, bands: dict[str, Band
 
 
 def patch(plan: Plan, corrections: Corrections, bands: dict[str, Band], selections: dict[str, Selection],
-          missed: list[str], scale: float, locations: dict[str, tuple[Path, int, int]]) -> int:
+          missed: list[str], scale: float, locations: dict[str, tuple[Path, int, int]],
+          drift: dict[str, DriftSums] | None = None) -> int:
     """Write the correct value over every recorded value whose decision the estimate got
     wrong (|tau| between the band's ``write`` pattern and the exact threshold). Same float32
     arithmetic as the passes: s = (selected ? tau : +0) * float32(scale); r = t - s; rounded
-    once (bfloat16/float16: nearest even). Returns how many values were rewritten."""
+    once (bfloat16/float16: nearest even). The drift sums of M tau (``mm``, ``dm``) of each
+    rewritten value move from the written selection to the exact one. Returns how many values
+    were rewritten."""
     n_tasks = len(plan.tasks)
     exact = np.full(n_tasks, 0xFFFFFFFF, dtype=np.int64)
     written = np.full(n_tasks, 0xFFFFFFFF, dtype=np.int64)
@@ -377,6 +402,8 @@ def patch(plan: Plan, corrections: Corrections, bands: dict[str, Band], selectio
                 if not np.isfinite(values).all():
                     raise TensorValueError(f"tensor {info.name!r}: theta_t - scale * tau overflows float32")
                 raw = _round(values, info)
+                if drift and info.group in drift:
+                    _move_drift(drift[info.group].slot(group_key(info.name)), records[mine], keep[mine])
                 file, start, _ = locations[info.name]
                 fd = fds.get(file)
                 if fd is None:
@@ -393,6 +420,16 @@ def patch(plan: Plan, corrections: Corrections, bands: dict[str, Band], selectio
         for fd in fds.values():
             os.close(fd)
     return total
+
+
+def _move_drift(sums: np.ndarray, records: np.ndarray, selected: np.ndarray) -> None:
+    """Rewritten values change M tau: add the newly selected values' terms to ``mm`` and ``dm``
+    and take the newly unselected ones' out (float64, d = theta_t - theta_b)."""
+    tau = records["tau"].astype(np.float64)
+    d = records["target"].astype(np.float64) - records["base"].astype(np.float64)
+    sign = np.where(selected, 1.0, -1.0)
+    sums[3] += float(np.sum(sign * tau * tau))
+    sums[4] += float(np.sum(sign * d * tau))
 
 
 def _round(values: np.ndarray, task: TensorTask) -> np.ndarray:

@@ -31,6 +31,7 @@ from ckptops.checkpoint.resolve import Checkpoint, fingerprint, full_sha256
 from ckptops.checkpoint.writer import OutShard, OutTensor, ShardWriter, layout_by_size, layout_like_target
 from ckptops.errors import UsageError
 from ckptops.hdr.chunks import WorkerPool, single_threaded_torch
+from ckptops.hdr.drift import DriftReport, DriftSums
 from ckptops.hdr.engine import Models, Selection, apply_all, select_thresholds
 from ckptops.hdr.low_disk import run_low_disk
 from ckptops.hdr import one_read
@@ -59,11 +60,18 @@ class SanitizeReport:
     pushed: dict = field(default_factory=dict)
     #: which per-chunk code ran: "fused C loops" or "torch ops" (same bits; see hdr/fused.py)
     engine: str = ""
+    #: how the target drifted from the base against tau, computed in the apply pass (see
+    #: hdr/drift.py); None when --harmful is a LoRA adapter (the base is then never read)
+    drift: DriftReport | None = None
     #: temporary folders of earlier runs into the same output: removed (dead runs) and live
     leftovers: dict = field(default_factory=dict)
     #: the one-read pass (global/layer scope): corrections recorded and written, the correction
     #: file's size, groups whose sampled band missed (those fell back to two passes)
     one_read: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.drift, dict):  # rebuilt from to_dict() (the recipe command does)
+            self.drift = DriftReport.from_dict(self.drift)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,6 +107,7 @@ class SanitizeReport:
             if o["band_missed"]:
                 line += f"; sampled band missed for {', '.join(o['band_missed'][:3])}: re-selected with two passes and rewritten"
             lines.append(line)
+        lines += drift_lines(self.drift)
         for folder in self.leftovers.get("removed", []):
             lines.append(f"  removed leftover  {folder} (an interrupted earlier run)")
         for folder in self.leftovers.get("live", []):
@@ -106,6 +115,21 @@ class SanitizeReport:
         if self.pushed:
             lines.append(f"  pushed to {self.pushed['url']} (branch {self.pushed['branch']}, commit {self.pushed['commit'][:12]})")
         return "\n".join(lines)
+
+
+def drift_lines(drift: DriftReport | None) -> list[str]:
+    """The whole-model drift figures and the verdict, as sanitize prints them."""
+    if drift is None:
+        return ["  drift             not computed: --harmful is a LoRA adapter and sanitize does not read the base "
+                "(run `ckptops diagnose`)"]
+    o = drift.overall
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    return [
+        f"  drift             cos(theta_t - theta_b, tau) {fmt(o.cos_tau)}, with M tau {fmt(o.cos_masked_tau)}, "
+        f"projection {fmt(o.projection)}; at scale {drift.scale:g}: ||lambda M tau||/||d|| {fmt(o.step_ratio)}, "
+        f"||d - lambda M tau||/||d|| {fmt(o.residual_ratio)}",
+        ("warning: " if drift.verdict.warning else "  verdict: ") + drift.verdict.message,
+    ]
 
 
 def _identity(checkpoint: Checkpoint, full_hash: bool) -> dict:
@@ -202,6 +226,9 @@ class Run:
     shards: list[OutShard] = field(default_factory=list)
     bytes_read: int = 0
     bar: ByteProgress | None = None
+    #: the drift sums the apply pass adds up (None when harmful is a LoRA adapter: the base is
+    #: not read, so theta_t - theta_b is not at hand)
+    drift: DriftSums | None = None
     leftovers: Leftovers = field(default_factory=Leftovers)
     #: what the one-read pass reports (empty when the run used the passes)
     one_read: dict = field(default_factory=dict)
@@ -245,7 +272,9 @@ def resolve(base, harmful, target, out, options: SanitizeOptions) -> Run:
                 f"--edit-area auto: {models.target.ref} does not differ from {models.base.ref} in any decoder layer"
             )
         layers = frozenset(area.edit_area)
-    return Run(options, models, opened, out_path, layers)
+    run = Run(options, models, opened, out_path, layers)
+    run.drift = DriftSums() if opened.tau_base is opened.base else None
+    return run
 
 
 def plan_output(run: Run) -> None:
@@ -271,13 +300,14 @@ def select_and_apply(run: Run, folder: Path) -> tuple[dict[str, Selection], dict
         if uses_one_read(run):
             with ByteProgress(apply_bytes(plan), "select + apply (one read)", options.progress) as run.bar:
                 result = one_read.run_one_read(plan, models, pool, writer, folder, options.top_k, options.scale,
-                                               run.tick, one_read.correction_budget(options.max_memory))
+                                               run.tick, one_read.correction_budget(options.max_memory),
+                                               drift=run.drift)
             selections, kept, run.one_read = result.selections, result.kept, result.summary
         elif options.low_disk:
             total = selection_bytes(run) + apply_bytes(plan)
             with ByteProgress(total, "select + apply (low disk)", options.progress) as run.bar:
                 selections, kept = run_low_disk(plan, models, pool, writer, options.top_k, options.scale,
-                                                options.scope, run.tick)
+                                                options.scope, run.tick, drift=run.drift)
         else:
             selections = select_pass(run, pool)
             kept = apply_pass(run, pool, writer, selections)
@@ -307,7 +337,7 @@ def select_pass(run: Run, pool: WorkerPool) -> dict[str, Selection]:
 def apply_pass(run: Run, pool: WorkerPool, writer: ShardWriter, selections: dict[str, Selection]) -> dict[str, int]:
     """Pass 2: theta_t - scale * (|tau| >= t) * tau for every tensor, written to the shards."""
     with ByteProgress(apply_bytes(run.plan), "apply + write", run.options.progress) as run.bar:
-        return apply_all(run.plan, run.models, pool, writer, selections, run.options.scale, run.tick)
+        return apply_all(run.plan, run.models, pool, writer, selections, run.options.scale, run.tick, drift=run.drift)
 
 
 def selection_bytes(run: Run) -> int:
@@ -349,6 +379,7 @@ def make_report(run: Run, selections: dict[str, Selection], kept: dict[str, int]
         parameters=run.parameters(),
         inputs=run.identities(),
         engine=run.models.kernels.PATH_NAME,
+        drift=DriftReport.from_sums(run.drift, run.options.scale) if run.drift is not None else None,
         leftovers=run.leftovers.to_dict(),
         one_read=run.one_read,
     )
@@ -407,4 +438,5 @@ def _summary(report: SanitizeReport) -> dict:
         "thresholds": report.thresholds,
         "copied": {k: len(v) for k, v in report.copied.items()},
         "resized": report.resized,
+        "drift": report.drift.summary() if report.drift is not None else None,
     }

@@ -83,6 +83,34 @@ class _LayerReader:
             handle.remove()
 
 
+class _MLPNormReader:
+    """Forward hooks on each layer's MLP site that record the norm of every token's MLP output.
+
+    The additive rule adds s·m_l·v/‖v‖ to layer l's MLP output, where m_l is the *median* of these
+    per-token norms over all demonstration sequences: a typical size of what that layer adds to
+    the residual stream, robust to the few huge outputs some models produce at the first token.
+    Expressing the strength relative to m_l is what keeps one default α sensible across layers
+    and models (an absolute α·v broke SmolLM2-135M in llama.cpp, see docs/icv.md)."""
+
+    def __init__(self, layout: DecoderLayout) -> None:
+        self.norms: list[list[torch.Tensor]] = [[] for _ in range(layout.num_layers)]
+        self._handles = [layout.mlp_site(i).register_forward_hook(self._hook(i)) for i in range(layout.num_layers)]
+
+    def _hook(self, index: int) -> Callable:
+        def read(module: nn.Module, args, output) -> None:
+            x = output[0] if isinstance(output, (tuple, list)) else output
+            self.norms[index].append(torch.linalg.vector_norm(x.detach().float(), dim=-1).reshape(-1).to("cpu"))
+
+        return read
+
+    def medians(self) -> dict[int, float]:
+        return {i: float(torch.cat(values).to(torch.float64).median()) for i, values in enumerate(self.norms) if values}
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
 def _check_options(positions: str, method: str) -> None:
     if positions not in POSITIONS:
         raise UsageError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
@@ -147,8 +175,9 @@ def compute_icv(
         method: ``"pc1+mean"`` (official) or ``"pc1"`` (paper).
         layers: decoder layers to keep in the file (e.g. an edited model's edit area); the PCA is
             fit over all layers, as the official code computes one vector for the whole model.
-        rule, alpha: how the file says it should be applied (``"official"`` or ``"paper"``; α
-            defaults to 0.12).
+        rule, alpha: how the file says it should be applied (``"official"``, ``"paper"`` or
+            ``"additive"``; α defaults to 0.12). Every file also records each layer's typical
+            MLP-output norm, so any of them can later be applied with the additive rule.
         progress: show a tqdm bar (None: only when stderr is a terminal).
         source, source_sha256: identity of the checkpoint, recorded in the file.
 
@@ -180,6 +209,7 @@ def compute_icv(
     model.eval()
     device = input_device(model)
     reader = _LayerReader(layout, positions)
+    norm_reader = _MLPNormReader(layout)
     diffs = []
     bar = tqdm(total=2 * len(demo_pairs), desc="icv: forward passes", unit="seq",
                disable=(None if progress is None else not progress), leave=False)
@@ -193,11 +223,15 @@ def compute_icv(
     finally:
         bar.close()
         reader.remove()
+        norm_reader.remove()
         model.train(was_training)
     stacked = torch.stack(diffs)
     if not bool(torch.isfinite(stacked).all()):
         raise ICVError("the model produced NaN or Inf hidden states on the demonstrations")
     toward_unsafe = pca_direction(stacked, method).to(torch.float32)
+    norms = norm_reader.medians()
+    if len(norms) != layout.num_layers:
+        raise ICVError(f"the MLP blocks of layers {sorted(set(range(layout.num_layers)) - set(norms))} did not run")
     per_layer = (-toward_unsafe).reshape(layout.num_layers, layout.hidden_size)
     config = getattr(model, "config", None)
     return ICV(
@@ -214,5 +248,7 @@ def compute_icv(
         model_type=layout.model_type,
         source=source if source is not None else str(getattr(config, "_name_or_path", "") or ""),
         source_sha256=source_sha256,
-        extra={"compute_dtype": str(dtype).removeprefix("torch."), "layers_path": layout.layers_path},
+        extra={"compute_dtype": str(dtype).removeprefix("torch."), "layers_path": layout.layers_path,
+               "mlp_site": layout.mlp_site_name},
+        mlp_norms={i: norms[i] for i in kept},
     )

@@ -5,7 +5,13 @@ Layout (SPEC §3), a safetensors file of a few kilobytes::
     icv.layers.{i}   float32[hidden_size]   0-based decoder-layer index i, stored toward *safe*
     __metadata__     format, format_version, rule, site, alpha, scale_factor, strength,
                      sign_convention, method, positions, num_demos, demos_sha256, model_type,
-                     hidden_size, num_layers, source, source_sha256, created_by, ...
+                     hidden_size, num_layers, source, source_sha256, created_by,
+                     mlp_output_norms (JSON {layer: typical MLP-output norm}), ...
+
+Format version 1 holds the official and paper rules; version 2 adds the additive rule, which
+needs ``mlp_output_norms`` (its strength is relative to them). Files are written as version 1
+whenever they do not use the additive rule, so older ckptops releases keep reading them, and
+both versions load here.
 
 The file records how it is meant to be applied (rule, α and the scale factor) so that whoever
 loads it later gets the same behaviour without remembering the flags. Loading validates
@@ -15,6 +21,7 @@ model whose hidden size or layer count differs, naming both.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -27,7 +34,9 @@ import torch
 from ckptops.errors import ICVError, OutputError, UsageError
 
 FORMAT_NAME = "ckptops-icv"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+FORMAT_VERSION_WITHOUT_ADDITIVE = 1
+READABLE_VERSIONS = ("1", "2")
 TENSOR_PREFIX = "icv.layers."
 SIGN_CONVENTION = "toward_safe: stored = -(direction of h(unsafe) - h(safe))"
 _TENSOR_NAME = re.compile(r"icv\.layers\.(0|[1-9][0-9]{0,5})")
@@ -53,7 +62,13 @@ RULES: dict[str, Rule] = {
         "paper", "residual", 1.0, 0.12,
         "h <- (h + alpha*v) * |h|/|h + alpha*v| on each decoder layer output",
     ),
+    "additive": Rule(
+        "additive", "mlp_output", 0.1, 0.12,
+        "x <- x + s*m_l*v/|v| on each MLP block output (m_l: typical MLP-output norm), s = 0.1*alpha; "
+        "a bias on down_proj, and what llama.cpp control vectors do",
+    ),
 }
+NORMS_KEY = "mlp_output_norms"
 METHODS = ("pc1+mean", "pc1")
 POSITIONS = ("last4", "last")
 
@@ -87,6 +102,9 @@ class ICV:
     source: str = ""
     source_sha256: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    #: typical (median per token) norm of each layer's MLP block output on the demonstrations,
+    #: measured at compute time; the additive rule's strength is relative to it
+    mlp_norms: dict[int, float] = field(default_factory=dict)
 
     # -- derived -------------------------------------------------------------------------
     @property
@@ -107,7 +125,31 @@ class ICV:
         new_rule = self.rule if rule is None else get_rule(rule).name
         scale = self.scale_factor if new_rule == self.rule else get_rule(new_rule).scale_factor
         new_alpha = self.alpha if alpha is None else check_alpha(alpha)
-        return replace(self, rule=new_rule, scale_factor=scale, alpha=new_alpha)
+        changed = replace(self, rule=new_rule, scale_factor=scale, alpha=new_alpha)
+        if new_rule == "additive":
+            changed.require_norms()
+        return changed
+
+    def require_norms(self, where: str = "ICV") -> None:
+        """The additive rule needs every steered layer's typical MLP-output norm; older files lack them."""
+        missing = [i for i in self.layers if i not in self.mlp_norms]
+        if missing:
+            raise ICVError(
+                f"{where}: holds no typical MLP-output norm for layer(s) {missing[:5]} (written by an older ckptops), "
+                "which the additive rule's strength is relative to; recompute it with "
+                "`ckptops icv compute --rule additive`"
+            )
+
+    def additive_shift(self, index: int) -> torch.Tensor:
+        """The absolute vector u_l = s * m_l * v_l/|v_l| the additive rule adds to layer ``index``'s
+        MLP output (float32; computed in float64). It is also the baked ``down_proj.bias`` and the
+        GGUF ``direction.{index}``."""
+        self.require_norms()
+        vector = self.vectors[index].to(torch.float64)
+        norm = float(torch.linalg.vector_norm(vector))
+        if norm == 0.0:
+            return torch.zeros_like(self.vectors[index])
+        return (vector * (self.strength * self.mlp_norms[index] / norm)).to(torch.float32)
 
     # -- validation ----------------------------------------------------------------------
     def check_fits(self, hidden_size: int, num_layers: int, model_name: str = "the model") -> None:
@@ -122,9 +164,12 @@ class ICV:
     def metadata(self) -> dict[str, str]:
         rule = get_rule(self.rule)
         meta = dict(self.extra)
+        version = FORMAT_VERSION if rule.name == "additive" else FORMAT_VERSION_WITHOUT_ADDITIVE
+        if self.mlp_norms:
+            meta[NORMS_KEY] = json.dumps({str(i): float(self.mlp_norms[i]) for i in sorted(self.mlp_norms)})
         meta.update({
             "format": FORMAT_NAME,
-            "format_version": str(FORMAT_VERSION),
+            "format_version": str(version),
             "rule": rule.name,
             "site": rule.site,
             "alpha": repr(float(self.alpha)),
@@ -149,6 +194,8 @@ class ICV:
         from safetensors.torch import save_file
 
         _validate_vectors(self.vectors, self.hidden_size, self.num_layers, "ICV")
+        if self.rule == "additive":
+            self.require_norms()
         target = Path(path)
         if target.exists() and not overwrite:
             raise OutputError(f"{target}: already exists (use --overwrite to replace it)")
@@ -172,6 +219,33 @@ def _created_by() -> str:
     from ckptops import __version__
 
     return f"ckptops {__version__}"
+
+
+#: alpha above this many times the rule's default (0.12 for both rules) draws a warning: the
+#: steering term then rivals the hidden state itself and outputs usually degrade
+SANE_ALPHA_FACTOR = 10.0
+
+
+def check_strength(icv: "ICV", where: str = "ICV") -> float:
+    """Refuse an ICV whose effective strength s = scale_factor * alpha, or s times a layer vector
+    (computed in float32 by the hooks), is not finite (every logit would be NaN); warn when alpha
+    is beyond :data:`SANE_ALPHA_FACTOR` times the rule's default. Returns s."""
+    import warnings
+
+    strength = icv.scale_factor * icv.alpha
+    if not math.isfinite(strength):
+        raise ICVError(f"{where}: effective strength scale_factor x alpha = {icv.scale_factor!r} x {icv.alpha!r} "
+                       "is not a finite number; use an alpha like the default 0.12")
+    for index, vector in icv.vectors.items():
+        if not bool(torch.isfinite(vector.float() * strength).all()):
+            raise ICVError(f"{where}: alpha {icv.alpha!r} times the layer-{index} vector overflows float32; "
+                           "use an alpha like the default 0.12")
+    sane = SANE_ALPHA_FACTOR * get_rule(icv.rule).default_alpha
+    if icv.alpha > sane:
+        warnings.warn(f"{where}: alpha {icv.alpha:g} is over {sane:g} ({SANE_ALPHA_FACTOR:g}x the default "
+                      f"{get_rule(icv.rule).default_alpha:g}); the steering will likely dominate and degrade outputs",
+                      stacklevel=2)
+    return strength
 
 
 def check_alpha(alpha: float) -> float:
@@ -223,8 +297,24 @@ def _meta_float(meta: dict, key: str, where: str) -> float:
 _KNOWN_KEYS = {
     "format", "format_version", "rule", "site", "alpha", "scale_factor", "strength", "sign_convention",
     "method", "positions", "num_demos", "demos_sha256", "model_type", "hidden_size", "num_layers",
-    "source", "source_sha256",
+    "source", "source_sha256", NORMS_KEY,
 }
+
+
+def _read_norms(meta: dict, where: str) -> dict[int, float]:
+    """``mlp_output_norms``: JSON {"<layer>": norm}; absent in files of older ckptops."""
+    text = meta.get(NORMS_KEY)
+    if text is None:
+        return {}
+    try:
+        raw = json.loads(text)
+        norms = {int(k): float(v) for k, v in raw.items()}
+    except (ValueError, TypeError, AttributeError):
+        raise ICVError(f"{where}: metadata {NORMS_KEY} is not a JSON object of layer -> number") from None
+    bad = [i for i, v in norms.items() if not math.isfinite(v) or v < 0]
+    if bad:
+        raise ICVError(f"{where}: metadata {NORMS_KEY} holds a negative or non-finite norm for layer {bad[0]}")
+    return norms
 
 
 def load_icv(path: str | os.PathLike) -> ICV:
@@ -235,6 +325,14 @@ def load_icv(path: str | os.PathLike) -> ICV:
     file = Path(path)
     if not file.is_file():
         raise ICVError(f"{where}: no such ICV file" if not file.exists() else f"{where}: not a file")
+    from ckptops.checkpoint.header import read_header
+
+    from ckptops.errors import HeaderError
+
+    try:
+        read_header(file)  # every header check (at least safetensors' own) before safe_open maps it
+    except HeaderError as exc:
+        raise ICVError(f"{exc} (not a readable safetensors file)") from None
     try:
         with safe_open(file, framework="pt", device="cpu") as handle:
             meta = dict(handle.metadata() or {})
@@ -242,8 +340,9 @@ def load_icv(path: str | os.PathLike) -> ICV:
             if meta.get("format") != FORMAT_NAME:
                 raise ICVError(f"{where}: not a ckptops ICV file (metadata 'format' is {meta.get('format')!r}, expected {FORMAT_NAME!r})")
             version = meta.get("format_version")
-            if version != str(FORMAT_VERSION):
-                raise ICVError(f"{where}: unknown ICV format version {version!r}; this ckptops reads version {FORMAT_VERSION} (upgrade ckptops)")
+            if version not in READABLE_VERSIONS:
+                raise ICVError(f"{where}: unknown ICV format version {version!r}; this ckptops reads versions "
+                               f"{', '.join(READABLE_VERSIONS)} (upgrade ckptops)")
             vectors: dict[int, torch.Tensor] = {}
             for name in names:
                 match = _TENSOR_NAME.fullmatch(name)
@@ -272,7 +371,10 @@ def load_icv(path: str | os.PathLike) -> ICV:
     if hidden == 0 or num_layers == 0:
         raise ICVError(f"{where}: hidden_size and num_layers must be positive")
     _validate_vectors(vectors, hidden, num_layers, where)
-    return ICV(
+    norms = _read_norms(meta, where)
+    if rule_name == "additive" and version == "1":
+        raise ICVError(f"{where}: the additive rule needs format version 2, the file says 1")
+    icv = ICV(
         vectors=vectors,
         hidden_size=hidden,
         num_layers=num_layers,
@@ -287,4 +389,8 @@ def load_icv(path: str | os.PathLike) -> ICV:
         source=meta.get("source", ""),
         source_sha256=meta.get("source_sha256", ""),
         extra={k: v for k, v in meta.items() if k not in _KNOWN_KEYS},
+        mlp_norms=norms,
     )
+    if rule_name == "additive":
+        icv.require_norms(where)
+    return icv

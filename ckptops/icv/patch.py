@@ -11,6 +11,12 @@ without KV cache, since each token's state is steered independently:
 
 * **paper** (Eqs. 9–10) on each steered decoder layer's output h: h_new = (h + α·v)·‖h‖/‖h + α·v‖.
 
+* **additive** on each steered layer's MLP block output x: x_new = x + u_l, no gate and no
+  renormalisation, with the absolute vector u_l = s·m_l·v/‖v‖ (s = 0.1·α, m_l the layer's typical
+  MLP-output norm recorded in the file). Where the MLP output is added straight to the residual
+  stream this equals a ``down_proj`` bias (``ckptops icv bake``) and a llama.cpp control vector
+  on that layer's output (``ckptops icv export-gguf``).
+
 Nothing is replaced: the hooks are plain ``register_forward_hook`` hooks, so accelerate's own
 hooks (device maps, disk offload) keep working and :meth:`ICVHandle.remove` gives back a model
 that computes bit-identical logits.
@@ -30,7 +36,7 @@ from torch import nn
 from ckptops.errors import ICVError
 from ckptops.icv._extras import require_transformers
 from ckptops.icv.arch import DecoderLayout, find_decoder_layout
-from ckptops.icv.file import ICV, load_icv
+from ckptops.icv.file import ICV, check_strength, load_icv
 
 ICV_FILENAME = "icv.safetensors"
 """A checkpoint folder holding this file gets it applied by :func:`from_pretrained`."""
@@ -95,6 +101,18 @@ class PaperSteering(_Steering):
         return (F.normalize(xf + shift, dim=-1) * norm).to(x.dtype)
 
 
+class AdditiveSteering(_Steering):
+    """The additive rule on an MLP block output: add the absolute vector u_l (computed in float32,
+    cast back). The hook gets u_l itself, so its strength is already folded in."""
+
+    def _prepare(self, vector: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (vector,)
+
+    def steer(self, x: torch.Tensor) -> torch.Tensor:
+        (shift,) = self.constants(x.device)
+        return (x.float() + shift).to(x.dtype)
+
+
 class ICVHandle:
     """An applied ICV. ``remove()`` takes every hook out again (also on ``with`` exit)."""
 
@@ -153,8 +171,8 @@ def apply_icv(model: nn.Module, icv_or_path: ICV | str | os.PathLike, alpha: flo
               rule: str | None = None) -> ICVHandle:
     """Steer ``model`` with an ICV (object or file path); returns a handle whose ``remove()`` undoes it.
 
-    ``alpha`` overrides the file's α; ``rule`` (``"official"`` / ``"paper"``) overrides its rule,
-    with that rule's own scale factor. The file must fit the model (hidden size and layer count).
+    ``alpha`` overrides the file's α; ``rule`` (``"official"`` / ``"paper"`` / ``"additive"``)
+    overrides its rule, with that rule's own scale factor. The file must fit the model (hidden size and layer count).
 
     Example::
 
@@ -165,7 +183,10 @@ def apply_icv(model: nn.Module, icv_or_path: ICV | str | os.PathLike, alpha: flo
     icv = icv_or_path if isinstance(icv_or_path, ICV) else load_icv(icv_or_path)
     where = str(icv_or_path) if not isinstance(icv_or_path, ICV) else "ICV"
     if alpha is not None or rule is not None:
-        icv = icv.with_application(alpha=alpha, rule=rule)
+        try:
+            icv = icv.with_application(alpha=alpha, rule=rule)
+        except ICVError as exc:
+            raise ICVError(f"{where}: {str(exc).removeprefix('ICV: ')}") from None
     layout = find_decoder_layout(model)
     existing = icv_handle(model)
     if existing is not None and existing.active:
@@ -174,11 +195,17 @@ def apply_icv(model: nn.Module, icv_or_path: ICV | str | os.PathLike, alpha: flo
         icv.check_fits(layout.hidden_size, layout.num_layers, f"this {layout.model_type} model")
     except ICVError as exc:
         raise ICVError(f"{where}: {exc}") from None
-    steering_class = OfficialSteering if icv.site == "mlp_output" else PaperSteering
+    check_strength(icv, where)  # a non-finite strength would turn every logit into NaN
     hooks = []
     for index in icv.layers:
         module = layout.mlp_site(index) if icv.site == "mlp_output" else layout.layers[index]
-        hooks.append(module.register_forward_hook(steering_class(icv.vectors[index], icv.strength)))
+        if icv.rule == "additive":
+            steering: _Steering = AdditiveSteering(icv.additive_shift(index), 1.0)
+        elif icv.rule == "paper":
+            steering = PaperSteering(icv.vectors[index], icv.strength)
+        else:
+            steering = OfficialSteering(icv.vectors[index], icv.strength)
+        hooks.append(module.register_forward_hook(steering))
     handle = ICVHandle(model, icv, layout, hooks)
     setattr(model, _HANDLE_ATTR, handle)
     return handle

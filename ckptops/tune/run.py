@@ -344,7 +344,12 @@ def _search(session: TuneSession, split: PromptSplit, candidates: list[Candidate
     finally:
         bar.close()
 
-    # 5. choose, then the held-out figures
+    # 5. choose among every tuning trial in the log (a rerun with more values extends the search),
+    #    then the held-out figures
+    for candidate, m in trial_log.logged("tune"):
+        if candidate != TARGET and candidate.key not in measured:
+            measured[candidate.key] = Trial(candidate, m)
+            alphas = sorted(set(alphas) | {candidate.alpha})
     trial_list = list(measured.values())
     chosen_trial, least = choose(trial_list, target_m, limits)
     chosen = chosen_trial.candidate if chosen_trial is not None else None
