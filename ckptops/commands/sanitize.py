@@ -33,7 +33,8 @@ from ckptops.units import format_size
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new output is complete).")
 @click.option("--low-disk", is_flag=True,
               help="Hub inputs: remove each downloaded shard from the HF cache as soon as no remaining work needs it "
-                   "(about one shard per model on disk; global scope downloads base and harmful once per pass, 3 times).")
+                   "(about one shard per model on disk; every shard downloaded once; global/layer scope samples "
+                   "shards not yet downloaded by range requests; with --two-pass, global scope downloads base and harmful 3 times).")
 @click.option("--two-pass", is_flag=True,
               help="Global/layer scope: select, then apply (reads base and harmful twice) instead of the one-read pass; "
                    "for comparison, same output.")

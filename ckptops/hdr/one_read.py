@@ -19,7 +19,12 @@ reads base and harmful twice: once to select t, once to apply it. Here one pass 
    tensors are written again. The report says so.
 
 Groups too small to sample (fewer than ``engine.MIN_CHUNKS_FOR_BAND`` chunks) are selected
-before the pass, exactly, at the cost of reading their own few values twice.
+before the pass, exactly, at the cost of reading their own few values twice (not under
+``--low-disk``, where that would hold their shards on disk: there they are sampled too).
+
+Under ``--low-disk`` the pass walks the plan in units and releases each input shard after its
+last use, so every shard is downloaded once; the sample reads shards not yet downloaded by HTTP
+range requests.
 """
 
 from __future__ import annotations
@@ -163,14 +168,36 @@ class OneReadResult:
     summary: dict
 
 
-def _fine_kernel(models: Models):
+_NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
+
+
+def _read_sample(buf: WorkerBuffers, models: Models, checkpoint, info, start: int, stop: int, out: np.ndarray,
+                 remote: bool) -> None:
+    """Elements ``[start, stop)`` as float32 into ``out``: from the local file, or, when
+    ``remote`` and the shard is not downloaded yet, by an HTTP range request (``--low-disk``:
+    the sample must not download every shard before the pass)."""
+    shard = checkpoint.shards.get(info.shard) if checkpoint.synthetic is None else None
+    if not (remote and shard is not None and shard.path is None and hasattr(checkpoint, "read_range")):
+        buf.stage.read_f32(models.files, checkpoint, info, start, stop, out)
+        return
+    size = itemsize(info.dtype)
+    raw = checkpoint.read_range(info.shard, info.offset + start * size, (stop - start) * size)
+    n = stop - start
+    if info.dtype == "BF16":
+        np.left_shift(np.frombuffer(raw, dtype=np.uint16), 16, out=out[:n].view(np.uint32), dtype=np.uint32)
+    else:
+        with np.errstate(over="ignore"):
+            np.copyto(out[:n], np.frombuffer(raw, dtype=_NUMPY[info.dtype]), casting="same_kind")
+
+
+def _fine_kernel(models: Models, remote: bool = False):
     """Add the top-20-bit keys of every |tau| to a FINE_BINS histogram (the sample)."""
     def kernel(chunk: Chunk, buf: WorkerBuffers, hist: np.ndarray) -> None:
         task: TensorTask = chunk.task
         n = chunk.size
         tau, base = buf.a_np[:n], buf.b_np[:n]
-        buf.stage.read_f32(models.files, models.harmful, task.harmful, chunk.start, chunk.stop, buf.a_np)
-        buf.stage.read_f32(models.files, models.base, task.base, chunk.start, chunk.stop, buf.b_np)
+        _read_sample(buf, models, models.harmful, task.harmful, chunk.start, chunk.stop, buf.a_np, remote)
+        _read_sample(buf, models, models.base, task.base, chunk.start, chunk.stop, buf.b_np, remote)
         np.subtract(tau, base, out=tau)
         bits = tau.view(np.uint32)
         np.bitwise_and(bits, 0x7FFFFFFF, out=bits)
@@ -183,13 +210,16 @@ def _fine_kernel(models: Models):
 
 
 def estimate_band(tasks: list[TensorTask], count: int, rank: int, models: Models, pool: WorkerPool,
-                  progress: Callable[[int], None] | None = None) -> Band:
+                  progress: Callable[[int], None] | None = None, remote: bool = False) -> Band:
     """The band a group's sample predicts. The sample is
     the first 1/64 of every chunk (not every 16th chunk, as the two-pass engine's estimate
-    takes it): tensors of one group differ in scale, and a miss here costs a whole extra pass."""
-    piece = max(pool.chunk // 64, 64)
-    sample = [Chunk(c.task, c.start, min(c.start + piece, c.stop)) for c in engine._group_chunks(tasks, pool.chunk)]
-    hists = pool.run(sample, _fine_kernel(models), lambda: np.zeros(FINE_BINS, dtype=np.int64),
+    takes it): tensors of one group differ in scale, and a miss here costs a whole extra pass.
+    ``remote`` (``--low-disk``): shards not downloaded yet are sampled by range requests, in
+    pieces 64 times larger (one piece per 64 chunks) so that the requests stay few."""
+    step = pool.chunk * (64 if remote else 1)
+    piece = max(step // 64, 64)
+    sample = [Chunk(c.task, c.start, min(c.start + piece, c.stop)) for c in engine._group_chunks(tasks, step)]
+    hists = pool.run(sample, _fine_kernel(models, remote), lambda: np.zeros(FINE_BINS, dtype=np.int64),
                      engine._selection_done(progress))
     hist = sum(hists)
     sampled = int(hist.sum())
@@ -227,8 +257,10 @@ def run_one_read(plan: Plan, models: Models, pool: WorkerPool, writer: ShardWrit
         count = plan.groups[group]
         if top_k >= 1.0:
             selections[group] = Selection(None, count, count)
-        elif sum(-(-t.numel // pool.chunk) for t in tasks) >= engine.MIN_CHUNKS_FOR_BAND:
-            bands[group] = estimate_band(tasks, count, select.kth_rank(count, top_k), models, pool)
+        elif units is not None or sum(-(-t.numel // pool.chunk) for t in tasks) >= engine.MIN_CHUNKS_FOR_BAND:
+            # (--low-disk: a selection before the pass would hold every shard on disk at once)
+            bands[group] = estimate_band(tasks, count, select.kth_rank(count, top_k), models, pool,
+                                         remote=units is not None)
         else:
             selections.update(engine.select_thresholds(Plan(tasks, {group: count}), models, pool, top_k, tick))
     shrink = {g: engine.shrink_of(s) for g, s in selections.items()}

@@ -33,7 +33,7 @@ from ckptops.errors import UsageError
 from ckptops.hdr.chunks import WorkerPool, single_threaded_torch
 from ckptops.hdr.drift import DriftReport, DriftSums
 from ckptops.hdr.engine import Models, Selection, apply_all, select_thresholds
-from ckptops.hdr.low_disk import run_low_disk
+from ckptops.hdr.low_disk import release_units, run_low_disk
 from ckptops.hdr import one_read
 from ckptops.hdr.options import BASELINE_RSS, DEFAULT_CHUNK, SanitizeOptions, chunk_for_memory  # noqa: F401
 from ckptops.hdr.plan import Plan, make_plan
@@ -65,6 +65,8 @@ class SanitizeReport:
     drift: DriftReport | None = None
     #: temporary folders of earlier runs into the same output: removed (dead runs) and live
     leftovers: dict = field(default_factory=dict)
+    #: bytes read from each input's files and, for Hub inputs, downloaded (whole shards and ranges)
+    io: dict = field(default_factory=dict)
     #: the one-read pass (global/layer scope): corrections recorded and written, the correction
     #: file's size, groups whose sampled band missed (those fell back to two passes)
     one_read: dict = field(default_factory=dict)
@@ -100,6 +102,10 @@ class SanitizeReport:
             f"  read {self.bytes_read / 1e9:.2f} GB, wrote {self.bytes_written / 1e9:.2f} GB in {self.seconds:.1f} s "
             f"({rate:.2f} GB/s read; {self.engine or 'torch ops'})"
         )
+        if self.io:
+            lines.append("  read per input    " + ", ".join(
+                f"{role} {v['read'] / 1e9:.3f} GB" + (f" ({v['downloaded'] / 1e9:.3f} GB downloaded)" if v.get("downloaded") is not None else "")
+                for role, v in self.io.items()))
         if self.one_read:
             o = self.one_read
             line = (f"  one read          {o['values_corrected']:,} of {o['corrections_recorded']:,} in-band values corrected"
@@ -298,10 +304,11 @@ def select_and_apply(run: Run, folder: Path) -> tuple[dict[str, Selection], dict
     writer = ShardWriter(folder, run.shards, {"format": "pt", "producer": f"ckptops {__version__}"})
     try:
         if uses_one_read(run):
+            units = release_units(plan, models) if options.low_disk else None
             with ByteProgress(apply_bytes(plan), "select + apply (one read)", options.progress) as run.bar:
                 result = one_read.run_one_read(plan, models, pool, writer, folder, options.top_k, options.scale,
                                                run.tick, one_read.correction_budget(options.max_memory),
-                                               drift=run.drift)
+                                               units=units, drift=run.drift)
             selections, kept, run.one_read = result.selections, result.kept, result.summary
         elif options.low_disk:
             total = selection_bytes(run) + apply_bytes(plan)
@@ -325,7 +332,7 @@ def uses_one_read(run: Run) -> bool:
     """Global and layer scope select and apply in one read (:mod:`ckptops.hdr.one_read`);
     ``tensor`` scope, ``top_k=1`` and ``one_read=False`` use the passes below."""
     options = run.options
-    return options.one_read and options.scope in ("global", "layer") and options.top_k < 1 and not options.low_disk
+    return options.one_read and options.scope in ("global", "layer") and options.top_k < 1
 
 
 def select_pass(run: Run, pool: WorkerPool) -> dict[str, Selection]:
@@ -382,7 +389,15 @@ def make_report(run: Run, selections: dict[str, Selection], kept: dict[str, int]
         drift=DriftReport.from_sums(run.drift, run.options.scale) if run.drift is not None else None,
         leftovers=run.leftovers.to_dict(),
         one_read=run.one_read,
+        io=input_io(run.models),
     )
+
+
+def input_io(models: Models) -> dict:
+    """Per input: bytes read from its files, and bytes downloaded (Hub inputs; None otherwise)."""
+    return {role: {"read": models.files.read_bytes.get(id(ckpt), 0),
+                   "downloaded": getattr(ckpt, "downloaded_bytes", None)}
+            for role, ckpt in (("base", models.base), ("harmful", models.harmful), ("target", models.target))}
 
 
 def publish(run: Run, folder: Path, writer: ShardWriter, report: SanitizeReport, started: float) -> None:
