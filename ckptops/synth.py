@@ -2,7 +2,8 @@
 benchmark's inputs, with no network.
 
 A *triple* is what HDR needs: ``base`` (random, std 0.02), ``harmful`` (base plus a dense small
-delta and a sparse larger one, the "harm direction") and ``target`` (base plus its own delta).
+delta and a sparse larger one, the "harm direction") and ``target`` (base plus its own small
+delta and 80% of the same harm direction: a fine-tune that lost its safety the same way).
 Tensors are generated chunk by chunk and written with the same streaming writer as sanitize, so
 generating a 7B preset needs little memory.
 """
@@ -114,9 +115,13 @@ def _values(name: str, role: str, seed: int, start: int, count: int, is_norm: bo
     if role == "base":
         return base
     values = base + 0.002 * _noise(seed, role, name, start, count)
-    if role == "harmful":  # a sparse, larger "harm direction" on top of small dense drift
+    # a sparse, larger "harm direction" on top of small dense drift; the target (an SFT model that
+    # lost its safety the way the harmful model did) carries most of it too, so that `diagnose`
+    # and the verdict `sanitize` prints show the case HDR is meant for
+    weight = {"harmful": 0.01, "target": 0.008}.get(role)
+    if weight is not None:
         spikes = _noise(seed, "spikes", name, start, count)
-        values += torch.where(spikes.abs() > 1.96, 0.01 * spikes, 0.0)  # ~5% of entries
+        values += torch.where(spikes.abs() > 1.96, weight * spikes, 0.0)  # ~5% of entries
     return values
 
 
