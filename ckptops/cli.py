@@ -47,11 +47,38 @@ def _warnings_as_lines():
         yield
 
 
+def _quiet_libraries_in_logs() -> None:
+    """When stderr is not a terminal (a log file, CI), keep transformers', huggingface_hub's and
+    tqdm's loading bars and advisory notices out of it: a bar redrawn as lines floods a log.
+    Set before those libraries are imported (they read these at import); a value the user set
+    wins. ckptops' own bars already stay off without a terminal."""
+    try:
+        interactive = sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        interactive = False
+    if interactive:
+        return
+    for name, value in (("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
+                        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"), ("TQDM_DISABLE", "1")):
+        os.environ.setdefault(name, value)
+    for module in ("transformers", "huggingface_hub"):  # already imported (library use): tell them too
+        if module in sys.modules:
+            try:
+                if module == "transformers":
+                    sys.modules[module].utils.logging.set_verbosity_error()
+                    sys.modules[module].utils.logging.disable_progress_bar()
+                else:
+                    sys.modules[module].utils.disable_progress_bars()
+            except AttributeError:
+                pass
+
+
 class _Group(click.Group):
     """A click group that turns library errors into one-line messages."""
 
     def invoke(self, ctx: click.Context):
         _startup.release()  # from here Ctrl-C is a KeyboardInterrupt, turned into one line below
+        _quiet_libraries_in_logs()
         try:
             with _warnings_as_lines():
                 return super().invoke(ctx)
@@ -74,6 +101,11 @@ class _Group(click.Group):
                 raise
             if exc.errno == errno.EPIPE:
                 ctx.exit(0)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                where = exc.filename or _startup.output_named(sys.argv[1:]) or "the output"
+                click.echo(f"error: {where}: no space left on the disk; free space or write elsewhere "
+                           "(outputs are moved into place only when complete: nothing partial was kept)", err=True)
+                ctx.exit(1)
             where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
             click.echo(f"error: {exc.strerror or exc}{where}", err=True)
             ctx.exit(1)

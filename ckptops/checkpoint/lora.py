@@ -205,10 +205,9 @@ def read_adapter(folder: Path) -> Adapter:
     """Read and validate an adapter folder; every refusal is one line naming the file."""
     folder = Path(folder)
     config_path = folder / CONFIG_NAME
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{config_path}: not a readable JSON adapter config ({exc})") from None
+    from ckptops.safeio import load_json_file
+
+    config = load_json_file(config_path, 16 * 1024 * 1024, CheckpointError, "adapter config")
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_path}: not a JSON object")
     _check_config(folder, config)

@@ -173,12 +173,15 @@ def _evaluate_one(
         loaded.close()
 
 
-def _preflight(device: str, icv, icv_alpha: float | None) -> None:
-    """Device, ICV file and alpha: checked before any model loads."""
+def _preflight(device: str, icv, icv_alpha: float | None, ppl=None) -> None:
+    """Device, ICV file, alpha and the perplexity file: checked before any model loads."""
     from ckptops.icv.file import check_alpha, check_strength, load_icv
     from ckptops.preflight import check_device
+    from ckptops.safeio import open_regular
 
     check_device(device)
+    if ppl is not None:
+        os.close(open_regular(ppl, EvalError, "perplexity text file"))
     if icv_alpha is not None:
         check_alpha(icv_alpha)
     if icv is not None and isinstance(icv, (str, os.PathLike)) and Path(icv).is_file():
@@ -246,7 +249,7 @@ def evaluate(
             or ``auto`` (the checkpoint's own).
     """
     _check_numbers(max_new_tokens, batch_size)
-    _preflight(device, icv, icv_alpha)
+    _preflight(device, icv, icv_alpha, ppl)
     say = log or (lambda message: None)
     sets = _prompt_sets(prompts, labels, limit)
     loaded_judge = load_judge(judge)
@@ -292,7 +295,7 @@ def compare(
     the arguments are those of :func:`evaluate`.
     """
     _check_numbers(max_new_tokens, batch_size)
-    _preflight(device, icv, icv_alpha)
+    _preflight(device, icv, icv_alpha, ppl)
     say = log or (lambda message: None)
     sets = _prompt_sets(prompts, labels, limit)
     loaded_judge = load_judge(judge)

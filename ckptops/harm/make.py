@@ -90,7 +90,7 @@ def _imports():
         import transformers
     except ImportError as exc:
         raise UsageError(f"harm make needs transformers and peft ({exc.name} is missing): "
-                         "pip install 'ckptops[harm]'") from None
+                         "pip install -e '.[harm]' (in a clone of ckptops)") from None
     return torch, transformers, peft
 
 
@@ -176,14 +176,14 @@ def make_harm_adapter(
     _check(rank, alpha, steps, lr, batch_size, heldout, device, dtype)
     examples, questions_sha = load_questions(questions)
     out_path = check_destination(Path(out), [p for p in [Path(base)] if Path(base).exists()], overwrite)
+    if not Path(base).exists():  # before the slow imports: a local typo never goes to the Hub
+        from ckptops.checkpoint.resolve import looks_local, missing_local
+
+        if looks_local(str(base)):
+            raise missing_local(str(base), UsageError, "model folder (and not a Hub repo id)")
     torch, transformers, peft = _imports()
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: torch sees no CUDA device here")
-    if not Path(base).exists():
-        from ckptops.hub.refs import parse_hub_ref
-
-        if parse_hub_ref(base) is None:
-            raise UsageError(f"{base}: no such model folder (and not a Hub repo id)")
 
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)

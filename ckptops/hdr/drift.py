@@ -110,6 +110,15 @@ class DriftSums:
         return sorted(set(self.sums) | {k for k, _ in self.parts.values()} | set(self.counts), key=_order)
 
 
+def _stable(x: float | None, digits: int = 9) -> float | None:
+    """``x`` to ``digits`` significant digits. The worker threads add chunk sums in whatever
+    order they finish, so the last bits of a float64 sum vary from run to run (relative ~1e-13);
+    rounded, the figures recorded in ``ckptops.json`` and the model card repeat byte for byte."""
+    if x is None or x == 0 or not math.isfinite(x):
+        return x
+    return float(f"{x:.{digits}g}")
+
+
 def _ratio(num: float, den: float) -> float | None:
     return num / den if den > 0 else None
 
@@ -134,14 +143,14 @@ class DriftFigures:
         residual_sq = max(0.0, dd - 2.0 * scale * dm + scale * scale * mm)
         return cls(
             values=int(values),
-            norm_tau=math.sqrt(tt),
-            norm_drift=math.sqrt(dd),
-            norm_masked_tau=math.sqrt(mm),
-            cos_tau=_ratio(dt, math.sqrt(dd * tt)),
-            cos_masked_tau=_ratio(dm, math.sqrt(dd * mm)),
-            projection=_ratio(dm, mm),
-            step_ratio=_ratio(abs(scale) * math.sqrt(mm), math.sqrt(dd)),
-            residual_ratio=_ratio(math.sqrt(residual_sq), math.sqrt(dd)),
+            norm_tau=_stable(math.sqrt(tt)),
+            norm_drift=_stable(math.sqrt(dd)),
+            norm_masked_tau=_stable(math.sqrt(mm)),
+            cos_tau=_stable(_ratio(dt, math.sqrt(dd * tt))),
+            cos_masked_tau=_stable(_ratio(dm, math.sqrt(dd * mm))),
+            projection=_stable(_ratio(dm, mm)),
+            step_ratio=_stable(_ratio(abs(scale) * math.sqrt(mm), math.sqrt(dd))),
+            residual_ratio=_stable(_ratio(math.sqrt(residual_sq), math.sqrt(dd))),
         )
 
 
