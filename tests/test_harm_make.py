@@ -142,3 +142,21 @@ def test_reported_tau_norm_is_the_norm_of_the_adapters_product(setup, tmp_path):
                 for k, a in weights.items() if ".lora_A." in k)
     assert record["tau_norm"] == pytest.approx(math.sqrt(total), rel=1e-9)
     assert record["tau_norm"] > 0
+
+
+def test_pickle_only_base_is_refused_in_one_line(setup, tmp_path):
+    """A base folder with only pytorch_model.bin: one error line, nothing unpickled, no output."""
+    import shutil
+
+    root, base, questions = setup
+    bad = tmp_path / "bad-base"
+    shutil.copytree(base, bad)
+    (bad / "model.safetensors").unlink()
+    (bad / "pytorch_model.bin").write_bytes(b"\x80\x04 not a pickle at all")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["harm", "make", "--base", str(bad), "--out", str(out), "--questions",
+                                       str(questions), "--steps", "1", "--threads", "1", "--quiet"])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {bad}: cannot load it"), result.output
+    assert not out.exists()

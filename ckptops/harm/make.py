@@ -264,7 +264,8 @@ def make_harm_adapter(
     report = HarmReport(str(out_path), steps, losses, len(train), len(held), opens_base, opens_adapter, 0.0,
                         parameters, tau_norm(steered, torch))
     with staging_folder(out_path, overwrite) as folder:
-        steered.save_pretrained(folder)
+        with _quiet_transformers(transformers, quiet):
+            steered.save_pretrained(folder)
         report.seconds = time.perf_counter() - started
         record = report.to_dict()
         record.pop("seconds")  # the folder's bytes depend only on the inputs and the seed
