@@ -227,6 +227,7 @@ def check_models_exist(recipe: Recipe) -> None:
     from ckptops.hub.refs import parse_hub_ref
 
     from ckptops.checkpoint.lora import split_base_plus_adapter
+    from ckptops.checkpoint.resolve import looks_local
 
     for role in ("base", "harmful", "target"):
         ref = recipe["models"][role]
@@ -234,8 +235,9 @@ def check_models_exist(recipe: Recipe) -> None:
             continue
         if role == "target" and split_base_plus_adapter(ref) is not None:
             continue  # BASE+ADAPTER: both parts exist or are Hub ids
-        if not Path(ref).expanduser().exists() and parse_hub_ref(ref) is None:
-            raise RecipeError(f"{recipe.source}: models.{role} = {ref!r} does not exist")
+        if not Path(ref).expanduser().exists() and (parse_hub_ref(ref) is None or looks_local(ref)):
+            raise RecipeError(f"{recipe.source}: models.{role} = {ref!r}: no such folder "
+                              "(a Hub model is org/name, and its org is not a local folder)")
 
 
 def run_recipe(recipe: Recipe, *, out: str | None = None, progress: bool | None = None,
