@@ -217,6 +217,7 @@ def test_cli_writes_nothing_and_prints(tmp_path):
     (["--top-k", "1.5"], "--top-k"),
     (["--scale", "nan"], "--scale"),
     (["--exclude", ".*"], "no tensor takes part"),
+    (["--layers", ""], "--layers"),
 ])
 def test_cli_bad_input(tmp_path, args, message):
     from ckptops.cli import main
@@ -324,3 +325,14 @@ def test_tensor_scope(tmp_path):
     paths = make_triple(tmp_path, "aligned", c=0.3)
     report = run_diagnose(paths, top_k=0.2, scale=2.0, scope="tensor")
     check_report(report.drift, reference_figures(paths, top_k=0.2, scale=2.0, scope="tensor"))
+
+
+def test_layers_and_exclude_count_only_hdr_values(tmp_path):
+    """--layers 1: only layer 1 counts (its global top-k is layer 1's own); --exclude drops tensors."""
+    paths = make_triple(tmp_path, "aligned", c=0.4)
+    report = run_diagnose(paths, top_k=0.1, scale=3.0, layers="1")
+    reference = reference_figures(paths, top_k=0.1, scale=3.0, scope="layer")
+    assert list(report.drift.layers) == ["layer 1"]
+    assert_figures(report.drift.overall.__dict__, reference["layer 1"], "--layers 1")
+    excluded = run_diagnose(paths, top_k=1.0, scale=3.0, exclude=[r"embed_tokens|lm_head|norm\.weight$"])
+    assert excluded.drift.overall.values == sum(r["values"] for k, r in reference.items() if k.startswith("layer ")) - 3 * 2 * 32

@@ -66,9 +66,10 @@ def test_alpha_and_hint_overrides(tmp_path):
 
 
 def test_a_hint_naming_another_model_is_refused(tmp_path):
-    with pytest.raises(UsageError, match=r"--model-hint 'llama' does not match .*mistral"):
-        export_gguf(_icv(layers=(2, 3)), tmp_path / "c.gguf", model_hint="llama")
+    with pytest.raises(UsageError, match=r"--model-hint 'qwen2' does not match .*mistral"):
+        export_gguf(_icv(layers=(2, 3)), tmp_path / "c.gguf", model_hint="qwen2")
     assert not (tmp_path / "c.gguf").exists()
+    export_gguf(_icv(layers=(2, 3)), tmp_path / "c.gguf", model_hint="llama")  # llama.cpp's name for Mistral
 
 
 def test_a_file_without_mlp_norms_is_refused(tmp_path):

@@ -467,7 +467,11 @@ def merged_checkpoint(base: Checkpoint, adapter: Adapter, ref: str) -> Checkpoin
     """``BASE+ADAPTER`` as a target: the base's tensor list (dtypes, shapes, sharding), adapted
     tensors valued float32(base) + delta (see module doc)."""
     check_against_base(adapter, base)
-    identity = {"type": "base+lora-adapter", "ref": ref, "hash_kind": "sha256",
+    from ckptops.checkpoint.card import base_model_id
+
+    # the card names the base as the model this one derives from, and the adapter by its hash
+    identity = {"type": "base+lora-adapter", "ref": ref, "hash_kind": "adapter sha256",
+                "hub_id": base_model_id(base.identity, base.ref),
                 "base": dict(base.identity, ref=base.ref), "adapter": adapter.identity(str(adapter.folder))}
     identity["sha256"] = identity["adapter"]["sha256"]
     if base.identity.get("type") == "local":

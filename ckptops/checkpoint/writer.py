@@ -307,6 +307,11 @@ class ShardWriter:
             raise AssertionError(f"write past the end of {name}")
         file.write_at(start + byte_offset, view)
 
+    def locations(self) -> dict[str, tuple[Path, int, int]]:
+        """Every tensor's (file, absolute byte offset, byte count), also after :meth:`finish`
+        (to correct values in place once the files are complete)."""
+        return {name: (Path(file.path), start, nbytes) for name, (file, start, nbytes) in self._where.items()}
+
     def weight_map(self) -> dict[str, str]:
         return {t.name: s.name for s in self.shards for t in s.tensors}
 

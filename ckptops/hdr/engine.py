@@ -248,14 +248,6 @@ def apply_all(
     ``drift``, when given, gets the five drift sums of every HDR chunk added per layer group
     (:mod:`ckptops.hdr.drift`), computed in the same loop as the update."""
 
-    def chunks():
-        for task in plan.tasks:
-            if task.action == "hdr":
-                yield from split(task, 0, task.numel, pool.chunk)
-                yield from split(("tail", task), task.numel, task.target.numel, pool.chunk)
-            else:
-                yield from split(("tail", task), 0, task.target.numel, pool.chunk)
-
     def work(chunk: Chunk, buf: WorkerBuffers, counts: ApplyCounts) -> None:
         if isinstance(chunk.task, tuple):
             task = chunk.task[1]
@@ -277,12 +269,9 @@ def apply_all(
         if progress:
             progress(read)
 
-    # hardshrink keeps x where |x| > lambda and writes +0.0 elsewhere, in one pass; with lambda
-    # the float just below t, |x| > lambda is exactly |x| >= t (ties kept). None: keep all.
-    shrink = {group: select.float_before(s.threshold) if s.threshold is not None and s.threshold > 0.0 else None
-              for group, s in selections.items()}
+    shrink = {group: shrink_of(s) for group, s in selections.items()}
     path = models.kernels
-    states = pool.run(chunks(), work, ApplyCounts)
+    states = pool.run(apply_chunks(plan, pool.chunk), work, ApplyCounts)
     kept: dict[str, int] = {}
     for state in states:
         for name, value in state.kept.items():
@@ -290,6 +279,25 @@ def apply_all(
         if drift is not None:
             drift.merge(state.drift)
     return kept
+
+
+def apply_chunks(plan: Plan, chunk: int):
+    """The apply pass's work in output order: HDR chunks (the task itself) over each HDR
+    tensor's processed elements, then copy chunks (``("tail", task)``) over the rest."""
+    for task in plan.tasks:
+        if task.action == "hdr":
+            yield from split(task, 0, task.numel, chunk)
+            yield from split(("tail", task), task.numel, task.target.numel, chunk)
+        else:
+            yield from split(("tail", task), 0, task.target.numel, chunk)
+
+
+def shrink_of(selection: Selection) -> float | None:
+    """hardshrink's lambda for a selection: it keeps x where |x| > lambda and writes +0.0
+    elsewhere, in one pass; with lambda the float just below t, |x| > lambda is exactly
+    |x| >= t (ties kept). None: keep everything."""
+    t = selection.threshold
+    return select.float_before(t) if t is not None and t > 0.0 else None
 
 
 def _copy_chunk(chunk: Chunk, buf: WorkerBuffers, models: Models, writer: ShardWriter, path) -> None:

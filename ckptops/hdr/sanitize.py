@@ -34,7 +34,8 @@ from ckptops.hdr.checks import check_after_work, check_before_work
 from ckptops.hdr.chunks import WorkerPool, single_threaded_torch
 from ckptops.hdr.drift import DriftReport, DriftSums
 from ckptops.hdr.engine import Models, Selection, apply_all, select_thresholds
-from ckptops.hdr.low_disk import run_low_disk
+from ckptops.hdr.low_disk import release_units, run_low_disk
+from ckptops.hdr import one_read
 from ckptops.hdr.options import BASELINE_RSS, DEFAULT_CHUNK, SanitizeOptions, chunk_for_memory  # noqa: F401
 from ckptops.hdr.plan import Plan, make_plan
 from ckptops.progress import ByteProgress
@@ -67,6 +68,11 @@ class SanitizeReport:
     drift_note: str = ""
     #: temporary folders of earlier runs into the same output: removed (dead runs) and live
     leftovers: dict = field(default_factory=dict)
+    #: bytes read from each input's files and, for Hub inputs, downloaded (whole shards and ranges)
+    io: dict = field(default_factory=dict)
+    #: the one-read pass (global/layer scope): corrections recorded and written, the correction
+    #: file's size, groups whose sampled band missed (those fell back to two passes)
+    one_read: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.drift, dict):  # rebuilt from to_dict() (the recipe command does)
@@ -99,6 +105,17 @@ class SanitizeReport:
             f"  read {self.bytes_read / 1e9:.2f} GB, wrote {self.bytes_written / 1e9:.2f} GB in {self.seconds:.1f} s "
             f"({rate:.2f} GB/s read; {self.engine or 'torch ops'})"
         )
+        if self.io:
+            lines.append("  read per input    " + ", ".join(
+                f"{role} {v['read'] / 1e9:.3f} GB" + (f" ({v['downloaded'] / 1e9:.3f} GB downloaded)" if v.get("downloaded") is not None else "")
+                for role, v in self.io.items()))
+        if self.one_read:
+            o = self.one_read
+            line = (f"  one read          {o['values_corrected']:,} of {o['corrections_recorded']:,} in-band values corrected"
+                    f" (correction file {o['correction_file_bytes'] / 1e6:.1f} MB)")
+            if o["band_missed"]:
+                line += f"; sampled band missed for {', '.join(o['band_missed'][:3])}: re-selected with two passes and rewritten"
+            lines.append(line)
         lines += drift_lines(self.drift, self.drift_note)
         for folder in self.leftovers.get("removed", []):
             lines.append(f"  removed leftover  {folder} (an interrupted earlier run)")
@@ -224,6 +241,8 @@ class Run:
     #: not read, so theta_t - theta_b is not at hand)
     drift: DriftSums | None = None
     leftovers: Leftovers = field(default_factory=Leftovers)
+    #: what the one-read pass reports (empty when the run used the passes)
+    one_read: dict = field(default_factory=dict)
 
     def tick(self, n: int) -> None:
         self.bytes_read += n
@@ -303,7 +322,14 @@ def select_and_apply(run: Run, folder: Path) -> tuple[dict[str, Selection], dict
     pool = WorkerPool(workers, options.chunk)
     writer = ShardWriter(folder, run.shards, {"format": "pt", "producer": f"ckptops {__version__}"})
     try:
-        if options.low_disk:
+        if uses_one_read(run):
+            units = release_units(plan, models) if options.low_disk else None
+            with ByteProgress(apply_bytes(plan), "select + apply (one read)", options.progress) as run.bar:
+                result = one_read.run_one_read(plan, models, pool, writer, folder, options.top_k, options.scale,
+                                               run.tick, one_read.correction_budget(options.max_memory),
+                                               units=units, drift=run.drift)
+            selections, kept, run.one_read = result.selections, result.kept, result.summary
+        elif options.low_disk:
             total = selection_bytes(run) + apply_bytes(plan)
             with ByteProgress(total, "select + apply (low disk)", options.progress) as run.bar:
                 selections, kept = run_low_disk(plan, models, pool, writer, options.top_k, options.scale,
@@ -319,6 +345,13 @@ def select_and_apply(run: Run, folder: Path) -> tuple[dict[str, Selection], dict
         writer.close()
         models.files.close()
     return selections, kept, writer
+
+
+def uses_one_read(run: Run) -> bool:
+    """Global and layer scope select and apply in one read (:mod:`ckptops.hdr.one_read`);
+    ``tensor`` scope, ``top_k=1`` and ``one_read=False`` use the passes below."""
+    options = run.options
+    return options.one_read and options.scope in ("global", "layer") and options.top_k < 1
 
 
 def select_pass(run: Run, pool: WorkerPool) -> dict[str, Selection]:
@@ -377,7 +410,16 @@ def make_report(run: Run, selections: dict[str, Selection], kept: dict[str, int]
         drift=DriftReport.from_sums(run.drift, run.options.scale) if run.drift is not None else None,
         drift_note=_drift_note(run),
         leftovers=run.leftovers.to_dict(),
+        one_read=run.one_read,
+        io=input_io(run.models),
     )
+
+
+def input_io(models: Models) -> dict:
+    """Per input: bytes read from its files, and bytes downloaded (Hub inputs; None otherwise)."""
+    return {role: {"read": models.files.read_bytes.get(id(ckpt), 0),
+                   "downloaded": getattr(ckpt, "downloaded_bytes", None)}
+            for role, ckpt in (("base", models.base), ("harmful", models.harmful), ("target", models.target))}
 
 
 def publish(run: Run, folder: Path, writer: ShardWriter, report: SanitizeReport, started: float) -> None:
