@@ -17,8 +17,13 @@ _guarding = False
 
 
 def _is_cli() -> bool:
+    """The ``ckptops`` executable, or ``python -m ckptops.cli`` (never a library user, a test
+    runner, or another ``python -m ckptops.<module>``)."""
     argv0 = sys.argv[0] if sys.argv else ""
-    return argv0 == "-m" or os.path.basename(argv0) == "ckptops" or argv0.endswith(os.path.join("ckptops", "cli.py"))
+    if os.path.basename(argv0) == "ckptops" or argv0.endswith(os.path.join("ckptops", "cli.py")):
+        return True
+    original = list(getattr(sys, "orig_argv", []))
+    return any(a == "-m" and b in ("ckptops.cli", "ckptops") for a, b in zip(original, original[1:]))
 
 
 def output_named(argv: list[str]) -> str | None:

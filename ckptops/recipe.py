@@ -23,7 +23,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from ckptops.errors import RecipeError
+from ckptops.errors import CkptopsError, RecipeError
 
 # section -> key -> (expected python types, default, required)
 _NUM = (int, float)
@@ -173,6 +173,18 @@ def validate(data: dict, source: str = "<recipe>") -> Recipe:
         raise RecipeError(f"{source}: models.harmful is required (or set [harm] make = true to build one)")
     if hdr["layers"] and hdr["edit_area"]:
         raise RecipeError(f"{source}: set hdr.layers or hdr.edit_area, not both")
+    if hdr["layers"]:
+        from ckptops.hdr.layers import parse_layers
+
+        try:
+            parse_layers(hdr["layers"])  # bounded before any work (a typo like 0-100000000)
+        except CkptopsError as exc:
+            raise RecipeError(f"{source}: hdr.layers: {str(exc).removeprefix('--layers: ')}") from None
+    icv = result.get("icv", {})
+    if "alpha" in icv and icv["alpha"] is not None:
+        alpha = icv["alpha"]
+        if alpha < 0 or not math.isfinite(alpha * 0.1):
+            raise RecipeError(f"{source}: icv.alpha must be a finite number >= 0 (the default is 0.12), got {alpha!r}")
     return Recipe(result, source)
 
 
@@ -227,6 +239,7 @@ def check_models_exist(recipe: Recipe) -> None:
     from ckptops.hub.refs import parse_hub_ref
 
     from ckptops.checkpoint.lora import split_base_plus_adapter
+    from ckptops.checkpoint.resolve import looks_local
 
     for role in ("base", "harmful", "target"):
         ref = recipe["models"][role]
@@ -234,8 +247,9 @@ def check_models_exist(recipe: Recipe) -> None:
             continue
         if role == "target" and split_base_plus_adapter(ref) is not None:
             continue  # BASE+ADAPTER: both parts exist or are Hub ids
-        if not Path(ref).expanduser().exists() and parse_hub_ref(ref) is None:
-            raise RecipeError(f"{recipe.source}: models.{role} = {ref!r} does not exist")
+        if not Path(ref).expanduser().exists() and (parse_hub_ref(ref) is None or looks_local(ref)):
+            raise RecipeError(f"{recipe.source}: models.{role} = {ref!r}: no such folder "
+                              "(a Hub model is org/name, and its org is not a local folder)")
 
 
 def run_recipe(recipe: Recipe, *, out: str | None = None, progress: bool | None = None,
@@ -331,6 +345,9 @@ def _compute_icv_into(folder: Path, icv: dict, layers: str, progress: bool | Non
                              source=loaded.source, source_sha256=loaded.source_sha256)
     # computed on the model in this folder: say so, not the temporary path it had while building
     vector = replace(vector, source=".")
+    from ckptops.icv.file import check_strength
+
+    check_strength(vector, "icv.alpha")  # never write an ICV whose strength turns logits into NaN
     vector.save(folder / "icv.safetensors", overwrite=True)
     return {"rule": vector.rule, "alpha": vector.alpha, "strength": vector.strength, "method": vector.method,
             "positions": vector.positions, "layers": vector.layers, "num_demos": vector.num_demos,

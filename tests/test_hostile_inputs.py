@@ -219,3 +219,13 @@ def test_perplexity_file_that_never_ends_is_refused_before_the_model_loads(tmp_p
     model = _tiny(tmp_path / "m")
     _one_line(_run(["eval", "--model", str(model), "--prompts", str(prompts), "--label", "harmful",
                     "--ppl", str(path), "--threads", "1"], timeout=10), str(path))
+
+
+def test_recipe_with_a_mistyped_local_model_says_no_such_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _tiny(tmp_path / "demo" / "target")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[models]\nbase = "demo/target"\nharmful = "demo/target"\ntarget = "demo/targt"\n'
+                      '[output]\nout = "o"\n')
+    line = _one_line(_run(["run", str(recipe), "--threads", "1"], timeout=10), "demo/targt")
+    assert "no such folder" in line

@@ -138,3 +138,16 @@ def test_icv_strength_must_be_finite(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert check_strength(ICV(vectors=vectors, hidden_size=8, num_layers=2, alpha=0.12)) == pytest.approx(0.012)
+
+
+def test_recipe_alpha_and_layer_range_are_checked_on_load(tmp_path, triple):
+    from ckptops.errors import RecipeError
+    from ckptops.recipe import load_recipe
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[models]\nbase = "{triple["base"]}"\nharmful = "{triple["harmful"]}"\n'
+                      f'target = "{triple["target"]}"\n[output]\nout = "{tmp_path / "o"}"\n')
+    for override, expected in (("icv.alpha=-1", "icv.alpha must be a finite number >= 0"),
+                               ('hdr.layers="0-100000000"', "beyond any model")):
+        with pytest.raises(RecipeError, match=expected):
+            load_recipe(recipe, [override])

@@ -129,6 +129,10 @@ def compute(model_ref, out, demos, positions, method, layers, rule, alpha, max_m
         icv = compute_icv(loaded.model, loaded.tokenizer, pairs, positions=positions, method=method,
                           layers=None if chosen is None else sorted(chosen), rule=rule, alpha=alpha,
                           progress=_progress(quiet), source=loaded.source, source_sha256=loaded.source_sha256)
+    from ckptops.icv.file import check_strength
+
+    with _warnings_as_lines():
+        check_strength(icv, str(target))  # never write an ICV whose strength turns logits into NaN
     icv.save(target, overwrite=True)
     seconds = time.perf_counter() - started
     click.echo(
