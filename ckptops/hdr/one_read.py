@@ -205,7 +205,7 @@ def _fine_kernel(models: Models, remote: bool = False):
         np.right_shift(bits, FINE_SHIFT, out=keys)
         if int(keys.max(initial=0)) >= (0x7F800000 >> FINE_SHIFT):
             raise nonfinite_error(chunk, models)
-        hist += np.bincount(keys, minlength=FINE_BINS)
+        np.add.at(hist, keys, 1)  # a bincount of 2**20 bins per piece costs 50x more
     return kernel
 
 
@@ -379,7 +379,12 @@ def exact_thresholds(plan: Plan, corrections: Corrections, bands: dict[str, Band
             group_of[i] = names.index(task.group)
     found: list[list[np.ndarray]] = [[] for _ in names]
     for records in corrections.batches():
-        bits = (records["tau"].view(np.uint32) & np.uint32(0x7FFFFFFF)).astype(np.int64)
+        bits = records["tau"].view(np.uint32) & np.uint32(0x7FFFFFFF)
+        if len(names) == 1:  # one group (global scope): no per-record lookup
+            lo, hi = located[names[0]][0], located[names[0]][0] + (1 << bands[names[0]].shift)
+            found[0].append(bits[(bits >= lo) & (bits < hi)].astype(np.int64))
+            continue
+        bits = bits.astype(np.int64)
         task = records["task"].astype(np.int64)
         mine = (bits >= first[task]) & (bits < stop[task])
         if mine.any():
