@@ -43,9 +43,10 @@ from ckptops.checkpoint.writer import ShardWriter
 from ckptops.errors import TensorValueError
 from ckptops.hdr import engine, select
 from ckptops.hdr.chunks import Chunk, WorkerBuffers, WorkerPool
-from ckptops.hdr.drift import DriftSums, group_key
+from ckptops.hdr.drift import ChunkSums, DriftSums, group_key
 from ckptops.hdr.engine import Models, Selection
 from ckptops.hdr.nonfinite import nonfinite_error
+from ckptops.hdr.pause import pause_point
 from ckptops.hdr.plan import Plan, TensorTask
 
 #: resolution of the sampled estimate: the top FINE_BITS bits of |tau| (2**20 bins, 8 MiB)
@@ -98,6 +99,7 @@ class Corrections:
 
     def __init__(self, folder: Path, budget: int) -> None:
         self.path = Path(folder) / self.FILE
+        self.path.unlink(missing_ok=True)  # a resumed run's folder may hold a killed run's file
         self.budget = budget
         self.count = 0
         self.spilled_bytes = 0
@@ -156,8 +158,9 @@ class OneReadTally:
     hists: dict[str, np.ndarray] = field(default_factory=dict)
     peaks: dict[str, int] = field(default_factory=dict)
     kept: dict[str, int] = field(default_factory=dict)
-    #: drift sums per selection group (a group whose band missed has its own recomputed)
-    drift: dict[str, DriftSums] = field(default_factory=dict)
+    #: drift sums per selection group, per chunk (a group whose band missed has its own
+    #: recomputed; chunk order makes the float64 sums the same in every run)
+    drift: dict[str, ChunkSums] = field(default_factory=dict)
 
 
 @dataclass
@@ -263,6 +266,7 @@ def run_one_read(plan: Plan, models: Models, pool: WorkerPool, writer: ShardWrit
                                          remote=units is not None)
         else:
             selections.update(engine.select_thresholds(Plan(tasks, {group: count}), models, pool, top_k, tick))
+    pause_point("selection")
     shrink = {g: engine.shrink_of(s) for g, s in selections.items()}
     task_index = {task.name: i for i, task in enumerate(plan.tasks)}
     corrections = Corrections(folder, correction_budget)
@@ -278,10 +282,8 @@ def run_one_read(plan: Plan, models: Models, pool: WorkerPool, writer: ShardWrit
             band = bands.get(task.group)
             sums = None
             if drift is not None:
-                key = group_key(task.name)
-                per_group = tally.drift.setdefault(task.group, DriftSums())
-                sums = per_group.slot(key)
-                per_group.add_count(key, chunk.size)
+                sums = tally.drift.setdefault(task.group, ChunkSums()).slot(
+                    (task_index[task.name], chunk.start), group_key(task.name), chunk.size)
             if band is None:
                 tally.kept[task.name] = tally.kept.get(task.name, 0) + path.hdr_chunk(
                     chunk, buf, models, writer, shrink[task.group], scale, None, sums)
@@ -303,6 +305,7 @@ def run_one_read(plan: Plan, models: Models, pool: WorkerPool, writer: ShardWrit
         states += pool.run(engine.apply_chunks(unit, pool.chunk), work, OneReadTally)
         done()
     writer.finish()
+    pause_point("correction")
 
     kept: dict[str, int] = {}
     peaks: dict[str, int] = {}
@@ -332,9 +335,9 @@ def run_one_read(plan: Plan, models: Models, pool: WorkerPool, writer: ShardWrit
             kept[task.name] = int(peaks.get(task.name, -1) >= reach)
     locations = writer.locations()
     group_drift: dict[str, DriftSums] = {}
-    for state in states:
-        for group, sums in state.drift.items():
-            group_drift.setdefault(group, DriftSums()).merge(sums)
+    for group in sorted({g for state in states for g in state.drift}):
+        ChunkSums.merge_in_order([s.drift[group] for s in states if group in s.drift],
+                                 group_drift.setdefault(group, DriftSums()))
     patched = patch(plan, corrections, bands, selections, missed, scale, locations, group_drift)
     spilled = corrections.spilled_bytes
     corrections.remove()
@@ -348,8 +351,8 @@ def run_one_read(plan: Plan, models: Models, pool: WorkerPool, writer: ShardWrit
                                                 drift=group_drift[group] if drift is not None else None).items():
                 kept[name] = value
     if drift is not None:
-        for sums in group_drift.values():
-            drift.merge(sums)
+        for group in sorted(group_drift):
+            drift.merge(group_drift[group])
     summary = {
         "groups": len(bands),
         "selected_before": sorted(g for g in groups if g not in bands and top_k < 1),
@@ -419,6 +422,7 @@ def patch(plan: Plan, corrections: Corrections, bands: dict[str, Band], selectio
         written[i] = band.write
     factor = np.float32(scale)
     fds: dict[Path, int] = {}
+    moved: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
     total = 0
     try:
         for records in corrections.batches():
@@ -440,7 +444,7 @@ def patch(plan: Plan, corrections: Corrections, bands: dict[str, Band], selectio
                     raise TensorValueError(f"tensor {info.name!r}: theta_t - scale * tau overflows float32")
                 raw = _round(values, info)
                 if drift and info.group in drift:
-                    _move_drift(drift[info.group].slot(group_key(info.name)), records[mine], keep[mine])
+                    moved.append((int(index), records["element"][mine], records[mine], keep[mine]))
                 file, start, _ = locations[info.name]
                 fd = fds.get(file)
                 if fd is None:
@@ -453,6 +457,15 @@ def patch(plan: Plan, corrections: Corrections, bands: dict[str, Band], selectio
                 total += int(mine.sum())
         for fd in fds.values():
             os.fsync(fd)
+        # drift: the moved values' terms, added in (tensor, element) order (records arrive in
+        # worker order; float64 sums must not depend on it)
+        for index in sorted({m[0] for m in moved}):
+            parts = [m for m in moved if m[0] == index]
+            elements = np.concatenate([m[1] for m in parts])
+            order = np.argsort(elements, kind="stable")
+            info = plan.tasks[index]
+            _move_drift(drift[info.group].slot(group_key(info.name)), np.concatenate([m[2] for m in parts])[order],
+                        np.concatenate([m[3] for m in parts])[order])
     finally:
         for fd in fds.values():
             os.close(fd)
