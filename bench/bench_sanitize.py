@@ -12,6 +12,7 @@ again with ``CKPTOPS_NO_FUSED=1`` (what an install without a C compiler gets).
     python bench/bench_sanitize.py --preset 7b --skip-mergekit # peak RSS at 7B vs 1.1B
     python bench/bench_sanitize.py --preset 1b --repeat 5 --torch-path
     python bench/bench_sanitize.py --preset 1b --mergekit bench/_work/mk-venv/bin/mergekit-yaml
+    python bench/bench_sanitize.py --preset 1b --repeat 5 --drift-cost --torch-path --skip-mergekit
     python bench/bench_sanitize.py --preset 1b --two-pass      # before/after the one-read pass
     python bench/bench_sanitize.py --preset 1b --cold --skip-mergekit  # inputs evicted from the
                                     # page cache before every run, beside the cat/dd floor
@@ -105,6 +106,8 @@ def main() -> None:
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--torch-path", action="store_true", help="also time the torch path (CKPTOPS_NO_FUSED=1)")
+    ap.add_argument("--drift-cost", action="store_true",
+                    help="also time each path without the drift sums (CKPTOPS_NO_DRIFT_SUMS=1), runs interleaved")
     ap.add_argument("--two-pass", action="store_true", help="also time --two-pass (the engine before the one-read pass)")
     ap.add_argument("--cold", action="store_true", help="evict the inputs from the page cache before every run, "
                     "and time the cat/dd floor")
@@ -127,10 +130,14 @@ def main() -> None:
     if args.torch_path:
         variants.append(("ckptops sanitize --scope global, one read (torch path)",
                          {**os.environ, "CKPTOPS_NO_FUSED": "1"}, []))
+    if args.drift_cost:
+        variants += [(f"{name}, no drift sums", {**(env or os.environ), "CKPTOPS_NO_DRIFT_SUMS": "1"}, extra)
+                     for name, env, extra in list(variants)]
     inputs = sorted(f for role in ("base", "harmful", "target") for f in paths[role].glob("*.safetensors"))
     reports = {}
-    for name, env, extra in variants:
-        for i in range(args.repeat + 1):
+    # interleaved (a, b, a, b ...) so that a change in machine load hits every variant alike
+    for i in range(args.repeat + 1):
+        for name, env, extra in variants:
             shutil.rmtree(out, ignore_errors=True)  # each run writes a fresh folder, as a user's would
             if args.cold:
                 evict(inputs)
@@ -184,6 +191,12 @@ def main() -> None:
     medians = {name: statistics.median(r[1] for r in rows if r[0] == name) for name in names}
     if args.two_pass:
         print(f"two-pass / one-read wall: x{medians[variants[1][0]] / medians[variants[0][0]]:.2f}")
+    if args.drift_cost:
+        for name, _, _ in variants:
+            if not name.endswith(", no drift sums"):
+                print(f"drift sums cost, {name}: median {medians[name]:.2f} s with, "
+                      f"{medians[name + ', no drift sums']:.2f} s without "
+                      f"(x{medians[name] / medians[name + ', no drift sums']:.3f})")
     if args.cold:
         print(f"one-read / floor wall: x{medians[variants[0][0]] / medians[names[-1]]:.2f}")
     if rows[-1][0].startswith("mergekit"):

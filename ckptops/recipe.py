@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 import uuid
-from dataclasses import dataclass
+from dataclasses import replace, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +248,8 @@ def run_recipe(recipe: Recipe, *, out: str | None = None, progress: bool | None 
     from ckptops.hdr.sanitize import SanitizeOptions, sanitize
 
     data = json.loads(json.dumps(recipe.data))
+    stored = recipe  # recorded in OUT (recipe.toml, ckptops.json) as written, not with --out: a
+    # rerun `ckptops run OUT/recipe.toml --out AGAIN` then writes the same bytes in every file
     if out:
         data["output"]["out"] = out
     recipe = validate(data, recipe.source)
@@ -259,17 +261,20 @@ def run_recipe(recipe: Recipe, *, out: str | None = None, progress: bool | None 
     harmful = models["harmful"] or _harm_adapter(recipe, destination, progress)
     work = destination.absolute().parent / f".{destination.name}.recipe-{uuid.uuid4().hex[:8]}"
     try:
-        options = SanitizeOptions.from_recipe(hdr, progress=progress, force=force)
+        # the title names the recipe's output, never the temporary work folder
+        options = SanitizeOptions.from_recipe(hdr, progress=progress, force=force,
+                                              title=Path(stored["output"]["out"] or destination.name).name)
         report = sanitize(models["base"], harmful, models["target"], work, options=options)
+        report.out = str(destination)  # what the user gets ("wrote ..."), not the work folder
         summary: dict[str, Any] = {"sanitize": report.to_dict(), "icv": None, "out": str(destination), "pushed": None}
         if icv["enabled"]:
             icv_layers = icv["layers"] or (report.parameters.get("layers") if report.parameters.get("layers") != "all" else "")
             summary["icv"] = _compute_icv_into(work, icv, icv_layers, progress)
         (work / "recipe.toml").write_text(
-            "# resolved by ckptops; run again with: ckptops run recipe.toml --out NEW_FOLDER\n" + recipe.to_toml(),
+            "# resolved by ckptops; run again with: ckptops run recipe.toml --out NEW_FOLDER\n" + stored.to_toml(),
             encoding="utf-8",
         )
-        _record_in_card(work, summary["icv"], recipe)
+        _record_in_card(work, summary["icv"], stored)
         move_into_place(work, destination, output["overwrite"])
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -324,6 +329,8 @@ def _compute_icv_into(folder: Path, icv: dict, layers: str, progress: bool | Non
                              method=icv["method"], layers=None if chosen is None else sorted(chosen),
                              rule=icv["rule"], alpha=icv["alpha"], progress=progress,
                              source=loaded.source, source_sha256=loaded.source_sha256)
+    # computed on the model in this folder: say so, not the temporary path it had while building
+    vector = replace(vector, source=".")
     vector.save(folder / "icv.safetensors", overwrite=True)
     return {"rule": vector.rule, "alpha": vector.alpha, "strength": vector.strength, "method": vector.method,
             "positions": vector.positions, "layers": vector.layers, "num_demos": vector.num_demos,

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from conftest import llama_state, write_folder
 from hdr_reference import load_folder, reference_hdr
+from hub_server import hub  # noqa: F401  (fixture)
 
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -216,6 +217,7 @@ def test_cli_writes_nothing_and_prints(tmp_path):
     (["--top-k", "1.5"], "--top-k"),
     (["--scale", "nan"], "--scale"),
     (["--exclude", ".*"], "no tensor takes part"),
+    (["--layers", ""], "--layers"),
 ])
 def test_cli_bad_input(tmp_path, args, message):
     from ckptops.cli import main
@@ -253,6 +255,9 @@ def test_sanitize_records_the_figures(tmp_path, engine_path, scope, low_disk):
     recorded = json.loads((tmp_path / "out" / "ckptops.json").read_text())["report"]["drift"]
     assert_figures(recorded["overall"], reference["overall"], "ckptops.json")
     assert_figures(recorded["layers"]["layer 1"], reference["layer 1"], "ckptops.json layer 1")
+    # per-chunk sums added in (tensor, offset) order: a rerun records the very same figures
+    again = _run_sanitize(paths, tmp_path / "again", top_k=0.1, scale=3.0, scope=scope, low_disk=low_disk)
+    assert again.drift == report.drift
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"| cos(d, tau) | {reference['overall']['cos_tau']:.3f} |" in card
     assert "**Warning:** the target barely moved" in card
@@ -301,3 +306,33 @@ def test_lora_harmful(tmp_path, engine_path):
     sanitized = ckptops.sanitize(base, adapter, target, tmp_path / "out", top_k=0.1, chunk_elements=1000,
                                  progress=False)
     assert sanitized.drift is None and "not computed" in sanitized.format_text()
+
+
+def test_hub_refs(tmp_path, hub):  # noqa: F811  (the FakeHub fixture)
+    """Hub references give the same figures as the local folders."""
+    paths = make_triple(tmp_path / "m", "aligned")
+    refs = {role: hub.add_folder(f"org/{role}", paths[role]) for role in ("base", "harmful", "target")}
+    assert refs
+    local = run_diagnose(paths, top_k=0.1, scale=3.0)
+    remote = run_diagnose({r: f"org/{r}" for r in ("base", "harmful", "target")}, top_k=0.1, scale=3.0)
+    # the band path's bins add up per worker thread: equal up to float64 summation order
+    for name, value in local.drift.overall.__dict__.items():
+        assert remote.drift.overall.__dict__[name] == pytest.approx(value, rel=1e-12), name
+    assert remote.inputs["target"] == "org/target"
+
+
+def test_tensor_scope(tmp_path):
+    paths = make_triple(tmp_path, "aligned", c=0.3)
+    report = run_diagnose(paths, top_k=0.2, scale=2.0, scope="tensor")
+    check_report(report.drift, reference_figures(paths, top_k=0.2, scale=2.0, scope="tensor"))
+
+
+def test_layers_and_exclude_count_only_hdr_values(tmp_path):
+    """--layers 1: only layer 1 counts (its global top-k is layer 1's own); --exclude drops tensors."""
+    paths = make_triple(tmp_path, "aligned", c=0.4)
+    report = run_diagnose(paths, top_k=0.1, scale=3.0, layers="1")
+    reference = reference_figures(paths, top_k=0.1, scale=3.0, scope="layer")
+    assert list(report.drift.layers) == ["layer 1"]
+    assert_figures(report.drift.overall.__dict__, reference["layer 1"], "--layers 1")
+    excluded = run_diagnose(paths, top_k=1.0, scale=3.0, exclude=[r"embed_tokens|lm_head|norm\.weight$"])
+    assert excluded.drift.overall.values == sum(r["values"] for k, r in reference.items() if k.startswith("layer ")) - 3 * 2 * 32

@@ -170,3 +170,52 @@ def test_mistyped_local_path_says_no_such_folder_at_once(tmp_path, monkeypatch, 
     assert "no such file or folder" in line
     if ref == "demo/targt":
         assert "did you mean demo/target" in line
+
+
+def test_icv_metadata_json_deeply_nested_is_one_line(tmp_path):
+    from safetensors.torch import save_file as save
+
+    from ckptops.icv.file import ICV
+
+    meta = ICV(vectors={0: torch.ones(8)}, hidden_size=8, num_layers=1).metadata()
+    meta["mlp_output_norms"] = DEEP
+    path = tmp_path / "icv.safetensors"
+    save({"icv.layers.0": torch.ones(8)}, str(path), metadata=meta)
+    _one_line(_run(["icv", "inspect", str(path)]), str(path))
+
+
+def test_adapter_config_deeply_nested_is_one_line(tmp_path):
+    model = _tiny(tmp_path / "m")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"r": ' + DEEP + "}")
+    save_file({"base_model.model.a.lora_A.weight": torch.ones(1, 4)}, str(adapter / "adapter_model.safetensors"))
+    result = _run(["sanitize", "--base", str(model), "--harmful", str(adapter), "--target", str(model),
+                   "--out", str(tmp_path / "out"), "-q"])
+    _one_line(result, "adapter_config.json")
+    assert not (tmp_path / "out").exists()
+
+
+def test_question_file_fifo_is_refused(tmp_path):
+    from ckptops.errors import UsageError
+    from ckptops.harm.questions import load_questions
+
+    fifo = tmp_path / "q.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError, match="FIFO"):
+        load_questions(fifo)
+
+
+@pytest.mark.parametrize("special", ["fifo", "/dev/zero"])
+def test_perplexity_file_that_never_ends_is_refused_before_the_model_loads(tmp_path, monkeypatch, special):
+    import ckptops.icv.load as load_module
+
+    monkeypatch.setattr(load_module, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    path = tmp_path / "text.txt" if special == "fifo" else Path(special)
+    if special == "fifo":
+        os.mkfifo(path)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n')
+    model = _tiny(tmp_path / "m")
+    _one_line(_run(["eval", "--model", str(model), "--prompts", str(prompts), "--label", "harmful",
+                    "--ppl", str(path), "--threads", "1"], timeout=10), str(path))

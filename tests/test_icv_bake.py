@@ -200,3 +200,18 @@ def test_every_card_says_how_to_serve_with_each_runtime():
     baked = render_card({"title": "b", "parameters": {"method": "icv-bake", "strength": 0.012},
                          "inputs": {"model": ident, "icv": {"ref": "icv.safetensors", "sha256": "cd"}}}, hub_repo="org/b")
     assert "vllm serve org/b" in baked and "convert_hf_to_gguf.py" in baked and "steer twice" in baked
+
+
+def test_bad_inputs_are_one_line_errors_without_output(tmp_path):
+    folder = _folder(tmp_path, "llama")
+    wrong = ICV(vectors={1: torch.ones(16)}, hidden_size=16, num_layers=LAYERS, rule="additive", model_type="llama",
+                mlp_norms={1: 1.0})
+    wrong.save(tmp_path / "wrong.safetensors")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["icv", "bake", "--model", str(folder), "--icv", str(tmp_path / "wrong.safetensors"),
+                                       "--out", str(out)])
+    _one_line_error(result, "hidden size 16", f"hidden size {HIDDEN}")
+    assert not out.exists()
+    out.mkdir()
+    result = CliRunner().invoke(main, ["icv", "bake", "--model", str(folder), "--out", str(out)])
+    _one_line_error(result, "already exists")

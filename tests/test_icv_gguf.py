@@ -66,9 +66,10 @@ def test_alpha_and_hint_overrides(tmp_path):
 
 
 def test_a_hint_naming_another_model_is_refused(tmp_path):
-    with pytest.raises(UsageError, match=r"--model-hint 'llama' does not match .*mistral"):
-        export_gguf(_icv(layers=(2, 3)), tmp_path / "c.gguf", model_hint="llama")
+    with pytest.raises(UsageError, match=r"--model-hint 'qwen2' does not match .*mistral"):
+        export_gguf(_icv(layers=(2, 3)), tmp_path / "c.gguf", model_hint="qwen2")
     assert not (tmp_path / "c.gguf").exists()
+    export_gguf(_icv(layers=(2, 3)), tmp_path / "c.gguf", model_hint="llama")  # llama.cpp's name for Mistral
 
 
 def test_a_file_without_mlp_norms_is_refused(tmp_path):
@@ -101,5 +102,5 @@ def test_refusals(tmp_path):
 
 def test_missing_gguf_package_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` raise ImportError
-    with pytest.raises(MissingExtraError, match=r"pip install 'ckptops\[icv\]'"):
+    with pytest.raises(MissingExtraError, match=r"pip install -e '\.\[icv\]'"):
         export_gguf(_icv(layers=(1,)), tmp_path / "c.gguf")

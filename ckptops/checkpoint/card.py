@@ -65,9 +65,9 @@ def drift_section(drift: dict | None, scale) -> list[str]:
         "|---|---|",
         f"| cos(d, tau) | {fmt(o['cos_tau'])} |",
         f"| cos(d, M tau) (M: the top-k selection) | {fmt(o['cos_masked_tau'])} |",
-        f"| projection <d, M tau> / \\|M tau\\|^2 | {fmt(o['projection'])} |",
-        f"| \\|scale * M tau\\| / \\|d\\| at scale {scale} | {fmt(o['step_ratio'])} |",
-        f"| \\|d - scale * M tau\\| / \\|d\\| | {fmt(o['residual_ratio'])} |",
+        f"| projection ⟨d, M tau⟩ / ‖M tau‖² | {fmt(o['projection'])} |",
+        f"| ‖scale · M tau‖ / ‖d‖ at scale {scale} | {fmt(o['step_ratio'])} |",
+        f"| ‖d − scale · M tau‖ / ‖d‖ | {fmt(o['residual_ratio'])} |",
         "",
         f"{'**Warning:** ' if drift['verdict']['warning'] else ''}{drift['verdict']['message']}.",
     ]

@@ -7,6 +7,7 @@ chunks straight to the right place, in any order, without holding a tensor in me
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import mmap
@@ -295,6 +296,8 @@ class ShardWriter:
                     self._where[tensor.name] = (file, offsets[tensor.name], tensor.nbytes)
         except OSError as exc:
             self.close()
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise  # the staging folder names the user's --out for a full disk
             raise OutputError(f"{self.folder}: cannot create output shards ({exc.strerror or exc})") from None
 
     def write(self, name: str, byte_offset: int, data) -> None:

@@ -113,7 +113,14 @@ def compute(model_ref, out, demos, positions, method, layers, rule, alpha, max_m
     target = Path(out)
     if target.exists() and not overwrite:
         raise OutputError(f"{target}: already exists (use --overwrite to replace it)")
+    from ckptops.icv.file import check_alpha
+    from ckptops.preflight import check_layers_fit, check_layers_text, config_layers
+
+    check_layers_text(layers)
     chosen = parse_layers(layers)
+    check_layers_fit(chosen, config_layers(model_ref), str(model_ref))
+    if alpha is not None:
+        check_alpha(alpha)
     pairs = load_demos(demos)  # validate before the (slow) model load
     use_threads(threads)
     started = time.perf_counter()

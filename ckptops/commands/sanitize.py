@@ -58,6 +58,10 @@ def sanitize(base, harmful, target, out, top_k, scale, scope, exclude, layers, e
     Streams tensor by tensor in bounded memory; the defaults reproduce the official
     Safety Arithmetic code (top-k 10% over the whole model, scale 3).
 
+    Prints how TARGET had drifted from BASE against tau, and a warning when HDR at this scale is
+    likely to damage it (the figures of `ckptops diagnose`, computed in the same pass; also in
+    --json, ckptops.json and the model card). It warns; it never refuses.
+
     MODEL is a local folder or a Hub reference org/name[@revision]: the revision is pinned to a
     commit, every header is read (range requests) before any download, and shards download
     through the Hugging Face cache (HF_HUB_OFFLINE=1 works from the cache).
@@ -72,7 +76,9 @@ def sanitize(base, harmful, target, out, top_k, scale, scope, exclude, layers, e
     """
     from ckptops.commands.icv import _warnings_as_lines
     from ckptops.hdr.sanitize import sanitize as run
+    from ckptops.preflight import check_layers_text
 
+    check_layers_text(layers)  # --layers '' is a mistake, not "all layers"
     with _warnings_as_lines():
         report = run(base, harmful, target, out, top_k=top_k, scale=scale, scope=scope, exclude=list(exclude),
                      layers=layers, dtype=dtype, max_memory=max_memory, shard_size=shard_size,

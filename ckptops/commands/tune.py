@@ -23,7 +23,7 @@ from ckptops.threads import threads_option
 @click.option("--scales", default="0.5,1,2,3,4", show_default=True, help="HDR scales (lambda) to try.")
 @click.option("--top-ks", default="0.05,0.1,0.2", show_default=True, help="HDR top-k fractions to try.")
 @click.option("--icv-alphas", default="0", show_default=True, help="ICV alphas to try (0 = no ICV), e.g. 0,0.12,0.24.")
-@click.option("--icv-rule", default="official", show_default=True, type=click.Choice(["official", "paper"]),
+@click.option("--icv-rule", default="official", show_default=True, type=click.Choice(["official", "paper", "additive"]),
               help="How the ICV is applied.")
 @click.option("--icv-demos", default=None, metavar="FILE", help="ICV demonstration pairs (default: the shipped set).")
 @click.option("--trials", default=None, type=int, metavar="N",

@@ -136,7 +136,7 @@ def _band_kernel(models: Models, lo: int, size: int, real_base: Checkpoint | Non
         n = chunk.size
         tau, base, target = _read_three(chunk, buf, models, real_base)
         key = group_key(chunk.task.name)
-        sums = tally.drift.slot(key)
+        sums = tally.drift.chunk_slot(key, chunk.task.name, chunk.start)
         tally.drift.add_count(key, n)
         masked = buf.key_np[:n].view(np.float32)
         bits = np.abs(tau, out=masked).view(np.int32)
@@ -171,7 +171,8 @@ def _sums_pass(tasks: list[TensorTask], selection: Selection, models: Models, po
         key = group_key(chunk.task.name)
         state.add_count(key, chunk.size)
         if real_base is None:
-            path.hdr_chunk(chunk, buf, models, writer, shrink, scale, True, state.slot(key))
+            path.hdr_chunk(chunk, buf, models, writer, shrink, scale, True,
+                           state.chunk_slot(key, chunk.task.name, chunk.start))
             return
         n = chunk.size
         tau, base, target = _read_three(chunk, buf, models, real_base)
@@ -181,7 +182,7 @@ def _sums_pass(tasks: list[TensorTask], selection: Selection, models: Models, po
             np.abs(tau, out=masked)
             np.greater(masked, shrink, out=buf.below[:n])
             np.multiply(tau, buf.below[:n], out=masked)
-        add_chunk_sums(state.slot(key), target, base, tau, masked)
+        add_chunk_sums(state.chunk_slot(key, chunk.task.name, chunk.start), target, base, tau, masked)
 
     chunks = (c for task in tasks for c in split(task, 0, task.numel, pool.chunk))
     for state in pool.run(chunks, work, DriftSums, tick):

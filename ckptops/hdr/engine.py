@@ -23,7 +23,7 @@ from ckptops.checkpoint.reader import OpenFiles
 from ckptops.checkpoint.resolve import Checkpoint
 from ckptops.checkpoint.writer import ShardWriter
 from ckptops.hdr import fused, select
-from ckptops.hdr.drift import ChunkSums, DriftSums, group_key
+from ckptops.hdr.drift import DriftSums, group_key
 from ckptops.hdr.chunks import Chunk, WorkerBuffers, WorkerPool, split
 from ckptops.hdr.nonfinite import nonfinite_error, raw_all_finite
 from ckptops.hdr.plan import Plan, TensorTask
@@ -231,7 +231,7 @@ class ApplyCounts:
     (when asked) the drift sums per layer group."""
 
     kept: dict[str, int] = field(default_factory=dict)
-    drift: ChunkSums = field(default_factory=ChunkSums)
+    drift: DriftSums = field(default_factory=DriftSums)
 
 
 def apply_all(
@@ -258,7 +258,9 @@ def apply_all(
             changed = selections[task.group].changed
             sums = None
             if drift is not None:
-                sums = counts.drift.slot((order[task.name], chunk.start), group_key(task.name), chunk.size)
+                key = group_key(task.name)
+                sums = counts.drift.chunk_slot(key, task.name, chunk.start)
+                counts.drift.add_count(key, chunk.size)
             counts.kept[task.name] = counts.kept.get(task.name, 0) + path.hdr_chunk(
                 chunk, buf, models, writer, shrink[task.group], scale,
                 None if changed is None else task.name in changed, sums,
@@ -268,15 +270,14 @@ def apply_all(
             progress(read)
 
     shrink = {group: shrink_of(s) for group, s in selections.items()}
-    order = {task.name: i for i, task in enumerate(plan.tasks)}
     path = models.kernels
     states = pool.run(apply_chunks(plan, pool.chunk), work, ApplyCounts)
     kept: dict[str, int] = {}
     for state in states:
         for name, value in state.kept.items():
             kept[name] = kept.get(name, 0) + value
-    if drift is not None:
-        ChunkSums.merge_in_order([state.drift for state in states], drift)
+        if drift is not None:
+            drift.merge(state.drift)
     return kept
 
 

@@ -43,7 +43,7 @@ from ckptops.checkpoint.writer import ShardWriter
 from ckptops.errors import TensorValueError
 from ckptops.hdr import engine, select
 from ckptops.hdr.chunks import Chunk, WorkerBuffers, WorkerPool
-from ckptops.hdr.drift import ChunkSums, DriftSums, group_key
+from ckptops.hdr.drift import DriftSums, group_key
 from ckptops.hdr.engine import Models, Selection
 from ckptops.hdr.nonfinite import nonfinite_error
 from ckptops.hdr.pause import pause_point
@@ -158,9 +158,8 @@ class OneReadTally:
     hists: dict[str, np.ndarray] = field(default_factory=dict)
     peaks: dict[str, int] = field(default_factory=dict)
     kept: dict[str, int] = field(default_factory=dict)
-    #: drift sums per selection group, per chunk (a group whose band missed has its own
-    #: recomputed; chunk order makes the float64 sums the same in every run)
-    drift: dict[str, ChunkSums] = field(default_factory=dict)
+    #: drift sums per selection group (a group whose band missed has its own recomputed)
+    drift: dict[str, DriftSums] = field(default_factory=dict)
 
 
 @dataclass
@@ -282,8 +281,10 @@ def run_one_read(plan: Plan, models: Models, pool: WorkerPool, writer: ShardWrit
             band = bands.get(task.group)
             sums = None
             if drift is not None:
-                sums = tally.drift.setdefault(task.group, ChunkSums()).slot(
-                    (task_index[task.name], chunk.start), group_key(task.name), chunk.size)
+                key = group_key(task.name)
+                per_group = tally.drift.setdefault(task.group, DriftSums())
+                sums = per_group.chunk_slot(key, task.name, chunk.start)  # summed in a fixed order
+                per_group.add_count(key, chunk.size)
             if band is None:
                 tally.kept[task.name] = tally.kept.get(task.name, 0) + path.hdr_chunk(
                     chunk, buf, models, writer, shrink[task.group], scale, None, sums)
@@ -335,9 +336,9 @@ def run_one_read(plan: Plan, models: Models, pool: WorkerPool, writer: ShardWrit
             kept[task.name] = int(peaks.get(task.name, -1) >= reach)
     locations = writer.locations()
     group_drift: dict[str, DriftSums] = {}
-    for group in sorted({g for state in states for g in state.drift}):
-        ChunkSums.merge_in_order([s.drift[group] for s in states if group in s.drift],
-                                 group_drift.setdefault(group, DriftSums()))
+    for state in states:
+        for group, sums in state.drift.items():
+            group_drift.setdefault(group, DriftSums()).merge(sums)
     patched = patch(plan, corrections, bands, selections, missed, scale, locations, group_drift)
     spilled = corrections.spilled_bytes
     corrections.remove()

@@ -30,6 +30,7 @@ from ckptops.checkpoint.publish import check_destination, copy_side_files, stagi
 from ckptops.checkpoint.resolve import Checkpoint, fingerprint, full_sha256
 from ckptops.checkpoint.writer import OutShard, OutTensor, ShardWriter, layout_by_size, layout_like_target
 from ckptops.errors import UsageError
+from ckptops.hdr.checks import check_after_work, check_before_work
 from ckptops.hdr.chunks import WorkerPool, single_threaded_torch
 from ckptops.hdr.drift import DriftReport, DriftSums
 from ckptops.hdr.engine import Models, Selection, apply_all, select_thresholds
@@ -64,6 +65,8 @@ class SanitizeReport:
     #: how the target drifted from the base against tau, computed in the apply pass (see
     #: hdr/drift.py); None when --harmful is a LoRA adapter (the base is then never read)
     drift: DriftReport | None = None
+    #: why ``drift`` is None
+    drift_note: str = ""
     #: temporary folders of earlier runs into the same output: removed (dead runs) and live
     leftovers: dict = field(default_factory=dict)
     #: bytes read from each input's files and, for Hub inputs, downloaded (whole shards and ranges)
@@ -116,7 +119,7 @@ class SanitizeReport:
             if o["band_missed"]:
                 line += f"; sampled band missed for {', '.join(o['band_missed'][:3])}: re-selected with two passes and rewritten"
             lines.append(line)
-        lines += drift_lines(self.drift)
+        lines += drift_lines(self.drift, self.drift_note)
         if self.resumed:
             lines.append(f"  resumed           reused {len(self.resumed['reused_shards'])} output shard(s) of a killed run "
                          "(sha256 checked)")
@@ -129,11 +132,10 @@ class SanitizeReport:
         return "\n".join(lines)
 
 
-def drift_lines(drift: DriftReport | None) -> list[str]:
+def drift_lines(drift: DriftReport | None, note: str = "") -> list[str]:
     """The whole-model drift figures and the verdict, as sanitize prints them."""
     if drift is None:
-        return ["  drift             not computed: --harmful is a LoRA adapter and sanitize does not read the base "
-                "(run `ckptops diagnose`)"]
+        return [f"  drift             not computed: {note or 'see ckptops diagnose'}"]
     o = drift.overall
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
     return [
@@ -179,7 +181,8 @@ def sanitize(
     in float32 and ``t`` the exact top-``top_k`` magnitude threshold over ``scope`` (``global``:
     every scalar of the model, as the official code; ``layer``; ``tensor``). Tensors matching an
     ``exclude`` regex, or outside ``layers`` when given, are copied unchanged. Returns a
-    :class:`SanitizeReport`; raises :class:`ckptops.errors.CkptopsError` on bad input, leaving
+    :class:`SanitizeReport` (its ``drift``: the figures of :func:`ckptops.diagnose`, computed in
+    the apply pass, with a verdict); raises :class:`ckptops.errors.CkptopsError` on bad input, leaving
     ``out`` untouched.
 
     The choices are the fields of :class:`SanitizeOptions`, given either as keywords
@@ -212,6 +215,7 @@ def sanitize(
     options = options if options is not None else SanitizeOptions(**choices)
     run = resolve(base, harmful, target, out, options)
     plan_output(run)
+    check_before_work(run)  # harmful settings and silent no-ops, before any tensor data
     key = resume_key(run) if options.resume else None
     reuse = journal.find(run.out_path, key) if key else None
     run.leftovers = sweep(run.out_path, keep=reuse)
@@ -226,6 +230,7 @@ def sanitize(
             if key:
                 record(run, folder, key, selections, kept)
         report = make_report(run, selections, kept)
+        check_after_work(report)
         publish(run, folder, report, started)
     report.seconds = time.perf_counter() - started
     push_output(run, report)
@@ -302,8 +307,22 @@ def resolve(base, harmful, target, out, options: SanitizeOptions) -> Run:
             )
         layers = frozenset(area.edit_area)
     run = Run(options, models, opened, out_path, layers)
-    run.drift = DriftSums() if opened.tau_base is opened.base else None
+    run.drift = DriftSums() if opened.tau_base is opened.base and not _drift_sums_off() else None
     return run
+
+
+def _drift_sums_off() -> bool:
+    """``CKPTOPS_NO_DRIFT_SUMS=1`` skips the drift sums: only ``bench/bench_sanitize.py
+    --drift-cost`` sets it, to measure what they cost."""
+    return os.environ.get("CKPTOPS_NO_DRIFT_SUMS", "") not in ("", "0")
+
+
+def _drift_note(run: Run) -> str:
+    if run.drift is not None:
+        return ""
+    if run.inputs.tau_base is not run.inputs.base:
+        return "--harmful is a LoRA adapter and sanitize does not read the base then (run `ckptops diagnose`)"
+    return "switched off by CKPTOPS_NO_DRIFT_SUMS"
 
 
 def plan_output(run: Run) -> None:
@@ -395,7 +414,7 @@ def record(run: Run, folder: Path, key: str, selections: dict[str, Selection], k
     """``--resume``: the work is done; record the shards' hashes and what the report needs."""
     drift = None
     if run.drift is not None:
-        drift = {"sums": {k: v.tolist() for k, v in run.drift.sums.items()}, "counts": dict(run.drift.counts)}
+        drift = {"sums": {k: v.tolist() for k, v in run.drift.groups().items()}, "counts": dict(run.drift.counts)}
     journal.write(folder, {
         "key": key,
         "shards": {s.name: journal.file_sha256(folder / s.name) for s in run.shards},
@@ -429,7 +448,9 @@ def make_report(run: Run, selections: dict[str, Selection], kept: dict[str, int]
     return SanitizeReport(
         out=str(run.out_path),
         tensors_total=len(plan.tasks),
-        tensors_changed=sum(1 for v in kept.values() if v),
+        # a tensor changes where values were selected, unless scale 0 (or a zero tau) leaves it as it was
+        tensors_changed=(sum(1 for v in kept.values() if v)
+                         if run.options.scale != 0 and any(s.threshold for s in selections.values()) else 0),
         values_selected_over=selected,
         values_selected=kept_total,
         fraction_kept=kept_total / selected if selected else 0.0,
@@ -443,6 +464,7 @@ def make_report(run: Run, selections: dict[str, Selection], kept: dict[str, int]
         inputs=run.identities(),
         engine=run.models.kernels.PATH_NAME,
         drift=DriftReport.from_sums(run.drift, run.options.scale) if run.drift is not None else None,
+        drift_note=_drift_note(run),
         leftovers=run.leftovers.to_dict(),
         one_read=run.one_read,
         io=input_io(run.models),

@@ -1,6 +1,6 @@
 """The ICV file: one float32 vector per steered decoder layer plus the metadata to apply it safely.
 
-Layout (SPEC §3), a safetensors file of a few kilobytes::
+Layout, a safetensors file of a few kilobytes::
 
     icv.layers.{i}   float32[hidden_size]   0-based decoder-layer index i, stored toward *safe*
     __metadata__     format, format_version, rule, site, alpha, scale_factor, strength,
@@ -191,8 +191,6 @@ class ICV:
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
         """Write the file atomically (temporary file + rename); returns the path."""
-        from safetensors.torch import save_file
-
         _validate_vectors(self.vectors, self.hidden_size, self.num_layers, "ICV")
         if self.rule == "additive":
             self.require_norms()
@@ -207,12 +205,28 @@ class ICV:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
         os.close(fd)
         try:
-            save_file(tensors, tmp, metadata=self.metadata())
+            _write_sorted(tmp, tensors, self.metadata())
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
         return target
+
+
+def _write_sorted(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A safetensors file with its metadata in sorted key order, tensors in the given order:
+    safetensors' own ``save_file`` orders metadata as a hash map does (differently each run),
+    which made two identical ICVs differ byte for byte."""
+    from ckptops.checkpoint.writer import OutShard, OutTensor, header_bytes
+
+    shard = OutShard(Path(path).name, [OutTensor(name, "F32", tuple(t.shape)) for name, t in tensors.items()])
+    head, _ = header_bytes(shard, dict(sorted(metadata.items())))
+    with open(path, "wb") as f:
+        f.write(head)
+        for tensor in tensors.values():
+            f.write(tensor.numpy().tobytes())
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _created_by() -> str:
@@ -306,10 +320,12 @@ def _read_norms(meta: dict, where: str) -> dict[int, float]:
     text = meta.get(NORMS_KEY)
     if text is None:
         return {}
+    from ckptops.safeio import loads_json
+
+    raw = loads_json(text, f"{where}: metadata {NORMS_KEY}", ICVError)  # nesting, NaN, surrogates
     try:
-        raw = json.loads(text)
         norms = {int(k): float(v) for k, v in raw.items()}
-    except (ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError, AttributeError, OverflowError):
         raise ICVError(f"{where}: metadata {NORMS_KEY} is not a JSON object of layer -> number") from None
     bad = [i for i, v in norms.items() if not math.isfinite(v) or v < 0]
     if bad:

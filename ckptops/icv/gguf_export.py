@@ -37,6 +37,8 @@ from ckptops.icv._extras import require_gguf
 from ckptops.icv.file import ICV, check_alpha, load_icv
 
 ARCHITECTURE = "controlvector"
+#: llama.cpp architecture names that transformers model types convert to, accepted as hints too
+LLAMA_CPP_ARCH = {"mistral": "llama"}
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,8 @@ def check_model_hint(icv: ICV, model_hint: str | None) -> str:
         if not recorded:
             raise ICVError("the ICV records no model type; pass --model-hint (e.g. llama)")
         return recorded
-    if recorded and model_hint.strip().lower() != recorded.lower():
+    given = model_hint.strip().lower()
+    if recorded and given not in (recorded.lower(), LLAMA_CPP_ARCH.get(recorded.lower(), recorded.lower())):
         source = f" ({icv.source})" if icv.source else ""
         raise UsageError(
             f"--model-hint {model_hint!r} does not match the model the ICV was computed on: "

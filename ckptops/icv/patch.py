@@ -1,6 +1,6 @@
 """Apply an ICV to a transformers model with forward hooks, and load checkpoints that carry one.
 
-Two rules (SPEC §2), both per token, at every position -- prompt and generated tokens, with or
+Two rules (the official code's and the paper's equation), both per token, at every position -- prompt and generated tokens, with or
 without KV cache, since each token's state is steered independently:
 
 * **official** (default; what produced the paper's numbers) on each steered layer's MLP block

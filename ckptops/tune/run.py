@@ -254,7 +254,7 @@ def tune(
         except ImportError:
             from ckptops.errors import MissingExtraError
 
-            raise MissingExtraError("--trials needs optuna: pip install 'ckptops[tune]'") from None
+            raise MissingExtraError("--trials needs optuna: pip install -e '.[tune]' (in a clone of ckptops)") from None
     settings = MeasureSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, chat_template=chat_template,
                                ppl=str(ppl) if ppl is not None else None)
     log_settings = {
