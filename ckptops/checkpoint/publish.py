@@ -41,15 +41,17 @@ def check_destination(out: Path, inputs: list[Path], overwrite: bool) -> Path:
 
 
 @contextmanager
-def staging_folder(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside ``out``; on success move it to ``out``, on failure
-    delete it and leave ``out`` as it was."""
+def staging_folder(out: Path, overwrite: bool, reuse: Path | None = None) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``out`` (or ``reuse``, a dead run's staging folder
+    that ``--resume`` continues); on success move it to ``out``, on failure delete it and leave
+    ``out`` as it was."""
     out = Path(out).expanduser()
     parent = out.absolute().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = parent / f".{out.name}.ckptops-tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        tmp = reuse if reuse is not None else parent / f".{out.name}.ckptops-tmp-{uuid.uuid4().hex[:8]}"
+        if reuse is None:
+            tmp.mkdir()
         claim(tmp)  # a later run can tell a dead run's leftovers from a live run's folder
     except OSError as exc:
         raise OutputError(f"{parent}: cannot create the output folder ({exc.strerror or exc})") from None

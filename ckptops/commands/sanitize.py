@@ -35,6 +35,9 @@ from ckptops.units import format_size
               help="Hub inputs: remove each downloaded shard from the HF cache as soon as no remaining work needs it "
                    "(about one shard per model on disk; every shard downloaded once; global/layer scope samples "
                    "shards not yet downloaded by range requests; with --two-pass, global scope downloads base and harmful 3 times).")
+@click.option("--resume", is_flag=True,
+              help="Continue a run into the same OUT that was killed (same arguments, --resume both times): "
+                   "finished output shards whose sha256 checks out are reused; the output is the same bytes.")
 @click.option("--two-pass", is_flag=True,
               help="Global/layer scope: select, then apply (reads base and harmful twice) instead of the one-read pass; "
                    "for comparison, same output.")
@@ -45,7 +48,7 @@ from ckptops.units import format_size
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def sanitize(base, harmful, target, out, top_k, scale, scope, exclude, layers, edit_area, force, dtype, max_memory,
-             shard_size, hash_inputs, overwrite, low_disk, two_pass, push_to_hub, private, branch, commit_message, as_json, quiet):
+             shard_size, hash_inputs, overwrite, low_disk, resume, two_pass, push_to_hub, private, branch, commit_message, as_json, quiet):
     """Harm Direction Removal: subtract the top-k pruned harm vector from TARGET.
 
     \b
@@ -80,7 +83,7 @@ def sanitize(base, harmful, target, out, top_k, scale, scope, exclude, layers, e
         report = run(base, harmful, target, out, top_k=top_k, scale=scale, scope=scope, exclude=list(exclude),
                      layers=layers, dtype=dtype, max_memory=max_memory, shard_size=shard_size,
                      overwrite=overwrite, progress=None if not quiet else False, hash_inputs=hash_inputs,
-                     low_disk=low_disk, one_read=not two_pass, push_to_hub=push_to_hub, private=private, branch=branch,
+                     low_disk=low_disk, resume=resume, one_read=not two_pass, push_to_hub=push_to_hub, private=private, branch=branch,
                      commit_message=commit_message, edit_area=edit_area, force=force)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format_text())
 

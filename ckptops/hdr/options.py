@@ -66,6 +66,8 @@ class SanitizeOptions:
     low_disk: bool = False
     #: global/layer scope: select and apply in one read of the inputs (False: the two-pass engine)
     one_read: bool = True
+    #: continue a run into the same output that was killed (see :mod:`ckptops.hdr.journal`)
+    resume: bool = False
     hash_inputs: bool = False
     progress: bool | None = None
     # the output

@@ -35,7 +35,8 @@ from ckptops.hdr.chunks import WorkerPool, single_threaded_torch
 from ckptops.hdr.drift import DriftReport, DriftSums
 from ckptops.hdr.engine import Models, Selection, apply_all, select_thresholds
 from ckptops.hdr.low_disk import release_units, run_low_disk
-from ckptops.hdr import one_read
+from ckptops.hdr import journal, one_read
+from ckptops.hdr.pause import pause_point
 from ckptops.hdr.options import BASELINE_RSS, DEFAULT_CHUNK, SanitizeOptions, chunk_for_memory  # noqa: F401
 from ckptops.hdr.plan import Plan, make_plan
 from ckptops.progress import ByteProgress
@@ -70,6 +71,8 @@ class SanitizeReport:
     leftovers: dict = field(default_factory=dict)
     #: bytes read from each input's files and, for Hub inputs, downloaded (whole shards and ranges)
     io: dict = field(default_factory=dict)
+    #: ``--resume``: the output shards reused from a killed run (their hashes checked)
+    resumed: dict = field(default_factory=dict)
     #: the one-read pass (global/layer scope): corrections recorded and written, the correction
     #: file's size, groups whose sampled band missed (those fell back to two passes)
     one_read: dict = field(default_factory=dict)
@@ -117,6 +120,9 @@ class SanitizeReport:
                 line += f"; sampled band missed for {', '.join(o['band_missed'][:3])}: re-selected with two passes and rewritten"
             lines.append(line)
         lines += drift_lines(self.drift, self.drift_note)
+        if self.resumed:
+            lines.append(f"  resumed           reused {len(self.resumed['reused_shards'])} output shard(s) of a killed run "
+                         "(sha256 checked)")
         for folder in self.leftovers.get("removed", []):
             lines.append(f"  removed leftover  {folder} (an interrupted earlier run)")
         for folder in self.leftovers.get("live", []):
@@ -210,12 +216,22 @@ def sanitize(
     run = resolve(base, harmful, target, out, options)
     plan_output(run)
     check_before_work(run)  # harmful settings and silent no-ops, before any tensor data
-    run.leftovers = sweep(run.out_path)
-    with staging_folder(run.out_path, options.overwrite) as folder, single_threaded_torch():
-        selections, kept, writer = select_and_apply(run, folder)
-        report = make_report(run, selections, kept, writer)
+    key = resume_key(run) if options.resume else None
+    reuse = journal.find(run.out_path, key) if key else None
+    run.leftovers = sweep(run.out_path, keep=reuse)
+    with staging_folder(run.out_path, options.overwrite, reuse) as folder, single_threaded_torch():
+        recorded = journal.read(folder) if reuse is not None else None
+        if recorded and recorded.get("shards") and journal.shards_check_out(folder, recorded["shards"]):
+            selections, kept = restore(run, recorded)
+        else:
+            if key:
+                journal.write(folder, {"key": key})
+            selections, kept, _ = select_and_apply(run, folder)
+            if key:
+                record(run, folder, key, selections, kept)
+        report = make_report(run, selections, kept)
         check_after_work(report)
-        publish(run, folder, writer, report, started)
+        publish(run, folder, report, started)
     report.seconds = time.perf_counter() - started
     push_output(run, report)
     return report
@@ -241,6 +257,10 @@ class Run:
     #: not read, so theta_t - theta_b is not at hand)
     drift: DriftSums | None = None
     leftovers: Leftovers = field(default_factory=Leftovers)
+    #: bytes into the pass where the ``apply`` test pause point lies (see :mod:`ckptops.hdr.pause`)
+    halfway: int = 0
+    #: what ``--resume`` reused (empty when nothing)
+    resumed: dict = field(default_factory=dict)
     #: what the one-read pass reports (empty when the run used the passes)
     one_read: dict = field(default_factory=dict)
 
@@ -248,6 +268,9 @@ class Run:
         self.bytes_read += n
         if self.bar is not None:
             self.bar.update(n)
+        if self.halfway and self.bytes_read >= self.halfway:
+            self.halfway = 0
+            pause_point("apply")
 
     def parameters(self) -> dict:
         return self.options.to_parameters(self.layers)
@@ -319,6 +342,7 @@ def select_and_apply(run: Run, folder: Path) -> tuple[dict[str, Selection], dict
     Returns the selections, the changed-chunk counts per tensor and the (finished) writer."""
     options, plan, models = run.options, run.plan, run.models
     workers = options.worker_count
+    run.halfway = max(1, apply_bytes(plan) // 2) if os.environ.get("CKPTOPS_PAUSE_AT") == "apply" else 0
     pool = WorkerPool(workers, options.chunk)
     writer = ShardWriter(folder, run.shards, {"format": "pt", "producer": f"ckptops {__version__}"})
     try:
@@ -380,7 +404,39 @@ def apply_bytes(plan: Plan) -> int:
     return sum(t.target.nbytes + (t.base.nbytes + t.harmful.nbytes if t.action == "hdr" else 0) for t in plan.tasks)
 
 
-def make_report(run: Run, selections: dict[str, Selection], kept: dict[str, int], writer: ShardWriter) -> SanitizeReport:
+def resume_key(run: Run) -> str:
+    """What must match for ``--resume`` to continue a killed run: parameters, inputs, layout."""
+    layout = [[s.name, [[t.name, t.dtype, list(t.shape)] for t in s.tensors]] for s in run.shards]
+    return journal.run_key(run.parameters(), run.identities(), layout)
+
+
+def record(run: Run, folder: Path, key: str, selections: dict[str, Selection], kept: dict[str, int]) -> None:
+    """``--resume``: the work is done; record the shards' hashes and what the report needs."""
+    drift = None
+    if run.drift is not None:
+        drift = {"sums": {k: v.tolist() for k, v in run.drift.groups().items()}, "counts": dict(run.drift.counts)}
+    journal.write(folder, {
+        "key": key,
+        "shards": {s.name: journal.file_sha256(folder / s.name) for s in run.shards},
+        "selections": {g: [s.threshold, s.count, s.kept] for g, s in selections.items()},
+        "kept": kept, "one_read": run.one_read, "drift": drift,
+    })
+
+
+def restore(run: Run, recorded: dict) -> tuple[dict[str, Selection], dict[str, int]]:
+    """``--resume`` found the work done and the shards intact: take the results from the journal."""
+    import numpy as np
+
+    run.one_read = recorded.get("one_read") or {}
+    if run.drift is not None and recorded.get("drift"):
+        for k, values in recorded["drift"]["sums"].items():
+            run.drift.slot(k)[:] = np.asarray(values, dtype=np.float64)
+        run.drift.counts = dict(recorded["drift"]["counts"])
+    run.resumed = {"reused_shards": sorted(recorded["shards"])}
+    return ({g: Selection(t, c, k) for g, (t, c, k) in recorded["selections"].items()}, dict(recorded["kept"]))
+
+
+def make_report(run: Run, selections: dict[str, Selection], kept: dict[str, int]) -> SanitizeReport:
     """The run's :class:`SanitizeReport` (``seconds`` is set by the caller at the end)."""
     plan = run.plan
     copied: dict[str, list[str]] = {}
@@ -400,7 +456,7 @@ def make_report(run: Run, selections: dict[str, Selection], kept: dict[str, int]
         fraction_kept=kept_total / selected if selected else 0.0,
         thresholds={g: s.threshold for g, s in selections.items()},
         bytes_read=run.bytes_read,
-        bytes_written=writer.total_bytes(),
+        bytes_written=sum(s.nbytes for s in run.shards),
         seconds=0.0,
         copied=copied,
         resized=plan.resized,
@@ -412,6 +468,7 @@ def make_report(run: Run, selections: dict[str, Selection], kept: dict[str, int]
         leftovers=run.leftovers.to_dict(),
         one_read=run.one_read,
         io=input_io(run.models),
+        resumed=run.resumed,
     )
 
 
@@ -422,10 +479,12 @@ def input_io(models: Models) -> dict:
             for role, ckpt in (("base", models.base), ("harmful", models.harmful), ("target", models.target))}
 
 
-def publish(run: Run, folder: Path, writer: ShardWriter, report: SanitizeReport, started: float) -> None:
+def publish(run: Run, folder: Path, report: SanitizeReport, started: float) -> None:
     """Complete the staging folder: the index, the target's config/tokenizer files, the
     provenance record ``ckptops.json`` and the model card (the caller then moves it into place)."""
-    write_index(folder, writer.weight_map(), writer.total_bytes())
+    write_index(folder, {t.name: s.name for s in run.shards for t in s.tensors}, sum(s.nbytes for s in run.shards))
+    pause_point("publish")
+    journal.remove(folder)
     out_code = run.options.out_code
     config_dtype = CONFIG_DTYPE_NAMES.get(out_code) if out_code else None
     copy_side_files(run.models.target.side_files(), folder, config_dtype)
