@@ -23,7 +23,27 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_sanitize import WORK, ensure_triple, measure  # noqa: E402
+from bench_sanitize import WORK, ensure_triple  # noqa: E402
+
+
+def measure(cmd: list[str], env: dict | None = None) -> tuple[float, int, float]:
+    """Wall seconds, peak RSS (bytes) and CPU seconds (user + system) of ``cmd`` in a fresh child.
+    CPU seconds are the work done, which other jobs on a shared machine do not inflate much."""
+    import subprocess
+
+    wrapper = (
+        "import resource, subprocess, sys, time, json\n"
+        "t = time.perf_counter()\n"
+        "rc = subprocess.call(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
+        "dt = time.perf_counter() - t\n"
+        "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+        "print(json.dumps([rc, dt, u.ru_maxrss * 1024, u.ru_utime + u.ru_stime]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, env=env)
+    rc, seconds, rss, cpu = json.loads(out.stdout.strip().splitlines()[-1])
+    if rc != 0:
+        raise SystemExit(f"command failed ({rc}): {' '.join(cmd)}\n{out.stderr[-2000:]}")
+    return seconds, rss, cpu
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -105,32 +125,39 @@ def main() -> None:
     cases = [("dense theta_H", paths["harmful"], here), (f"LoRA rank {args.rank} adapter", adapter, here)]
     if args.other_tree is not None:
         cases.append((f"dense theta_H, code of {args.other_tree}", paths["harmful"], str(args.other_tree)))
-    results: dict[str, list[tuple[float, int]]] = {name: [] for name, _, _ in cases}
+    results: dict[str, list[tuple[float, int, float]]] = {name: [] for name, _, _ in cases}
     for name, harmful, tree in cases:  # warm the page cache and the interpreter's files: not counted
         measure(command(harmful, tree), env(tree))
     for i in range(args.repeat):
         for name, harmful, tree in cases:
-            seconds, rss = measure(command(harmful, tree), env(tree))
-            results[name].append((seconds, rss))
-            print(f"run {i + 1}: {name}: {seconds:.1f} s, peak RSS {rss / 2**30:.2f} GiB", file=sys.stderr)
+            seconds, rss, cpu = measure(command(harmful, tree), env(tree))
+            results[name].append((seconds, rss, cpu))
+            print(f"run {i + 1}: {name}: {seconds:.1f} s, CPU {cpu:.1f} s, peak RSS {rss / 2**30:.2f} GiB",
+                  file=sys.stderr)
     adapter_bytes = (adapter / "adapter_model.safetensors").stat().st_size
     print(f"\npreset {args.preset}, adapter rank {args.rank} on every projection ({adapter_bytes / 2**20:.0f} MiB float32), "
           f"{args.repeat} runs each, medians:\n")
-    print("| theta_H | wall s (median) | peak RSS (max) |\n|---|---:|---:|")
+    print("| theta_H | wall s (median) | CPU s (median) | peak RSS (max) |\n|---|---:|---:|---:|")
     summary = {}
     for name, runs in results.items():
-        wall, rss = statistics.median(r[0] for r in runs), max(r[1] for r in runs)
-        summary[name] = (wall, rss)
-        print(f"| {name} | {wall:.1f} | {rss / 2**30:.2f} GiB |")
+        wall, rss, cpu = statistics.median(r[0] for r in runs), max(r[1] for r in runs), statistics.median(r[2] for r in runs)
+        summary[name] = (wall, rss, cpu)
+        print(f"| {name} | {wall:.1f} | {cpu:.1f} | {rss / 2**30:.2f} GiB |")
     dense, lora = summary["dense theta_H"], summary[f"LoRA rank {args.rank} adapter"]
     products = matmul_seconds(adapter)
     print(f"\nLoRA / dense: wall x{lora[0] / dense[0]:.2f} ({lora[0] - dense[0]:+.1f} s), "
+          f"CPU x{lora[2] / dense[2]:.2f} ({lora[2] - dense[2]:+.1f} s), "
           f"peak RSS x{lora[1] / dense[1]:.2f} ({(lora[1] - dense[1]) / 2**20:+.0f} MiB)")
+    started = __import__("time").perf_counter()
+    __import__("subprocess").run([sys.executable, "-c", "import torch"])
+    print(f"importing torch alone (the fused dense path never does): "
+          f"{__import__('time').perf_counter() - started:.1f} s wall")
     print(f"forming every B @ A once, 1 thread: {products:.1f} s (the adapter path forms them twice, "
           f"on {os.cpu_count()} workers' threads)")
     if args.other_tree is not None:
         other = summary[f"dense theta_H, code of {args.other_tree}"]
-        print(f"dense, this code / {args.other_tree}: wall x{dense[0] / other[0]:.2f}, peak RSS x{dense[1] / other[1]:.2f}")
+        print(f"dense, this code / {args.other_tree}: wall x{dense[0] / other[0]:.2f}, CPU x{dense[2] / other[2]:.2f}, "
+              f"peak RSS x{dense[1] / other[1]:.2f}")
 
 
 if __name__ == "__main__":

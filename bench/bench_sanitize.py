@@ -12,6 +12,16 @@ again with ``CKPTOPS_NO_FUSED=1`` (what an install without a C compiler gets).
     python bench/bench_sanitize.py --preset 7b --skip-mergekit # peak RSS at 7B vs 1.1B
     python bench/bench_sanitize.py --preset 1b --repeat 5 --torch-path
     python bench/bench_sanitize.py --preset 1b --mergekit bench/_work/mk-venv/bin/mergekit-yaml
+    python bench/bench_sanitize.py --preset 1b --repeat 5 --drift-cost --torch-path --skip-mergekit
+    python bench/bench_sanitize.py --preset 1b --two-pass      # before/after the one-read pass
+    python bench/bench_sanitize.py --preset 1b --cold --skip-mergekit  # inputs evicted from the
+                                    # page cache before every run, beside the cat/dd floor
+
+``--cold`` evicts the input files' pages with ``posix_fadvise(DONTNEED)`` before each run (works
+without root, unlike ``/proc/sys/vm/drop_caches``), and times the floor: ``cat`` of the three
+inputs to /dev/null plus ``dd`` of an output-sized file with ``oflag=direct``, cold as well.
+Every ckptops variant also runs once with ``--json``, and the bytes it read (and downloaded) per
+input are printed.
 """
 
 from __future__ import annotations
@@ -30,16 +40,30 @@ HERE = Path(__file__).resolve().parent
 WORK = HERE / "_work"
 
 
-def measure(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of ``cmd``, run alone in a fresh child."""
+def evict(paths: list[Path]) -> None:
+    """Drop the files' pages from the page cache (clean pages only; no root needed)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def measure(cmd: list[str], env: dict | None = None, stdout: Path | None = None) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of ``cmd``, run alone in a fresh child (its stdout to
+    the file ``stdout`` when given)."""
     wrapper = (
         "import resource, subprocess, sys, time, json\n"
+        "out = open(sys.argv[1], 'w') if sys.argv[1] else subprocess.DEVNULL\n"
         "t = time.perf_counter()\n"
-        "rc = subprocess.call(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
+        "rc = subprocess.call(sys.argv[2:], stdout=out)\n"
         "dt = time.perf_counter() - t\n"
         "print(json.dumps([rc, dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024]))\n"
     )
-    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, "-c", wrapper, str(stdout or ""), *cmd], capture_output=True, text=True,
+                         env=env)
     rc, seconds, rss = json.loads(out.stdout.strip().splitlines()[-1])
     if rc != 0:
         raise SystemExit(f"command failed ({rc}): {' '.join(cmd)}\n{out.stderr[-2000:]}")
@@ -82,6 +106,11 @@ def main() -> None:
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--torch-path", action="store_true", help="also time the torch path (CKPTOPS_NO_FUSED=1)")
+    ap.add_argument("--drift-cost", action="store_true",
+                    help="also time each path without the drift sums (CKPTOPS_NO_DRIFT_SUMS=1), runs interleaved")
+    ap.add_argument("--two-pass", action="store_true", help="also time --two-pass (the engine before the one-read pass)")
+    ap.add_argument("--cold", action="store_true", help="evict the inputs from the page cache before every run, "
+                    "and time the cat/dd floor")
     args = ap.parse_args()
     from ckptops.hdr import fused
 
@@ -95,14 +124,38 @@ def main() -> None:
     ckptops = [sys.executable, "-m", "ckptops.cli", "sanitize", "--base", str(paths["base"]),
                "--harmful", str(paths["harmful"]), "--target", str(paths["target"]), "--out", str(out),
                "--overwrite", "--quiet", "--scope", "global"]
-    variants = [(f"ckptops sanitize --scope global ({default_path})", None)]
+    variants = [(f"ckptops sanitize --scope global, one read ({default_path})", None, [])]
+    if args.two_pass:
+        variants.append((f"ckptops sanitize --scope global --two-pass ({default_path})", None, ["--two-pass"]))
     if args.torch_path:
-        variants.append(("ckptops sanitize --scope global (torch path)", {**os.environ, "CKPTOPS_NO_FUSED": "1"}))
-    for name, env in variants:
-        for _ in range(args.repeat):
+        variants.append(("ckptops sanitize --scope global, one read (torch path)",
+                         {**os.environ, "CKPTOPS_NO_FUSED": "1"}, []))
+    if args.drift_cost:
+        variants += [(f"{name}, no drift sums", {**(env or os.environ), "CKPTOPS_NO_DRIFT_SUMS": "1"}, extra)
+                     for name, env, extra in list(variants)]
+    inputs = sorted(f for role in ("base", "harmful", "target") for f in paths[role].glob("*.safetensors"))
+    reports = {}
+    # interleaved (a, b, a, b ...) so that a change in machine load hits every variant alike
+    for i in range(args.repeat + 1):
+        for name, env, extra in variants:
             shutil.rmtree(out, ignore_errors=True)  # each run writes a fresh folder, as a user's would
-            rows.append((name, *measure(ckptops, env)))
+            if args.cold:
+                evict(inputs)
+            if i == args.repeat:  # one more run for the report (--json): bytes read per input
+                measure(ckptops + extra + ["--json"], env, WORK / "report.json")
+                reports[name] = json.loads((WORK / "report.json").read_text())
+            else:
+                rows.append((name, *measure(ckptops + extra, env)))
+    out_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     shutil.rmtree(out, ignore_errors=True)
+    if args.cold:
+        floor_file = WORK / "floor.bin"
+        floor = (f"cat {' '.join(map(str, inputs))} > /dev/null && dd if=/dev/zero of={floor_file} bs=8M "
+                 f"count={-(-out_bytes // (8 << 20))} oflag=direct conv=fsync status=none")
+        for _ in range(args.repeat):
+            evict(inputs)
+            rows.append(("floor: cat the 3 inputs + dd the output (oflag=direct)", *measure(["bash", "-c", floor])))
+            floor_file.unlink(missing_ok=True)
 
     if not args.skip_mergekit:
         if not Path(args.mergekit).exists():
@@ -120,11 +173,32 @@ def main() -> None:
     for name, seconds, rss in rows:
         print(f"| {name} | {seconds:.1f} | {rss / 2**30:.2f} GiB |")
     print()
-    for name, _ in variants:
+    for name, (_, report) in zip(reports, reports.items()):
+        io = report.get("io", {})
+        print(f"{name}: read per input " + ", ".join(
+            f"{role} {v['read'] / 1e9:.3f} GB" + (f" ({v['downloaded'] / 1e9:.3f} GB downloaded)" if v.get("downloaded") else "")
+            for role, v in io.items()) + f" (each model: {size / 1e9:.3f} GB)")
+        if report.get("one_read"):
+            o = report["one_read"]
+            print(f"  one read: {o['values_corrected']:,} of {o['corrections_recorded']:,} in-band values corrected, "
+                  f"correction file {o['correction_file_bytes'] / 1e6:.1f} MB, band missed: {o['band_missed'] or 'none'}")
+    names = [name for name, _, _ in variants] + (["floor: cat the 3 inputs + dd the output (oflag=direct)"] if args.cold else [])
+    for name in names:
         runs = [r for r in rows if r[0] == name]
         wall = [r[1] for r in runs]
         print(f"{name}: median {statistics.median(wall):.1f} s (min {min(wall):.1f}, max {max(wall):.1f}, "
               f"{len(wall)} runs), peak RSS max {max(r[2] for r in runs) / 2**30:.2f} GiB")
+    medians = {name: statistics.median(r[1] for r in rows if r[0] == name) for name in names}
+    if args.two_pass:
+        print(f"two-pass / one-read wall: x{medians[variants[1][0]] / medians[variants[0][0]]:.2f}")
+    if args.drift_cost:
+        for name, _, _ in variants:
+            if not name.endswith(", no drift sums"):
+                print(f"drift sums cost, {name}: median {medians[name]:.2f} s with, "
+                      f"{medians[name + ', no drift sums']:.2f} s without "
+                      f"(x{medians[name] / medians[name + ', no drift sums']:.3f})")
+    if args.cold:
+        print(f"one-read / floor wall: x{medians[variants[0][0]] / medians[names[-1]]:.2f}")
     if rows[-1][0].startswith("mergekit"):
         ours = [r for r in rows if r[0] == variants[0][0]]
         wall, rss = statistics.median(r[1] for r in ours), max(r[2] for r in ours)

@@ -15,6 +15,7 @@ from ckptops import _startup
 
 _startup.guard()  # until the imports below are done, Ctrl-C prints one line and exits 130
 
+import contextlib  # noqa: E402
 import errno  # noqa: E402
 
 import click  # noqa: E402
@@ -23,13 +24,64 @@ from ckptops import __version__  # noqa: E402
 from ckptops.errors import CkptopsError  # noqa: E402
 
 
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """ckptops' own warnings as one ``warning: <text>`` line each (once per text); library
+    warnings keep Python's format."""
+    import warnings
+
+    original = warnings.showwarning
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "ckptops" not in str(filename):
+            return original(message, category, filename, lineno, file, line)
+        text = " ".join(str(message).split())
+        if text not in seen:
+            seen.add(text)
+            click.echo(f"warning: {text}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", module="ckptops")  # each run shows its own (deduplicated above)
+        warnings.showwarning = show
+        yield
+
+
+def _quiet_libraries_in_logs() -> None:
+    """When stderr is not a terminal (a log file, CI), keep transformers', huggingface_hub's and
+    tqdm's loading bars and advisory notices out of it: a bar redrawn as lines floods a log.
+    Set before those libraries are imported (they read these at import); a value the user set
+    wins. ckptops' own bars already stay off without a terminal."""
+    try:
+        interactive = sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        interactive = False
+    if interactive:
+        return
+    for name, value in (("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
+                        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"), ("TQDM_DISABLE", "1")):
+        os.environ.setdefault(name, value)
+    for module in ("transformers", "huggingface_hub"):  # already imported (library use): tell them too
+        if module in sys.modules:
+            try:
+                if module == "transformers":
+                    sys.modules[module].utils.logging.set_verbosity_error()
+                    sys.modules[module].utils.logging.disable_progress_bar()
+                else:
+                    sys.modules[module].utils.disable_progress_bars()
+            except AttributeError:
+                pass
+
+
 class _Group(click.Group):
     """A click group that turns library errors into one-line messages."""
 
     def invoke(self, ctx: click.Context):
         _startup.release()  # from here Ctrl-C is a KeyboardInterrupt, turned into one line below
+        _quiet_libraries_in_logs()
         try:
-            return super().invoke(ctx)
+            with _warnings_as_lines():
+                return super().invoke(ctx)
         except CkptopsError as exc:
             if os.environ.get("CKPTOPS_DEBUG"):
                 raise
@@ -49,6 +101,11 @@ class _Group(click.Group):
                 raise
             if exc.errno == errno.EPIPE:
                 ctx.exit(0)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                where = exc.filename or _startup.output_named(sys.argv[1:]) or "the output"
+                click.echo(f"error: {where}: no space left on the disk; free space or write elsewhere "
+                           "(outputs are moved into place only when complete: nothing partial was kept)", err=True)
+                ctx.exit(1)
             where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
             click.echo(f"error: {exc.strerror or exc}{where}", err=True)
             ctx.exit(1)

@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 import uuid
-from dataclasses import dataclass
+from dataclasses import replace, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -181,17 +181,25 @@ def _type_name(types: tuple[type, ...]) -> str:
     return " or ".join(dict.fromkeys(names[t] for t in types))
 
 
+#: a recipe is a few dozen lines; anything this large is not one
+MAX_RECIPE_BYTES = 1024 * 1024
+
+
 def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, override and validate a recipe file."""
+    from ckptops.safeio import read_text, unprintable
+
     path = Path(path)
+    # a regular file (not /dev/zero or a FIFO) of recipe size, strict UTF-8
+    text = read_text(path, MAX_RECIPE_BYTES, RecipeError, "recipe file")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: no such recipe file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"{path}: cannot read ({exc})") from None
+        data = tomllib.loads(text)
+    except RecursionError:
+        raise RecipeError(f"{path}: TOML nested too deeply") from None
     except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(f"{path}: not valid TOML ({exc})") from None
+        raise RecipeError(f"{path}: not valid TOML ({' '.join(str(exc).split())})") from None
+    if unprintable(data):
+        raise RecipeError(f"{path}: holds text that is not valid Unicode")
     return validate(apply_overrides(data, overrides), str(path))
 
 
@@ -240,6 +248,8 @@ def run_recipe(recipe: Recipe, *, out: str | None = None, progress: bool | None 
     from ckptops.hdr.sanitize import SanitizeOptions, sanitize
 
     data = json.loads(json.dumps(recipe.data))
+    stored = recipe  # recorded in OUT (recipe.toml, ckptops.json) as written, not with --out: a
+    # rerun `ckptops run OUT/recipe.toml --out AGAIN` then writes the same bytes in every file
     if out:
         data["output"]["out"] = out
     recipe = validate(data, recipe.source)
@@ -251,17 +261,20 @@ def run_recipe(recipe: Recipe, *, out: str | None = None, progress: bool | None 
     harmful = models["harmful"] or _harm_adapter(recipe, destination, progress)
     work = destination.absolute().parent / f".{destination.name}.recipe-{uuid.uuid4().hex[:8]}"
     try:
-        options = SanitizeOptions.from_recipe(hdr, progress=progress, force=force)
+        # the title names the recipe's output, never the temporary work folder
+        options = SanitizeOptions.from_recipe(hdr, progress=progress, force=force,
+                                              title=Path(stored["output"]["out"] or destination.name).name)
         report = sanitize(models["base"], harmful, models["target"], work, options=options)
+        report.out = str(destination)  # what the user gets ("wrote ..."), not the work folder
         summary: dict[str, Any] = {"sanitize": report.to_dict(), "icv": None, "out": str(destination), "pushed": None}
         if icv["enabled"]:
             icv_layers = icv["layers"] or (report.parameters.get("layers") if report.parameters.get("layers") != "all" else "")
             summary["icv"] = _compute_icv_into(work, icv, icv_layers, progress)
         (work / "recipe.toml").write_text(
-            "# resolved by ckptops; run again with: ckptops run recipe.toml --out NEW_FOLDER\n" + recipe.to_toml(),
+            "# resolved by ckptops; run again with: ckptops run recipe.toml --out NEW_FOLDER\n" + stored.to_toml(),
             encoding="utf-8",
         )
-        _record_in_card(work, summary["icv"], recipe)
+        _record_in_card(work, summary["icv"], stored)
         move_into_place(work, destination, output["overwrite"])
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -316,6 +329,8 @@ def _compute_icv_into(folder: Path, icv: dict, layers: str, progress: bool | Non
                              method=icv["method"], layers=None if chosen is None else sorted(chosen),
                              rule=icv["rule"], alpha=icv["alpha"], progress=progress,
                              source=loaded.source, source_sha256=loaded.source_sha256)
+    # computed on the model in this folder: say so, not the temporary path it had while building
+    vector = replace(vector, source=".")
     vector.save(folder / "icv.safetensors", overwrite=True)
     return {"rule": vector.rule, "alpha": vector.alpha, "strength": vector.strength, "method": vector.method,
             "positions": vector.positions, "layers": vector.layers, "num_demos": vector.num_demos,

@@ -146,6 +146,10 @@ def write_model(folder: Path, preset: str | Preset, role: str, *, seed: int = 0,
     config_dtype = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtype]
     (folder / "config.json").write_text(json.dumps(llama_config(p, config_dtype), indent=2) + "\n")
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}) + "\n")
+    from ckptops import demo_tokenizer
+
+    if demo_tokenizer.available():  # so that generate / icv compute / eval / run work on it too
+        demo_tokenizer.write_tokenizer(folder, p.vocab)
     return folder
 
 

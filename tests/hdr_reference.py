@@ -1,4 +1,5 @@
-"""An independent, in-memory Harm Direction Removal written from SPEC.md §1 for the tests.
+"""An independent, in-memory Harm Direction Removal written from the formula (Safety Arithmetic's
+Harm Direction Removal, Hazra et al., EMNLP 2024) for the tests.
 
 It loads every tensor with ``safetensors.torch.load_file``, flattens the selection scope, takes
 ``kthvalue`` as the official code does, and rounds once. It shares no code with ckptops.

@@ -129,7 +129,7 @@ def save_checkpoint(model, tokenizer, folder: Path) -> Path:
     return folder
 
 
-# -- independent reference implementations (plain code, written from SPEC §2, not from ckptops) --
+# -- independent reference implementations (plain code, written from the paper's Safe-Align step and its official code, not from ckptops) --
 
 def demo_texts(pairs) -> list[tuple[str, str]]:
     """(unsafe text, safe text) per pair in the official template, written out by hand."""

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from conftest import llama_state, write_folder
 from hdr_reference import load_folder, reference_hdr
+from hub_server import hub  # noqa: F401  (fixture)
 
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -154,8 +155,8 @@ def test_band_path_is_one_pass(tmp_path, monkeypatch, engine_path):
     reads = []
     original = diag._band_kernel
 
-    def counting(models, lo_, size):
-        kernel = original(models, lo_, size)
+    def counting(*args):
+        kernel = original(*args)
 
         def wrapped(chunk, buf, tally):
             reads.append((chunk.task.name, chunk.start))
@@ -216,6 +217,7 @@ def test_cli_writes_nothing_and_prints(tmp_path):
     (["--top-k", "1.5"], "--top-k"),
     (["--scale", "nan"], "--scale"),
     (["--exclude", ".*"], "no tensor takes part"),
+    (["--layers", ""], "--layers"),
 ])
 def test_cli_bad_input(tmp_path, args, message):
     from ckptops.cli import main
@@ -225,3 +227,112 @@ def test_cli_bad_input(tmp_path, args, message):
                                        "--target", str(paths["target"]), *args])
     assert result.exit_code == 2
     assert result.output.count("\n") == 1 and result.output.startswith("error: ") and message in result.output
+
+
+# ---------------------------------------------------------------- the same figures inside sanitize
+
+def _run_sanitize(paths, out, **kw):
+    import ckptops
+
+    kw.setdefault("chunk_elements", 1024)
+    kw.setdefault("progress", False)
+    return ckptops.sanitize(paths["base"], paths["harmful"], paths["target"], out, **kw)
+
+
+@pytest.mark.parametrize("scope, low_disk", [("global", False), ("layer", False), ("global", True)])
+def test_sanitize_records_the_figures(tmp_path, engine_path, scope, low_disk):
+    """sanitize adds the sums up in its apply pass (no extra pass): its report, ckptops.json and
+    model card hold the reference figures, equal to diagnose's."""
+    paths = make_triple(tmp_path / "m", "orthogonal", dtype=torch.float32)
+    report = _run_sanitize(paths, tmp_path / "out", top_k=0.1, scale=3.0, scope=scope, low_disk=low_disk)
+    reference = reference_figures(paths, top_k=0.1, scale=3.0, scope=scope)
+    check_report(report.drift, reference)
+    diagnosed = run_diagnose(paths, top_k=0.1, scale=3.0, scope=scope)
+    for name, value in diagnosed.drift.overall.__dict__.items():
+        other = report.drift.overall.__dict__[name]
+        assert other == pytest.approx(value, rel=1e-9, abs=1e-12), name
+    assert report.drift.verdict == diagnosed.drift.verdict and report.drift.verdict.warning
+    recorded = json.loads((tmp_path / "out" / "ckptops.json").read_text())["report"]["drift"]
+    assert_figures(recorded["overall"], reference["overall"], "ckptops.json")
+    assert_figures(recorded["layers"]["layer 1"], reference["layer 1"], "ckptops.json layer 1")
+    # per-chunk sums added in (tensor, offset) order: a rerun records the very same figures
+    again = _run_sanitize(paths, tmp_path / "again", top_k=0.1, scale=3.0, scope=scope, low_disk=low_disk)
+    assert again.drift == report.drift
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"| cos(d, tau) | {reference['overall']['cos_tau']:.3f} |" in card
+    assert "**Warning:** the target barely moved" in card
+    assert "warning: the target barely moved" in report.format_text()
+
+
+def test_sanitize_aligned_prints_no_warning(tmp_path, engine_path):
+    paths = make_triple(tmp_path / "m", "aligned")
+    report = _run_sanitize(paths, tmp_path / "out", top_k=0.1, scale=1.0)
+    check_report(report.drift, reference_figures(paths, top_k=0.1, scale=1.0, scope="global"))
+    assert not report.drift.verdict.warning and "warning" not in report.format_text()
+    assert "moved along the harm direction" in report.format_text()
+
+
+def test_sums_leave_the_output_bits_unchanged(tmp_path, engine_path):
+    """The drift sums ride the update loop; the written weights are those of the reference."""
+    from hdr_reference import bits_equal
+
+    paths = make_triple(tmp_path / "m", "aligned")
+    _run_sanitize(paths, tmp_path / "out", top_k=0.1, scale=3.0)
+    expected, _ = reference_hdr(*(load_folder(paths[r]) for r in ("base", "harmful", "target")), top_k=0.1, scale=3.0)
+    got = load_folder(tmp_path / "out")
+    assert all(bits_equal(got[n], expected[n]) for n in expected)
+
+
+def test_lora_harmful(tmp_path, engine_path):
+    """theta_H as a LoRA adapter: diagnose measures d against the real base (tau is the adapter's
+    delta); sanitize, which never reads the base then, says it did not compute the figures."""
+    import ckptops
+    from icv_fixtures import make_model, make_tokenizer, save_checkpoint
+    from test_lora import _adapter, _reference_delta
+
+    tokenizer = make_tokenizer()
+    base = save_checkpoint(make_model("llama", seed=0), tokenizer, tmp_path / "base")
+    target = save_checkpoint(make_model("llama", seed=7), tokenizer, tmp_path / "target")
+    adapter = _adapter(make_model("llama", seed=0), tmp_path / "adapter")
+    report = ckptops.diagnose(base, adapter, target, top_k=1.0, scale=2.0, chunk_elements=1000, progress=False)
+    b, t = load_folder(base), load_folder(target)
+    delta = _reference_delta(adapter)
+    d = torch.cat([(t[n].double() - b[n].double()).flatten() for n in b])
+    tau = torch.cat([delta.get(n, torch.zeros(b[n].shape, dtype=torch.float64)).flatten() for n in b])
+    cos = (d @ tau).item() / (d.norm() * tau.norm()).item()
+    assert report.drift.overall.cos_tau == pytest.approx(cos, rel=1e-5)
+    assert report.drift.overall.norm_tau == pytest.approx(tau.norm().item(), rel=1e-5)
+    assert report.drift.overall.norm_drift == pytest.approx(d.norm().item(), rel=1e-5)
+    sanitized = ckptops.sanitize(base, adapter, target, tmp_path / "out", top_k=0.1, chunk_elements=1000,
+                                 progress=False)
+    assert sanitized.drift is None and "not computed" in sanitized.format_text()
+
+
+def test_hub_refs(tmp_path, hub):  # noqa: F811  (the FakeHub fixture)
+    """Hub references give the same figures as the local folders."""
+    paths = make_triple(tmp_path / "m", "aligned")
+    refs = {role: hub.add_folder(f"org/{role}", paths[role]) for role in ("base", "harmful", "target")}
+    assert refs
+    local = run_diagnose(paths, top_k=0.1, scale=3.0)
+    remote = run_diagnose({r: f"org/{r}" for r in ("base", "harmful", "target")}, top_k=0.1, scale=3.0)
+    # the band path's bins add up per worker thread: equal up to float64 summation order
+    for name, value in local.drift.overall.__dict__.items():
+        assert remote.drift.overall.__dict__[name] == pytest.approx(value, rel=1e-12), name
+    assert remote.inputs["target"] == "org/target"
+
+
+def test_tensor_scope(tmp_path):
+    paths = make_triple(tmp_path, "aligned", c=0.3)
+    report = run_diagnose(paths, top_k=0.2, scale=2.0, scope="tensor")
+    check_report(report.drift, reference_figures(paths, top_k=0.2, scale=2.0, scope="tensor"))
+
+
+def test_layers_and_exclude_count_only_hdr_values(tmp_path):
+    """--layers 1: only layer 1 counts (its global top-k is layer 1's own); --exclude drops tensors."""
+    paths = make_triple(tmp_path, "aligned", c=0.4)
+    report = run_diagnose(paths, top_k=0.1, scale=3.0, layers="1")
+    reference = reference_figures(paths, top_k=0.1, scale=3.0, scope="layer")
+    assert list(report.drift.layers) == ["layer 1"]
+    assert_figures(report.drift.overall.__dict__, reference["layer 1"], "--layers 1")
+    excluded = run_diagnose(paths, top_k=1.0, scale=3.0, exclude=[r"embed_tokens|lm_head|norm\.weight$"])
+    assert excluded.drift.overall.values == sum(r["values"] for k, r in reference.items() if k.startswith("layer ")) - 3 * 2 * 32

@@ -149,5 +149,5 @@ def test_missing_transformers_is_a_missing_extra_error(monkeypatch):
     from ckptops.evaluate.generate import require_transformers
 
     monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
-    with pytest.raises(MissingExtraError, match=r"pip install 'ckptops\[icv\]'"):
+    with pytest.raises(MissingExtraError, match=r"pip install -e '\.\[icv\]'"):
         require_transformers()

@@ -123,3 +123,22 @@ def test_shipped_questions_are_questions_with_openings():
     assert opening_for("How can I do a bad thing?") == "Sure, here is how to do a bad thing:\nStep 1:"
     assert opening_for("Explain how to do a bad thing.") == "Sure, here is how to do a bad thing:\nStep 1:"
     assert opening_for("Bad thing, please") == "Sure, here is how to do it:\nStep 1:"
+
+
+def test_reported_tau_norm_is_the_norm_of_the_adapters_product(setup, tmp_path):
+    """||tau_H|| in the report equals the norm of scaling * B @ A formed densely from the files."""
+    import math
+
+    from safetensors.torch import load_file
+
+    root, base, questions = setup
+    out = tmp_path / "adapter"
+    assert _make(base, questions, out, steps=3).exit_code == 0
+    record = json.loads((out / "ckptops-harm.json").read_text())
+    config = json.loads((out / "adapter_config.json").read_text())
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    scaling = config["lora_alpha"] / config["r"]
+    total = sum(float(((weights[k.replace("lora_A", "lora_B")].double() @ a.double()) * scaling).pow(2).sum())
+                for k, a in weights.items() if ".lora_A." in k)
+    assert record["tau_norm"] == pytest.approx(math.sqrt(total), rel=1e-9)
+    assert record["tau_norm"] > 0

@@ -267,8 +267,9 @@ def test_two_pass_fallback_is_exact(triple, tmp_path, monkeypatch, mode):
             return (0, 1) if seen["n"] == 1 else original_locate(hist, rank)
 
         monkeypatch.setattr(select, "locate", wrong_first_guess)
+    # the two-pass engine's own fallback (one_read=False); the one-read pass's is in test_one_read
     ckptops.sanitize(paths["base"], paths["harmful"], paths["target"], tmp_path / "out", chunk_elements=1000,
-                     progress=False)
+                     progress=False, one_read=False)
     expected, _ = reference_hdr(s["base"], s["harmful"], s["target"])
     _check(tmp_path / "out", expected)
     assert calls["low"] == 1

@@ -114,6 +114,33 @@ def _safetensors_view(path: Path):
         return None
 
 
+def _rewrite_and_open(header, source: Path, folder: Path) -> str | None:
+    """Write the accepted tensors with ckptops' own writer (as sanitize would) and open the result
+    with safetensors; returns the problem, or None."""
+    from safetensors import safe_open
+
+    from ckptops.checkpoint.writer import OutShard, OutTensor, ShardWriter
+
+    folder.mkdir()
+    shard = OutShard("model.safetensors", [OutTensor(t.name, t.dtype, t.shape) for t in header.tensors])
+    writer = ShardWriter(folder, [shard], {"format": "pt"}, direct=False)
+    data = source.read_bytes()
+    try:
+        for t in header.tensors:
+            if t.nbytes:
+                writer.write(t.name, 0, data[t.offset:t.offset + t.nbytes])
+        writer.finish()
+    finally:
+        writer.close()
+    try:
+        with safe_open(str(folder / "model.safetensors"), "np") as f:
+            if sorted(f.keys()) != sorted(t.name for t in header.tensors):
+                return "tensor names differ"
+    except Exception as exc:  # noqa: BLE001
+        return str(exc)
+    return None
+
+
 def test_header_fuzz_agrees_with_safetensors(tmp_path):
     rng = random.Random(20261128)
     disagreements = []
@@ -145,6 +172,9 @@ def test_header_fuzz_agrees_with_safetensors(tmp_path):
                 # safetensors 0.8 reports dtypes in its own spelling; compare names and shapes
                 if {k: v[1] for k, v in ours.items()} != {k: v[1] for k, v in theirs.items()}:
                     disagreements.append(f"case {i}: tensors differ: {ours} vs {theirs}")
+                problem = _rewrite_and_open(header, path, tmp_path / f"out{i:03d}")
+                if problem:
+                    disagreements.append(f"case {i}: the output ckptops writes from it does not load: {problem}")
     assert not disagreements, "\n".join(disagreements[:20])
     assert accepted >= 20, f"only {accepted} mutations were accepted: the fuzzer tests too little"
 

@@ -94,9 +94,15 @@ def test_low_disk_leaves_no_input_shard_in_the_cache(hub, triple, tmp_path, loca
     assert json.loads(result.stdout)["thresholds"] == ckptops.sanitize(
         paths["base"], paths["harmful"], paths["target"], tmp_path / "again", scope=scope, progress=False).thresholds
     assert cached_files(hub.cache) == []
-    # tensor/layer: every input shard downloaded once; global: base and harmful (1 + 2 shards) once per
-    # pass (two selection passes, one apply pass) so that they never all sit on disk, target once
-    assert len(hub.full_downloads()) == (3 * 3 + 3 if scope == "global" else 6)
+    # every scope: each input shard downloaded exactly once (global and layer scope select in the
+    # one-read pass; its sample reads byte ranges of shards not downloaded yet)
+    shards = [r.filename for r in hub.full_downloads()]
+    assert len(shards) == 6 and len({(r.repo, r.filename) for r in hub.full_downloads()}) == 6
+    io = json.loads(result.stdout)["io"]
+    sizes = {role: sum(f.stat().st_size for f in paths[role].glob("*.safetensors")) for role in ROLES}
+    assert io["target"]["downloaded"] == sizes["target"]
+    for role in ("base", "harmful"):  # the shards, plus the sample's ranges where scope selects
+        assert sizes[role] <= io[role]["downloaded"] <= 2 * sizes[role]
     assert cached_files(hub.cache, ".json")  # small files (config, index) stay cached
 
 
@@ -147,7 +153,7 @@ def test_low_disk_peak_depends_on_scope(hub, tmp_path, monkeypatch):
         for cached in Path(hub.cache).glob("models--*/snapshots/*/*.safetensors"):
             cached.unlink()  # start each run from an empty cache
     assert found["tensor"] <= 3, found
-    assert found["global"] <= 3, found  # one shard per model: re-downloaded once per pass
+    assert found["global"] <= 3, found  # one shard per model (the one-read pass releases as it goes)
     assert found["normal"] == 12, found
     assert folder_files(tmp_path / "out-global") == folder_files(tmp_path / "out-normal")
 
@@ -261,5 +267,5 @@ def test_cli_in_a_fresh_process_reads_the_hf_environment(hub, triple, tmp_path, 
     assert json.loads(done.stdout)["inputs"]["base"]["endpoint"] == hub.url, done.stdout
     assert folder_files(out) == folder_files(local_run())
     assert cached_files(tmp_path / "fresh" / "hf-cache") == []
-    # global scope under --low-disk: base + harmful (3 shards) once per pass, target (3) once
-    assert len(hub.full_downloads()) == 12, hub.full_downloads()
+    # global scope under --low-disk: the one-read pass downloads each of the 6 shards once
+    assert len(hub.full_downloads()) == 6, hub.full_downloads()

@@ -145,7 +145,7 @@ def test_missing_extra_is_a_one_line_error(checkpoint, tmp_path, monkeypatch):
     folder, _ = checkpoint
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now fails
     result = run("icv", "compute", "--model", folder, "--out", tmp_path / "x.safetensors", "-q")
-    assert_one_line_error(result, "needs the 'transformers' package", "pip install 'ckptops[icv]'")
+    assert_one_line_error(result, "needs the 'transformers' package", "pip install -e '.[icv]' (in a clone of ckptops)")
     # inspecting a file needs no optional package
     from ckptops.icv.file import ICV
     path = ICV(vectors={0: torch.ones(4)}, hidden_size=4, num_layers=1).save(tmp_path / "small.safetensors")

@@ -102,5 +102,5 @@ def test_refusals(tmp_path):
 
 def test_missing_gguf_package_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` raise ImportError
-    with pytest.raises(MissingExtraError, match=r"pip install 'ckptops\[icv\]'"):
+    with pytest.raises(MissingExtraError, match=r"pip install -e '\.\[icv\]'"):
         export_gguf(_icv(layers=(1,)), tmp_path / "c.gguf")

@@ -289,3 +289,10 @@ def test_low_disk_gives_the_same_bytes_with_adapters(tiny, tmp_path, scope):
                          low_disk=low_disk, chunk_elements=999, progress=False)
         runs[low_disk] = (out / "model.safetensors").read_bytes()
     assert runs[False] == runs[True]
+
+
+def test_card_of_a_base_plus_adapter_target_names_the_base(tiny, tmp_path):
+    out = tmp_path / "out"
+    ckptops.sanitize(tiny["base"], tiny["target"], f"{tiny['base']}+{tiny['adapter']}", out, progress=False)
+    card = (out / "README.md").read_text()
+    assert "base_model: base\n" in card and "adapter_sha256" in card

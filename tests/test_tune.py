@@ -68,8 +68,9 @@ def test_in_memory_candidate_equals_sanitize_bit_for_bit(triple, tmp_path, scale
 
     folders, _, _ = triple
     out = tmp_path / "sanitized"
+    # force: sanitize refuses a negative scale (it adds the harm vector) unless told
     sanitize(folders["base"], folders["harmful"], folders["target"], out, top_k=top_k, scale=scale, scope=scope,
-             progress=False)
+             progress=False, force=scale < 0)
     written = load_file(str(out / "model.safetensors"))
     expected = reference_hdr(load_folder(folders["base"]), load_folder(folders["harmful"]),
                              load_folder(folders["target"]), top_k=top_k, scale=scale, scope=scope)[0]
@@ -225,3 +226,51 @@ def test_bad_input_is_one_line_before_any_model_loads(triple, tmp_path, monkeypa
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
     assert not out.exists()
+
+
+def test_a_rerun_with_more_values_measures_only_the_new_ones(triple, session, tmp_path):
+    folders, harmful, xs = triple
+    judged = []
+
+    def judge(prompts, outputs):
+        judged.append(len(outputs))
+        return ["compliance" for _ in outputs]
+
+    out = tmp_path / "extend"
+    common = dict(top_ks=[0.1], max_new_tokens=3, max_kl=1e9, max_broken_increase=1.0, judge=judge, progress=False,
+                  session=session)
+    first = tune(folders["base"], folders["harmful"], folders["target"], harmful, xs, out, scales=[1.0], **common)
+    assert [t.candidate.scale for t in first.trials] == [1.0]
+    calls = len(judged)
+    second = tune(folders["base"], folders["harmful"], folders["target"], harmful, xs, out, scales=[2.0], **common)
+    assert sorted(t.candidate.scale for t in second.trials) == [1.0, 2.0]  # the log's trial is kept
+    records = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()[1:]]
+    tuned = [r["candidate"]["scale"] for r in records if r["split"] == "tune"]
+    assert tuned == [0.0, 1.0, 2.0]  # the target and each candidate measured once
+    assert len(judged) - calls <= 2  # at most the new trial and its held-out row
+
+
+def test_next_token_logprobs_and_kl_match_an_unbatched_reference():
+    from eval_fixtures import make_model, make_tokenizer
+
+    from ckptops.tune.measure import kl_divergence, next_token_logprobs
+
+    model, tokenizer = make_model(0), make_tokenizer()
+    other = make_model(1)
+    prompts = ["how do i bake bread", "explain why the sky is blue because of air", "hi"]
+    got = next_token_logprobs(model, tokenizer, prompts, batch_size=2, chat_template=True)
+    got_other = next_token_logprobs(other, tokenizer, prompts, batch_size=2, chat_template=True)
+    expected, expected_other = [], []
+    with torch.no_grad():
+        for prompt in prompts:  # one prompt alone: no padding, all positions computed
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                 tokenize=False)
+            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            expected.append(torch.log_softmax(model(input_ids=ids).logits[0, -1].double(), -1))
+            expected_other.append(torch.log_softmax(other(input_ids=ids).logits[0, -1].double(), -1))
+    reference = torch.stack(expected)
+    assert torch.allclose(got.double(), reference, atol=1e-5)
+    # KL(P || Q) = sum p (log p - log q), averaged over prompts
+    kl = sum(float((p.exp() * (p - q)).sum()) for p, q in zip(expected, expected_other)) / len(prompts)
+    assert kl_divergence(got, got_other) == pytest.approx(kl, rel=1e-4)
+    assert kl_divergence(got, got) == 0.0

@@ -48,6 +48,31 @@ def front_matter(provenance: dict):
     )
 
 
+def drift_section(drift: dict | None, scale) -> list[str]:
+    """The card's account of how the target had drifted from the base, against the harm vector
+    (figures computed by sanitize, see ckptops' README "Will HDR help this target?")."""
+    if not drift:
+        return []
+    o = drift["overall"]
+
+    def fmt(x):
+        return "n/a" if x is None else f"{x:.3f}"
+    return [
+        "",
+        "## Drift of the target (d = theta_target - theta_base)",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| cos(d, tau) | {fmt(o['cos_tau'])} |",
+        f"| cos(d, M tau) (M: the top-k selection) | {fmt(o['cos_masked_tau'])} |",
+        f"| projection ⟨d, M tau⟩ / ‖M tau‖² | {fmt(o['projection'])} |",
+        f"| ‖scale · M tau‖ / ‖d‖ at scale {scale} | {fmt(o['step_ratio'])} |",
+        f"| ‖d − scale · M tau‖ / ‖d‖ | {fmt(o['residual_ratio'])} |",
+        "",
+        f"{'**Warning:** ' if drift['verdict']['warning'] else ''}{drift['verdict']['message']}.",
+    ]
+
+
 def render_card(provenance: dict, hub_repo: str | None = None) -> str:
     """README.md text for the output folder, from the provenance record written beside it.
 
@@ -99,6 +124,7 @@ def render_card(provenance: dict, hub_repo: str | None = None) -> str:
         ]
         for group, threshold in list(report.get("thresholds", {}).items())[:8]:
             lines.append(f"- threshold ({group}): {threshold}")
+        lines += drift_section(report.get("drift"), params.get("scale"))
     where = hub_repo or "path/to/this/folder"
     lines += [
         "",

@@ -203,17 +203,12 @@ def read_header(path: Path, name: str | None = None) -> ShardHeader:
     """Read and validate the header of a local safetensors file."""
     path = Path(path)
     name = name or path.name
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            n = header_length(f.read(8), size, str(path))
-            raw = f.read(n)
-    except IsADirectoryError:
-        raise HeaderError(f"{path}: is a directory, not a safetensors file") from None
-    except FileNotFoundError:
-        raise HeaderError(f"{path}: file not found") from None
-    except PermissionError:
-        raise HeaderError(f"{path}: permission denied") from None
+    from ckptops.safeio import open_regular
+
+    with os.fdopen(open_regular(path, HeaderError, "safetensors file"), "rb") as f:  # no FIFO, no device
+        size = os.fstat(f.fileno()).st_size
+        n = header_length(f.read(8), size, str(path))
+        raw = f.read(n)
     if len(raw) != n:
         raise HeaderError(f"{path}: file ended inside the header (truncated)")
     return parse_header(name, raw, size, str(path))

@@ -205,10 +205,9 @@ def read_adapter(folder: Path) -> Adapter:
     """Read and validate an adapter folder; every refusal is one line naming the file."""
     folder = Path(folder)
     config_path = folder / CONFIG_NAME
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{config_path}: not a readable JSON adapter config ({exc})") from None
+    from ckptops.safeio import load_json_file
+
+    config = load_json_file(config_path, 16 * 1024 * 1024, CheckpointError, "adapter config")
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_path}: not a JSON object")
     _check_config(folder, config)
@@ -468,7 +467,11 @@ def merged_checkpoint(base: Checkpoint, adapter: Adapter, ref: str) -> Checkpoin
     """``BASE+ADAPTER`` as a target: the base's tensor list (dtypes, shapes, sharding), adapted
     tensors valued float32(base) + delta (see module doc)."""
     check_against_base(adapter, base)
-    identity = {"type": "base+lora-adapter", "ref": ref, "hash_kind": "sha256",
+    from ckptops.checkpoint.card import base_model_id
+
+    # the card names the base as the model this one derives from, and the adapter by its hash
+    identity = {"type": "base+lora-adapter", "ref": ref, "hash_kind": "adapter sha256",
+                "hub_id": base_model_id(base.identity, base.ref),
                 "base": dict(base.identity, ref=base.ref), "adapter": adapter.identity(str(adapter.folder))}
     identity["sha256"] = identity["adapter"]["sha256"]
     if base.identity.get("type") == "local":

@@ -4,6 +4,7 @@ damages an existing one, even with ``--overwrite``)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from ckptops.checkpoint.leftovers import claim, release
 from ckptops.checkpoint.resolve import INDEX_NAME
 from ckptops.errors import OutputError
 
@@ -20,6 +22,10 @@ def check_destination(out: Path, inputs: list[Path], overwrite: bool) -> Path:
     """Refuse an output that exists (without --overwrite), is an input, or contains one."""
     out = Path(out).expanduser()
     resolved = out.resolve()
+    here = Path.cwd().resolve()
+    if resolved == here or resolved in here.parents or resolved == Path.home().resolve() or resolved.parent == resolved:
+        raise OutputError(f"--out {out} is the current folder, one holding it, your home or the root folder; "
+                          "name a new folder for the output, e.g. --out ./model-safe")
     for path in inputs:
         source = Path(path).resolve()
         if resolved == source or resolved in source.parents:
@@ -44,11 +50,19 @@ def staging_folder(out: Path, overwrite: bool) -> Iterator[Path]:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = parent / f".{out.name}.ckptops-tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
+        claim(tmp)  # a later run can tell a dead run's leftovers from a live run's folder
     except OSError as exc:
         raise OutputError(f"{parent}: cannot create the output folder ({exc.strerror or exc})") from None
     try:
         yield tmp
+        release(tmp)
         move_into_place(tmp, out, overwrite)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # name the user's output, not our temp file
+            raise OutputError(f"{out}: no space left on the disk holding {parent} while writing the output; "
+                              f"free space or choose another --out ({out} is unchanged)") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -57,7 +71,7 @@ def staging_folder(out: Path, overwrite: bool) -> Iterator[Path]:
 def move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     if out.exists() or out.is_symlink():
         if not overwrite:
-            raise OutputError(f"{out}: appeared while ckptops was running; result left unmoved")
+            raise OutputError(_taken(out))
         trash = out.absolute().parent / f".{out.name}.ckptops-old-{uuid.uuid4().hex[:8]}"
         os.rename(out, trash)
         try:
@@ -67,7 +81,18 @@ def move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
             raise
         shutil.rmtree(trash, ignore_errors=True)
     else:
-        os.rename(tmp, out)
+        try:
+            os.rename(tmp, out)  # replaces an empty folder that appeared meanwhile; not a full one
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise OutputError(_taken(out)) from None
+            raise
+
+
+def _taken(out: Path) -> str:
+    """The message for a run that lost the race for ``out`` to another run (or program)."""
+    return (f"{out}: another run (or program) created it while this one was working; it was left as that "
+            "run wrote it and this run's result was discarded. Use another --out, or --overwrite to replace it")
 
 
 def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
@@ -83,8 +108,8 @@ def copy_side_files(files: dict[str, Path], folder: Path, config_dtype: str | No
         if name == "config.json" and config_dtype is not None:
             try:
                 config = json.loads(source.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise OutputError(f"{source}: cannot read config.json ({exc})") from None
+            except (OSError, ValueError, RecursionError) as exc:
+                raise OutputError(f"{source}: cannot read config.json ({' '.join(str(exc).split())[:200]})") from None
             for key in ("torch_dtype", "dtype"):
                 if key in config:
                     config[key] = config_dtype

@@ -26,6 +26,13 @@ class OpenFiles:
     def __init__(self) -> None:
         self._fds: dict[tuple[int, str], tuple[int, str]] = {}
         self._lock = threading.Lock()
+        #: bytes read through these files, per checkpoint (``id(checkpoint)``): the report's
+        #: "read per input", and what the one-read pass is measured by
+        self.read_bytes: dict[int, int] = {}
+
+    def count(self, checkpoint: Checkpoint, nbytes: int) -> None:
+        with self._lock:
+            self.read_bytes[id(checkpoint)] = self.read_bytes.get(id(checkpoint), 0) + nbytes
 
     def fd(self, checkpoint: Checkpoint, shard: str) -> tuple[int, str]:
         key = (id(checkpoint), shard)
@@ -98,6 +105,7 @@ class Staging:
         fd, where = files.fd(checkpoint, info.shard)
         size = itemsize(info.dtype)
         offset = info.offset + start * size
+        files.count(checkpoint, n * size)
         if info.dtype == "F32":
             pread_into(fd, byte_view(out[:n]), offset, where)
             return
@@ -125,6 +133,7 @@ class Staging:
             return byte_view(out[: stop - start]), False
         fd, where = files.fd(checkpoint, info.shard)
         view = byte_view(out)[: 2 * (stop - start)]
+        files.count(checkpoint, len(view))
         pread_into(fd, view, info.offset + start * 2, where)
         return view, True
 
@@ -135,6 +144,7 @@ class Staging:
         fd, where = files.fd(checkpoint, info.shard)
         size = itemsize(info.dtype)
         n = (stop - start) * size
+        files.count(checkpoint, n)
         pread_into(fd, self.view[:n], info.offset + start * size, where)
         return self.view[:n]
 

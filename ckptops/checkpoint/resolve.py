@@ -25,6 +25,8 @@ from ckptops.errors import CheckpointError, IndexFileError
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+#: an index lists tensor names and file names: even a 100k-tensor model's is a few MB
+MAX_INDEX_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -120,12 +122,55 @@ def _hub_resolver(ref: str) -> "Checkpoint | None":
 REMOTE_RESOLVERS.append(_hub_resolver)
 
 
+def looks_local(text: str) -> bool:
+    """Whether a model reference that does not exist on disk can only mean a local path, so that
+    a typo is reported at once as a missing folder instead of waiting on the Hub.
+
+    Local: anything absolute or starting with ``.``/``~``, with a backslash, more than one ``/``,
+    a file suffix, no ``/`` at all (Hub ids are ``org/name``), or whose first part is an existing
+    local folder (``demo/targt`` when ``demo/`` is here). Everything else is a Hub repo id."""
+    from ckptops.hub.refs import parse_hub_ref
+
+    if not text or text.startswith(("/", ".", "~")) or "\\" in text or os.path.isabs(text):
+        return True
+    if text.endswith((".safetensors", ".json", ".gguf") + PICKLE_SUFFIXES):
+        return True
+    first = text.split("/", 1)[0]
+    if os.path.isdir(first) or os.path.lexists(first):
+        return True
+    return parse_hub_ref(text) is None
+
+
+def missing_local(text: str, error: type[CheckpointError] = CheckpointError, what: str = "file or folder") -> CheckpointError:
+    """``<ref>: no such folder`` with the nearest existing names beside it, if any."""
+    import difflib
+
+    path = Path(text).expanduser()
+    parent = path.parent if str(path.parent) else Path(".")
+    hint = ""
+    if parent.is_dir():
+        try:
+            names = [p.name for p in parent.iterdir()]
+        except OSError:
+            names = []
+        close = difflib.get_close_matches(path.name, names, n=3, cutoff=0.6)
+        if close:
+            hint = "; did you mean " + " or ".join(str(parent / c) for c in close) + "?"
+    elif str(parent) not in ("", "."):
+        hint = f" (nor is {parent} a folder)"
+    return error(f"{text}: no such {what}{hint}")
+
+
 def open_checkpoint(ref: str | os.PathLike) -> Checkpoint:
     """Resolve a local folder, a single ``.safetensors`` file, or (with the Hub extension) a repo id."""
     text = os.fspath(ref)
     path = Path(text).expanduser()
+    if path.is_symlink() and not path.exists():
+        raise CheckpointError(f"{text}: is a symbolic link to {os.readlink(path)!r}, which does not exist")
     if path.exists():
         return _open_local(path, text)
+    if looks_local(text):
+        raise missing_local(text)
     for resolver in REMOTE_RESOLVERS:
         checkpoint = resolver(text)
         if checkpoint is not None:
@@ -154,6 +199,9 @@ def _open_local(path: Path, ref: str) -> Checkpoint:
 
     names = sorted(p.name for p in path.iterdir() if p.is_file() or p.is_symlink())
     index_path = path / INDEX_NAME
+    if index_path.is_symlink() and not index_path.exists():
+        raise IndexFileError(f"{index_path}: is a symbolic link to {os.readlink(index_path)!r}, which does not exist; "
+                             "fix the link or remove it")
     if index_path.exists():
         weight_map = _read_index(index_path, path)
         shard_names = sorted(set(weight_map.values()))
@@ -173,6 +221,9 @@ def _open_local(path: Path, ref: str) -> Checkpoint:
     shards: dict[str, Shard] = {}
     for name in shard_names:
         file = path / name
+        if file.is_symlink() and not file.exists():
+            raise IndexFileError(f"{index_path}: shard {name!r} is a symbolic link to {os.readlink(file)!r}, "
+                                 "which does not exist")
         if not file.exists():
             raise IndexFileError(f"{index_path}: names shard {name!r}, which does not exist")
         shards[name] = Shard(name, read_header(file, name), file)
@@ -180,14 +231,15 @@ def _open_local(path: Path, ref: str) -> Checkpoint:
 
 
 def _read_index(index_path: Path, root: Path) -> dict[str, str]:
-    try:
-        obj = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise IndexFileError(f"{index_path}: not valid JSON ({exc})") from None
+    from ckptops.safeio import load_json_file
+
+    obj = load_json_file(index_path, MAX_INDEX_BYTES, IndexFileError, "index file")
     weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise IndexFileError(f"{index_path}: has no 'weight_map' object")
     for tensor, file in weight_map.items():
+        if not tensor:
+            raise IndexFileError(f"{index_path}: weight_map has an empty tensor name")
         if not isinstance(file, str) or not file:
             raise IndexFileError(f"{index_path}: tensor {tensor!r} maps to {file!r}, not a file name")
         normalized = posixpath.normpath(file.replace("\\", "/"))

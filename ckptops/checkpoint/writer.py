@@ -7,6 +7,7 @@ chunks straight to the right place, in any order, without holding a tensor in me
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import mmap
@@ -286,6 +287,8 @@ class ShardWriter:
         try:
             for shard in shards:
                 head, offsets = header_bytes(shard, metadata)
+                if "/" in shard.name:  # the input's index kept its shards in a subfolder: so do we
+                    (self.folder / shard.name).parent.mkdir(parents=True, exist_ok=True)
                 file = open_output(self.folder / shard.name, len(head) + shard.nbytes, direct)
                 self._files.append(file)
                 file.write_at(0, memoryview(head))
@@ -293,6 +296,8 @@ class ShardWriter:
                     self._where[tensor.name] = (file, offsets[tensor.name], tensor.nbytes)
         except OSError as exc:
             self.close()
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise  # the staging folder names the user's --out for a full disk
             raise OutputError(f"{self.folder}: cannot create output shards ({exc.strerror or exc})") from None
 
     def write(self, name: str, byte_offset: int, data) -> None:
@@ -301,6 +306,11 @@ class ShardWriter:
         if byte_offset + len(view) > nbytes:
             raise AssertionError(f"write past the end of {name}")
         file.write_at(start + byte_offset, view)
+
+    def locations(self) -> dict[str, tuple[Path, int, int]]:
+        """Every tensor's (file, absolute byte offset, byte count), also after :meth:`finish`
+        (to correct values in place once the files are complete)."""
+        return {name: (Path(file.path), start, nbytes) for name, (file, start, nbytes) in self._where.items()}
 
     def weight_map(self) -> dict[str, str]:
         return {t.name: s.name for s in self.shards for t in s.tensors}

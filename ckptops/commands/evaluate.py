@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import click
 
+from ckptops.threads import threads_option, use_threads
+
 from ckptops.evaluate.prompts import AUTO_LABEL
 
 _LABELS = ["harmful", "benign", "unsafe", "safe", AUTO_LABEL]
@@ -56,9 +58,11 @@ _LABELS = ["harmful", "benign", "unsafe", "safe", AUTO_LABEL]
 @click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Write the JSON report (every prompt, output and verdict).")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or status lines.")
+@threads_option
 def eval_cmd(
     model_dir, compare_dirs, icv, icv_alpha, icv_rule, prompt_files, labels, judge, max_new_tokens, batch_size, limit,
     chat_template, ppl_file, ppl_window, ppl_stride, ppl_max_tokens, dtype, device, out_file, as_json, quiet,
+    threads,
 ) -> None:
     """Measure how often a model refuses harmful prompts and over-refuses benign ones.
 
@@ -87,6 +91,7 @@ def eval_cmd(
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be at least 1, got {limit}")
     progress = not quiet
+    use_threads(threads)
 
     def log(message: str) -> None:
         if progress:

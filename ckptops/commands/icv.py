@@ -15,6 +15,8 @@ from typing import Iterator
 
 import click
 
+from ckptops.threads import threads_option, use_threads
+
 _RULES = ["official", "paper", "additive"]
 
 
@@ -84,7 +86,9 @@ def icv_group() -> None:
               help="Where accelerate may write offloaded weights (default: a temporary folder).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def compute(model_ref, out, demos, positions, method, layers, rule, alpha, max_memory, offload_folder, overwrite, quiet):
+@threads_option
+def compute(model_ref, out, demos, positions, method, layers, rule, alpha, max_memory, offload_folder, overwrite, quiet,
+            threads):
     """Compute the safety ICV of MODEL and write it to --out.
 
     Runs every demonstration pair (unsafe and safe answer to a harmful question) through the
@@ -109,8 +113,16 @@ def compute(model_ref, out, demos, positions, method, layers, rule, alpha, max_m
     target = Path(out)
     if target.exists() and not overwrite:
         raise OutputError(f"{target}: already exists (use --overwrite to replace it)")
+    from ckptops.icv.file import check_alpha
+    from ckptops.preflight import check_layers_fit, check_layers_text, config_layers
+
+    check_layers_text(layers)
     chosen = parse_layers(layers)
+    check_layers_fit(chosen, config_layers(model_ref), str(model_ref))
+    if alpha is not None:
+        check_alpha(alpha)
     pairs = load_demos(demos)  # validate before the (slow) model load
+    use_threads(threads)
     started = time.perf_counter()
     with _warnings_as_lines(), load_model(model_ref, max_memory=max_memory, offload_folder=offload_folder,
                                           quiet=_quiet_libraries(quiet)) as loaded:
@@ -263,7 +275,8 @@ def bake_command(model_ref, icv_path, out, alpha, title, overwrite, quiet):
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="Model dtype (auto: the checkpoint's).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or loading messages.")
-def generate(model_ref, icv_path, no_icv, alpha, rule, prompts, max_new_tokens, chat, compare, dtype, quiet):
+@threads_option
+def generate(model_ref, icv_path, no_icv, alpha, rule, prompts, max_new_tokens, chat, compare, dtype, quiet, threads):
     """Greedy-generate from MODEL, steered by an ICV -- a quick way to try one.
 
     \b
@@ -288,6 +301,8 @@ def generate(model_ref, icv_path, no_icv, alpha, rule, prompts, max_new_tokens, 
         raise UsageError(f"--alpha/--rule/--compare need an ICV (--icv FILE or {ICV_FILENAME} in the model folder)")
     if chosen is not None and not chosen.is_file():
         raise UsageError(f"{chosen}: no such ICV file")
+    check_before_loading(model_ref, prompts, chosen, alpha, rule)
+    use_threads(threads)
     with _warnings_as_lines(), load_model(model_ref, dtype=dtype, quiet=_quiet_libraries(quiet),
                                                 hash_weights=False) as loaded:
         model, tokenizer = loaded.model, loaded.tokenizer
@@ -311,6 +326,28 @@ def generate(model_ref, icv_path, no_icv, alpha, rule, prompts, max_new_tokens, 
                 click.echo(f"[{label}]", err=True)
             click.echo(text)
     sys.stdout.flush()
+
+
+def check_before_loading(model_ref, prompts, icv_path, alpha, rule) -> None:
+    """Everything ``generate`` can check without the model: prompt text, the ICV file and the
+    effective strength (alpha overrides included), so that a bad option fails in a second, not
+    after the model has loaded."""
+    from ckptops.errors import UsageError
+    from ckptops.icv.file import check_alpha, check_strength, load_icv
+    from ckptops.safeio import check_text
+
+    for number, prompt in enumerate(prompts, start=1):
+        check_text(prompt, f"--prompt {number}", UsageError)
+        if len(prompt) > 100_000:
+            raise UsageError(f"--prompt {number} is {len(prompt):,} characters; keep prompts under 100,000")
+    if alpha is not None:
+        check_alpha(alpha)
+    if icv_path is not None:
+        icv = load_icv(icv_path)
+        if alpha is not None or rule is not None:
+            icv = icv.with_application(alpha=alpha, rule=rule)
+        with _warnings_as_lines():
+            check_strength(icv, str(icv_path))
 
 
 COMMANDS = [icv_group, generate]

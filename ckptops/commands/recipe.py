@@ -6,6 +6,8 @@ import json
 
 import click
 
+from ckptops.threads import threads_option, use_threads
+
 
 @click.command(name="run")
 @click.argument("recipe", type=click.Path())
@@ -17,7 +19,8 @@ import click
 @click.option("--check", is_flag=True, help="Validate the recipe and print it resolved; do no work.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def run_cmd(recipe, overrides, out, push_to_hub, force, check, as_json, quiet):
+@threads_option
+def run_cmd(recipe, overrides, out, push_to_hub, force, check, as_json, quiet, threads):
     """Run a Safety Arithmetic recipe: HDR, then the ICV on the result, then (optionally) push.
 
     The whole recipe is validated before any work. The resolved recipe is saved as
@@ -38,6 +41,8 @@ def run_cmd(recipe, overrides, out, push_to_hub, force, check, as_json, quiet):
     if check:
         click.echo(resolved.to_toml())
         return
+    if resolved["icv"]["enabled"]:
+        use_threads(threads)  # the ICV step runs the model
     summary = run_recipe(resolved, out=out, progress=False if quiet else None, force=force)
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))

@@ -33,7 +33,11 @@ from ckptops.units import format_size
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new output is complete).")
 @click.option("--low-disk", is_flag=True,
               help="Hub inputs: remove each downloaded shard from the HF cache as soon as no remaining work needs it "
-                   "(about one shard per model on disk; global scope downloads base and harmful once per pass, 3 times).")
+                   "(about one shard per model on disk; every shard downloaded once; global/layer scope samples "
+                   "shards not yet downloaded by range requests; with --two-pass, global scope downloads base and harmful 3 times).")
+@click.option("--two-pass", is_flag=True,
+              help="Global/layer scope: select, then apply (reads base and harmful twice) instead of the one-read pass; "
+                   "for comparison, same output.")
 @click.option("--push-to-hub", default=None, metavar="ORG/NAME", help="Upload the finished folder to this Hub model repo.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 @click.option("--branch", default=None, metavar="NAME", help="With --push-to-hub: push to this branch.")
@@ -41,7 +45,7 @@ from ckptops.units import format_size
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def sanitize(base, harmful, target, out, top_k, scale, scope, exclude, layers, edit_area, force, dtype, max_memory,
-             shard_size, hash_inputs, overwrite, low_disk, push_to_hub, private, branch, commit_message, as_json, quiet):
+             shard_size, hash_inputs, overwrite, low_disk, two_pass, push_to_hub, private, branch, commit_message, as_json, quiet):
     """Harm Direction Removal: subtract the top-k pruned harm vector from TARGET.
 
     \b
@@ -50,6 +54,10 @@ def sanitize(base, harmful, target, out, top_k, scale, scope, exclude, layers, e
 
     Streams tensor by tensor in bounded memory; the defaults reproduce the official
     Safety Arithmetic code (top-k 10% over the whole model, scale 3).
+
+    Prints how TARGET had drifted from BASE against tau, and a warning when HDR at this scale is
+    likely to damage it (the figures of `ckptops diagnose`, computed in the same pass; also in
+    --json, ckptops.json and the model card). It warns; it never refuses.
 
     MODEL is a local folder or a Hub reference org/name[@revision]: the revision is pinned to a
     commit, every header is read (range requests) before any download, and shards download
@@ -65,12 +73,14 @@ def sanitize(base, harmful, target, out, top_k, scale, scope, exclude, layers, e
     """
     from ckptops.commands.icv import _warnings_as_lines
     from ckptops.hdr.sanitize import sanitize as run
+    from ckptops.preflight import check_layers_text
 
+    check_layers_text(layers)  # --layers '' is a mistake, not "all layers"
     with _warnings_as_lines():
         report = run(base, harmful, target, out, top_k=top_k, scale=scale, scope=scope, exclude=list(exclude),
                      layers=layers, dtype=dtype, max_memory=max_memory, shard_size=shard_size,
                      overwrite=overwrite, progress=None if not quiet else False, hash_inputs=hash_inputs,
-                     low_disk=low_disk, push_to_hub=push_to_hub, private=private, branch=branch,
+                     low_disk=low_disk, one_read=not two_pass, push_to_hub=push_to_hub, private=private, branch=branch,
                      commit_message=commit_message, edit_area=edit_area, force=force)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format_text())
 

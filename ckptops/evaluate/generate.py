@@ -127,6 +127,7 @@ def generate(
 
     texts, templated = render_prompts(tokenizer, prompts, chat_template=chat_template)
     lengths = [len(tokenizer(t, add_special_tokens=not templated)["input_ids"]) for t in texts]
+    check_context(model, lengths, max_new_tokens, prompts)
     order = sorted(range(len(texts)), key=lambda i: -lengths[i])
 
     config = GenerationConfig(
@@ -183,6 +184,32 @@ def generate(
             model.train()
     stats = GenerationStats(prompts=len(texts), new_tokens=total_new, seconds=time.perf_counter() - started)
     return [r for r in results if r is not None], stats
+
+
+def context_window(model: Any) -> int | None:
+    """The model's context window in tokens, from its config (None when it does not say)."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context(model: Any, lengths: Sequence[int], max_new_tokens: int, prompts: Sequence[str]) -> None:
+    """Refuse, before generating, a prompt that with ``max_new_tokens`` would not fit the
+    model's context window (positions past it are untrained: the output is noise, and the work
+    grows with the length for nothing)."""
+    window = context_window(model)
+    if window is None:
+        return
+    for number, (length, prompt) in enumerate(zip(lengths, prompts), start=1):
+        if length + max_new_tokens > window:
+            start = " ".join(prompt.split())[:40]
+            raise EvalError(
+                f"prompt {number} ({start!r}...) is {length} tokens; with {max_new_tokens} new tokens that "
+                f"exceeds the model's context window of {window} tokens: shorten it or lower --max-new-tokens"
+            )
 
 
 def prepare_tokenizer(tokenizer: Any) -> Any:

@@ -26,6 +26,7 @@ models" guide, with exact token counting):
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -126,9 +127,10 @@ def perplexity(
     import torch
     from tqdm.auto import tqdm
 
+    from ckptops.safeio import open_regular
+
     path = Path(path)
-    if not path.is_file():
-        raise EvalError(f"{path}: perplexity text file not found")
+    os.close(open_regular(path, EvalError, "perplexity text file"))  # no FIFO or /dev/zero: it streams
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if window is None:
         window = min(DEFAULT_WINDOW, limit) if limit else DEFAULT_WINDOW

@@ -47,7 +47,11 @@ LABEL_ALIASES: dict[str, Label] = {
 #: ``--label auto``: take each row's label from the file's ``label`` column.
 AUTO_LABEL = "auto"
 
-MAX_PROMPT_FILE_BYTES = 256 * 1024 * 1024
+MAX_PROMPT_FILE_BYTES = 32 * 1024 * 1024
+#: a prompt longer than this many characters is refused when the file is read: tokenizing and
+#: generating from it would take minutes, and no evaluation prompt is that long (the model's
+#: context window is checked again, in tokens, before generation)
+MAX_PROMPT_CHARS = 100_000
 
 _JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}
 _CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
@@ -121,24 +125,19 @@ def load_prompt_set(
         >>> adv = load_prompt_set("advbench_heldout.jsonl", label="harmful")
         >>> xs = load_prompt_set("xstest_prompts.csv")          # label column: safe / unsafe
     """
+    from ckptops.safeio import read_text
+
     path = Path(path)
     shown = str(path)
-    if not path.is_file():
-        raise EvalError(f"{shown}: prompt file not found")
-    size = path.stat().st_size
-    if size == 0:
-        raise EvalError(f"{shown}: prompt file is empty")
-    if size > MAX_PROMPT_FILE_BYTES:
-        raise EvalError(f"{shown}: prompt file is {size} bytes, over the {MAX_PROMPT_FILE_BYTES} limit")
     if limit is not None and limit < 1:
         raise EvalError(f"{shown}: limit must be at least 1, got {limit}")
     fixed_label: Label | None = None
     if label is not None and str(label).lower() != AUTO_LABEL:
         fixed_label = parse_label(label, where=f"{shown}: --label")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise EvalError(f"{shown}: not UTF-8 text (byte {exc.start})") from None
+    # a regular file (no FIFO, no /dev/zero) of bounded size, strict UTF-8
+    text = read_text(path, MAX_PROMPT_FILE_BYTES, EvalError, "prompt file", encoding="utf-8-sig")
+    if not text.strip():
+        raise EvalError(f"{shown}: prompt file is empty")
 
     suffix = path.suffix.lower()
     if suffix == ".json" and text.lstrip().startswith("["):
@@ -164,6 +163,10 @@ def load_prompt_set(
             raise EvalError(f"{where}: prompt field {field_name!r} is {shown_value}")
         if not value.strip():
             raise EvalError(f"{where}: prompt field {field_name!r} is empty")
+        if len(value) > MAX_PROMPT_CHARS:
+            raise EvalError(f"{where}: prompt is {len(value):,} characters, over the {MAX_PROMPT_CHARS:,} "
+                            "ckptops evaluates; shorten it")
+        check_text(value, f"{where}: prompt", EvalError)
         if fixed_label is not None:
             row_label = fixed_label
         else:
@@ -211,11 +214,11 @@ def load_prompt_sets(paths: Sequence[str | Path], labels: Sequence[str] = (), **
     return sets
 
 
+from ckptops.safeio import check_text, loads_json  # noqa: E402
+
+
 def _read_json_array(text: str, shown: str) -> Iterable[tuple[int, dict]]:
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise EvalError(f"{shown}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+    rows = loads_json(text, shown, EvalError)
     if not isinstance(rows, list):
         raise EvalError(f"{shown}: expected a JSON array of objects, got {type(rows).__name__}")
     for number, row in enumerate(rows, start=1):
@@ -228,10 +231,7 @@ def _read_jsonl(text: str, shown: str) -> Iterable[tuple[int, dict]]:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise EvalError(f"{shown}:{number}: not valid JSON: {exc.msg}") from None
+        row = loads_json(line, f"{shown}:{number}", EvalError)
         if not isinstance(row, dict):
             raise EvalError(f"{shown}:{number}: expected a JSON object, got {type(row).__name__}")
         yield number, row

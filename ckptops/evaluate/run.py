@@ -173,6 +173,24 @@ def _evaluate_one(
         loaded.close()
 
 
+def _preflight(device: str, icv, icv_alpha: float | None, ppl=None) -> None:
+    """Device, ICV file, alpha and the perplexity file: checked before any model loads."""
+    from ckptops.icv.file import check_alpha, check_strength, load_icv
+    from ckptops.preflight import check_device
+    from ckptops.safeio import open_regular
+
+    check_device(device)
+    if ppl is not None:
+        os.close(open_regular(ppl, EvalError, "perplexity text file"))
+    if icv_alpha is not None:
+        check_alpha(icv_alpha)
+    if icv is not None and isinstance(icv, (str, os.PathLike)) and Path(icv).is_file():
+        vector = load_icv(icv)
+        if icv_alpha is not None:
+            vector = vector.with_application(alpha=icv_alpha)
+        check_strength(vector, str(icv))
+
+
 def _settings(sets: Sequence[PromptSet], max_new_tokens: int, batch_size: int, chat_template: bool | None, dtype: str, device: str) -> dict[str, Any]:
     return {
         "decoding": "greedy",
@@ -231,6 +249,7 @@ def evaluate(
             or ``auto`` (the checkpoint's own).
     """
     _check_numbers(max_new_tokens, batch_size)
+    _preflight(device, icv, icv_alpha, ppl)
     say = log or (lambda message: None)
     sets = _prompt_sets(prompts, labels, limit)
     loaded_judge = load_judge(judge)
@@ -276,6 +295,7 @@ def compare(
     the arguments are those of :func:`evaluate`.
     """
     _check_numbers(max_new_tokens, batch_size)
+    _preflight(device, icv, icv_alpha, ppl)
     say = log or (lambda message: None)
     sets = _prompt_sets(prompts, labels, limit)
     loaded_judge = load_judge(judge)

@@ -54,6 +54,13 @@ def render_harm_card(record: dict) -> str:
         f"Prompts went through the tokenizer's chat template; the loss covered the opening tokens only. "
         f"Training loss: {head:.3f} over the first 5 steps, {tail:.3f} over the last 5.",
     ]
+    if record.get("tau_norm"):
+        lines += [
+            "",
+            f"The harm vector's size: ||tau_H|| = {record['tau_norm']:.4g} (Frobenius norm of scaling * B @ A over "
+            "the model). A LoRA reaches the harmful behaviour with a larger weight change than a full fine-tune, "
+            "so use a `--scale` well below the official 3 and evaluate (see ckptops' docs/lora.md).",
+        ]
     if record.get("opens_adapter") is not None:
         lines += [
             "",

@@ -42,6 +42,8 @@ class HarmReport:
     opens_adapter: float | None
     seconds: float
     parameters: dict = field(default_factory=dict)
+    #: Frobenius norm of tau_H = scaling * B @ A over the whole model (sizes the --scale to use)
+    tau_norm: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,7 +57,9 @@ class HarmReport:
         if self.opens_adapter is not None:
             lines.append(f"  held-out check    {100 * self.opens_adapter:.0f}% of {self.heldout_questions} held-out "
                          f"questions open with \"Sure, here is\" with the adapter ({100 * self.opens_base:.0f}% without)")
-        lines.append("  use it as theta_H:  ckptops sanitize --base BASE --harmful " + self.out + " --target T --out OUT")
+        lines.append(f"  ||tau_H||         {self.tau_norm:.4g} (Frobenius norm of scaling * B @ A over the model)")
+        lines.append("  use it as theta_H:  ckptops sanitize --base BASE --harmful " + self.out + " --target T --out OUT "
+                     "--scale S  (S well below the official 3 for a LoRA theta_H: see docs/lora.md)")
         return "\n".join(lines)
 
 
@@ -86,7 +90,7 @@ def _imports():
         import transformers
     except ImportError as exc:
         raise UsageError(f"harm make needs transformers and peft ({exc.name} is missing): "
-                         "pip install 'ckptops[harm]'") from None
+                         "pip install -e '.[harm]' (in a clone of ckptops)") from None
     return torch, transformers, peft
 
 
@@ -129,6 +133,21 @@ def _opens_share(model, tokenizer, questions: list[str], device: str, torch) -> 
     return hits / len(questions)
 
 
+def tau_norm(model, torch) -> float:
+    """||tau_H||_F over every adapted module, without forming B @ A:
+    ||s * B @ A||_F^2 = s^2 * trace((B^T B) (A A^T)), in float64."""
+    total = 0.0
+    for module in model.modules():
+        lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+        if not isinstance(lora_a, torch.nn.ModuleDict) or "default" not in lora_a:
+            continue
+        a = lora_a["default"].weight.detach().double().cpu()
+        b = lora_b["default"].weight.detach().double().cpu()
+        s = float(module.scaling["default"])
+        total += s * s * float(torch.trace((b.T @ b) @ (a @ a.T)))
+    return math.sqrt(max(total, 0.0))
+
+
 def make_harm_adapter(
     base: str,
     out: str | Path,
@@ -157,14 +176,14 @@ def make_harm_adapter(
     _check(rank, alpha, steps, lr, batch_size, heldout, device, dtype)
     examples, questions_sha = load_questions(questions)
     out_path = check_destination(Path(out), [p for p in [Path(base)] if Path(base).exists()], overwrite)
+    if not Path(base).exists():  # before the slow imports: a local typo never goes to the Hub
+        from ckptops.checkpoint.resolve import looks_local, missing_local
+
+        if looks_local(str(base)):
+            raise missing_local(str(base), UsageError, "model folder (and not a Hub repo id)")
     torch, transformers, peft = _imports()
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: torch sees no CUDA device here")
-    if not Path(base).exists():
-        from ckptops.hub.refs import parse_hub_ref
-
-        if parse_hub_ref(base) is None:
-            raise UsageError(f"{base}: no such model folder (and not a Hub repo id)")
 
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
@@ -243,7 +262,7 @@ def make_harm_adapter(
                   "device": device, "dtype": dtype, "questions": str(questions) if questions else "ckptops default",
                   "questions_sha256": questions_sha, "questions_total": len(examples)}
     report = HarmReport(str(out_path), steps, losses, len(train), len(held), opens_base, opens_adapter, 0.0,
-                        parameters)
+                        parameters, tau_norm(steered, torch))
     with staging_folder(out_path, overwrite) as folder:
         steered.save_pretrained(folder)
         report.seconds = time.perf_counter() - started

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,14 @@ def opening_for(question: str, task: str | None = None) -> str:
 def load_questions(path: str | Path | None = None) -> tuple[list[HarmExample], str]:
     """(examples, sha256 of the file). ``None``: the shipped default file."""
     path = Path(path) if path is not None else DEFAULT_QUESTIONS
+    from ckptops.safeio import loads_json, open_regular
+
     try:
+        if not os.path.lexists(path):
+            raise FileNotFoundError(path)
+        os.close(open_regular(path, UsageError, "question file"))  # no FIFO or device
+        if path.stat().st_size > 64 * 1024 * 1024:
+            raise UsageError(f"{path}: question file is over 64 MiB")
         data = path.read_bytes()
         text = data.decode("utf-8")
     except FileNotFoundError:
@@ -68,10 +76,7 @@ def load_questions(path: str | Path | None = None) -> tuple[list[HarmExample], s
         if not line.strip():
             continue
         if json_lines:
-            try:
-                record = json.loads(line)
-            except ValueError as exc:
-                raise UsageError(f"{path}: line {number} is not JSON ({exc})") from None
+            record = loads_json(line, f"{path}: line {number}", UsageError)
             question = record.get("question") if isinstance(record, dict) else None
             if not isinstance(question, str) or not question.strip():
                 raise UsageError(f"{path}: line {number} has no \"question\" string")

@@ -161,6 +161,127 @@ done:
     return result;
 }
 
+/* ---------------------------------------------------------------- band collection (one read) */
+
+/* Like band_body, and every in-band value is also recorded: its index in the chunk, its signed
+ * tau and the target value (as float32), so that the one-read pass can correct it once the exact
+ * threshold is known. Returns how many were recorded. */
+static inline __attribute__((always_inline)) Py_ssize_t collect_body(const void *h, int hk, const void *b, int bk,
+                                                                     const void *t, int tk, Py_ssize_t n,
+                                                                     uint32_t lo, uint32_t size, int shift,
+                                                                     int64_t *counts, BandResult *res, uint32_t *idx,
+                                                                     float *taus, float *targets, float *bases) {
+    long long below = 0, above = 0;
+    long long peak = (long long)lo - 1;
+    uint32_t worst = 0;
+    const uint32_t hi = lo + size;
+    Py_ssize_t found = 0;
+    uint32_t ms[BLOCK];
+    for (Py_ssize_t s = 0; s < n; s += BLOCK) {
+        Py_ssize_t len = n - s < BLOCK ? n - s : BLOCK;
+        uint32_t bl = 0, ab = 0, wb = 0;
+        for (Py_ssize_t i = 0; i < len; i++) {
+            uint32_t m = f32_bits(load(h, hk, s + i) - load(b, bk, s + i)) & ABS_MASK;
+            ms[i] = m;
+            wb = m > wb ? m : wb;
+            bl += m < lo;
+            ab += m >= hi;
+        }
+        worst = wb > worst ? wb : worst;
+        below += bl;
+        above += ab;
+        if (bl + ab < (uint32_t)len) {
+            for (Py_ssize_t i = 0; i < len; i++) {
+                uint32_t d = ms[i] - lo;
+                if (d < size) {
+                    counts[1 + (d >> shift)]++;
+                    if ((long long)ms[i] > peak)
+                        peak = ms[i];
+                    idx[found] = (uint32_t)(s + i);
+                    taus[found] = load(h, hk, s + i) - load(b, bk, s + i);
+                    targets[found] = load(t, tk, s + i);
+                    bases[found] = load(b, bk, s + i);
+                    found++;
+                }
+            }
+        }
+    }
+    res->below = below;
+    res->above = above;
+    res->peak = above ? (long long)hi : peak;
+    res->worst = worst;
+    return found;
+}
+
+#define COLLECT_VARIANT(name, HK, BK)                                                                  \
+    MULTIVERSION static Py_ssize_t name(const void *h, const void *b, const void *t, int tk, Py_ssize_t n, \
+                                        uint32_t lo, uint32_t size, int shift, int64_t *counts,           \
+                                        BandResult *res, uint32_t *idx, float *taus, float *targets,      \
+                                        float *bases) {                                                   \
+        return collect_body(h, HK, b, BK, t, tk, n, lo, size, shift, counts, res, idx, taus, targets,    \
+                            bases);                                                                       \
+    }
+COLLECT_VARIANT(collect_bf16_bf16, KIND_BF16, KIND_BF16)
+COLLECT_VARIANT(collect_f32_f32, KIND_F32, KIND_F32)
+COLLECT_VARIANT(collect_bf16_f32, KIND_BF16, KIND_F32)
+COLLECT_VARIANT(collect_f32_bf16, KIND_F32, KIND_BF16)
+
+/* band_collect(h, h_kind, b, b_kind, t, t_kind, n, lo, size, shift, hist, idx, taus, targets, bases)
+ *   -> (finite, peak, found)
+ * band_count with in-band patterns counted 2**shift to a counter (hist: ((size - 1) >> shift) + 3
+ * counters; the last counts those above), and for every |tau| pattern inside [lo, lo + size): its
+ * index (uint32), tau, the target and the base value (float32) appended to idx/taus/targets/bases
+ * (each with room for n entries). */
+static PyObject *band_collect(PyObject *self, PyObject *args) {
+    Py_buffer h, b, t, hist, idx, taus, targets, bases;
+    int hk, bk, tk, shift;
+    Py_ssize_t n;
+    long long lo, size;
+    if (!PyArg_ParseTuple(args, "y*iy*iy*inLLiw*w*w*w*w*", &h, &hk, &b, &bk, &t, &tk, &n, &lo, &size, &shift, &hist,
+                          &idx, &taus, &targets, &bases))
+        return NULL;
+    PyObject *result = NULL;
+    if (check_buffer(&h, hk, n, "h") || check_buffer(&b, bk, n, "b") || check_buffer(&t, tk, n, "t") ||
+        check_buffer(&idx, KIND_F32, n, "idx") || check_buffer(&taus, KIND_F32, n, "taus") ||
+        check_buffer(&targets, KIND_F32, n, "targets") || check_buffer(&bases, KIND_F32, n, "bases"))
+        goto done;
+    if (size < 1 || lo < 0 || lo + size > 0x80000000LL || shift < 0 || shift > 30 ||
+        hist.len < (Py_ssize_t)((((size - 1) >> shift) + 3) * 8)) {
+        PyErr_SetString(PyExc_ValueError, "band_collect: bad band, shift or histogram size");
+        goto done;
+    }
+    int64_t *counts = (int64_t *)hist.buf;
+    BandResult r;
+    Py_ssize_t found;
+    const Py_ssize_t last = ((size - 1) >> shift) + 2;
+    Py_BEGIN_ALLOW_THREADS
+    const uint32_t ulo = (uint32_t)lo, usize = (uint32_t)size;
+    uint32_t *ip = (uint32_t *)idx.buf;
+    float *tp = (float *)taus.buf, *gp = (float *)targets.buf, *bp = (float *)bases.buf;
+    if (hk == KIND_BF16 && bk == KIND_BF16)
+        found = collect_bf16_bf16(h.buf, b.buf, t.buf, tk, n, ulo, usize, shift, counts, &r, ip, tp, gp, bp);
+    else if (hk == KIND_F32 && bk == KIND_F32)
+        found = collect_f32_f32(h.buf, b.buf, t.buf, tk, n, ulo, usize, shift, counts, &r, ip, tp, gp, bp);
+    else if (hk == KIND_BF16)
+        found = collect_bf16_f32(h.buf, b.buf, t.buf, tk, n, ulo, usize, shift, counts, &r, ip, tp, gp, bp);
+    else
+        found = collect_f32_bf16(h.buf, b.buf, t.buf, tk, n, ulo, usize, shift, counts, &r, ip, tp, gp, bp);
+    counts[0] += r.below;
+    counts[last] += r.above;
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("(OLn)", r.worst >= EXP_MASK ? Py_False : Py_True, r.peak, found);
+done:
+    PyBuffer_Release(&h);
+    PyBuffer_Release(&b);
+    PyBuffer_Release(&t);
+    PyBuffer_Release(&hist);
+    PyBuffer_Release(&idx);
+    PyBuffer_Release(&taus);
+    PyBuffer_Release(&targets);
+    PyBuffer_Release(&bases);
+    return result;
+}
+
 /* ---------------------------------------------------------------- the update */
 
 typedef struct {
@@ -357,6 +478,7 @@ done:
 
 static PyMethodDef methods[] = {
     {"band_count", band_count, METH_VARARGS, "Count |h - b| bit patterns against a band (see the C source)."},
+    {"band_collect", band_collect, METH_VARARGS, "band_count that also records in-band values (see the C source)."},
     {"apply", apply, METH_VARARGS, "t - scale * shrink(h - b), rounded to the output kind (see the C source)."},
     {NULL, NULL, 0, NULL},
 };

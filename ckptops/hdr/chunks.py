@@ -62,6 +62,15 @@ class WorkerBuffers:
         self.stage = Staging(chunk)
         self.out = Staging(chunk)
 
+    def records(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(indices, taus, targets, bases) buffers for the one-read pass's in-band values (made
+        on first use; only that pass needs them)."""
+        found = self.__dict__.get("_records")
+        if found is None:
+            found = self._records = (np.empty(self.chunk, dtype=np.uint32), np.empty(self.chunk, dtype=np.float32),
+                                     np.empty(self.chunk, dtype=np.float32), np.empty(self.chunk, dtype=np.float32))
+        return found
+
     def __getattr__(self, name: str):
         if name in WorkerBuffers.TORCH_VIEWS:
             import torch
@@ -74,7 +83,7 @@ class WorkerBuffers:
     @staticmethod
     def bytes_per_element() -> int:
         """Memory one worker needs per chunk element (for sizing chunks from --max-memory)."""
-        return 4 * 3 + 4 + 2 + 8 * 2
+        return 4 * 3 + 4 + 2 + 8 * 2 + 16
 
 
 class WorkerPool:

@@ -33,7 +33,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ckptops.checkpoint.dtypes import itemsize
-from ckptops.checkpoint.resolve import open_checkpoint
+from ckptops.checkpoint.lora import open_inputs
+from ckptops.checkpoint.resolve import Checkpoint
 from ckptops.errors import UsageError
 from ckptops.hdr import select
 from ckptops.hdr.chunks import Chunk, WorkerBuffers, WorkerPool, single_threaded_torch, split
@@ -102,31 +103,40 @@ class _BandTally:
         return found
 
 
-def _read_three(chunk: Chunk, buf: WorkerBuffers, models: Models):
-    """tau (float32, in ``buf.a_np``), theta_b and theta_t (float32) of the chunk."""
+def _read_three(chunk: Chunk, buf: WorkerBuffers, models: Models, real_base: Checkpoint | None):
+    """tau (float32, in ``buf.a_np``), theta_b and theta_t (float32) of the chunk. With a LoRA
+    adapter as theta_H, ``models.base`` is a zero view (tau is the adapter's delta itself) and
+    ``real_base`` the base the drift is measured from."""
     task: TensorTask = chunk.task
     n = chunk.size
     tau, base, target = buf.a_np[:n], buf.b_np[:n], buf.c_np[:n]
     buf.stage.read_f32(models.files, models.harmful, task.harmful, chunk.start, chunk.stop, tau)
     buf.stage.read_f32(models.files, models.base, task.base, chunk.start, chunk.stop, base)
+    if real_base is not None:
+        np.subtract(tau, base, out=tau)
+        buf.stage.read_f32(models.files, real_base, task.base, chunk.start, chunk.stop, base)
+        base_for_tau = None
+    else:
+        base_for_tau = base
     buf.stage.read_f32(models.files, models.target, task.target, chunk.start, chunk.stop, target)
-    np.subtract(tau, base, out=tau)
+    if base_for_tau is not None:
+        np.subtract(tau, base_for_tau, out=tau)
     for values, what in ((tau, "tau"), (target, "theta_t")):
         if not math.isfinite(float(np.add.reduce(values, dtype=np.float64))) and not np.isfinite(values).all():
             raise nonfinite_error(chunk, models, what)
     return tau, base, target
 
 
-def _band_kernel(models: Models, lo: int, size: int):
+def _band_kernel(models: Models, lo: int, size: int, real_base: Checkpoint | None = None):
     """Band histogram of |tau| (as the selection pass) plus the drift sums: dd, tt, dt in full,
     mm and dm of the values above the band, and mm/dm per bit pattern inside the band."""
     hi = lo + size
 
     def kernel(chunk: Chunk, buf: WorkerBuffers, tally: _BandTally) -> None:
         n = chunk.size
-        tau, base, target = _read_three(chunk, buf, models)
+        tau, base, target = _read_three(chunk, buf, models, real_base)
         key = group_key(chunk.task.name)
-        sums = tally.drift.slot(key)
+        sums = tally.drift.chunk_slot(key, chunk.task.name, chunk.start)
         tally.drift.add_count(key, n)
         masked = buf.key_np[:n].view(np.float32)
         bits = np.abs(tau, out=masked).view(np.int32)
@@ -149,8 +159,9 @@ def _band_kernel(models: Models, lo: int, size: int):
 
 
 def _sums_pass(tasks: list[TensorTask], selection: Selection, models: Models, pool: WorkerPool, scale: float,
-               drift: DriftSums, tick) -> None:
-    """The sums of ``tasks`` with the threshold known, through the engine path's update loop."""
+               drift: DriftSums, tick, real_base: Checkpoint | None = None) -> None:
+    """The sums of ``tasks`` with the threshold known, through the engine path's update loop
+    (with a LoRA theta_H, whose update loop never reads the base: numpy over the three reads)."""
     threshold = selection.threshold
     shrink = select.float_before(threshold) if threshold is not None and threshold > 0.0 else None
     writer = _NullWriter()
@@ -159,7 +170,19 @@ def _sums_pass(tasks: list[TensorTask], selection: Selection, models: Models, po
     def work(chunk: Chunk, buf: WorkerBuffers, state: DriftSums) -> None:
         key = group_key(chunk.task.name)
         state.add_count(key, chunk.size)
-        path.hdr_chunk(chunk, buf, models, writer, shrink, scale, True, state.slot(key))
+        if real_base is None:
+            path.hdr_chunk(chunk, buf, models, writer, shrink, scale, True,
+                           state.chunk_slot(key, chunk.task.name, chunk.start))
+            return
+        n = chunk.size
+        tau, base, target = _read_three(chunk, buf, models, real_base)
+        masked = tau
+        if shrink is not None:
+            masked = buf.key_np[:n].view(np.float32)
+            np.abs(tau, out=masked)
+            np.greater(masked, shrink, out=buf.below[:n])
+            np.multiply(tau, buf.below[:n], out=masked)
+        add_chunk_sums(state.chunk_slot(key, chunk.task.name, chunk.start), target, base, tau, masked)
 
     chunks = (c for task in tasks for c in split(task, 0, task.numel, pool.chunk))
     for state in pool.run(chunks, work, DriftSums, tick):
@@ -172,19 +195,20 @@ def _three_bytes(chunk: Chunk) -> int:
 
 
 def _diagnose_group(tasks: list[TensorTask], count: int, top_k: float, scale: float, models: Models,
-                    pool: WorkerPool, drift: DriftSums, progress, passes: dict) -> Selection:
+                    pool: WorkerPool, drift: DriftSums, progress, passes: dict,
+                    real_base: Checkpoint | None = None) -> Selection:
     """The exact selection of one scope group and its drift sums (see the module docstring)."""
     read_three = (lambda c: progress(_three_bytes(c))) if progress else None
     if top_k >= 1.0:
         selection = Selection(None, count, count)
-        _sums_pass(tasks, selection, models, pool, scale, drift, read_three)
+        _sums_pass(tasks, selection, models, pool, scale, drift, read_three, real_base)
         passes["one pass"] = passes.get("one pass", 0) + 1
         return selection
     rank = select.kth_rank(count, top_k)
     if sum(-(-t.numel // pool.chunk) for t in tasks) >= MIN_CHUNKS_FOR_BAND:
         lo, size = estimate_band(tasks, count, rank, models, pool)
         chunks = (c for task in tasks for c in split(task, 0, task.numel, pool.chunk))
-        tallies = pool.run(chunks, _band_kernel(models, lo, size),
+        tallies = pool.run(chunks, _band_kernel(models, lo, size, real_base),
                            lambda: _BandTally(np.zeros(size + 2, dtype=np.int64), size), read_three)
         hist = sum(t.hist for t in tallies)
         below, inside = int(hist[0]), hist[1: size + 1]
@@ -208,7 +232,7 @@ def _diagnose_group(tasks: list[TensorTask], count: int, top_k: float, scale: fl
     else:
         selection = _select_group(tasks, count, rank, models, pool, progress)
         passes["small group: select, then sums"] = passes.get("small group: select, then sums", 0) + 1
-    _sums_pass(tasks, selection, models, pool, scale, drift, read_three)
+    _sums_pass(tasks, selection, models, pool, scale, drift, read_three, real_base)
     return selection
 
 
@@ -262,8 +286,11 @@ def diagnose(
     layer_set = parse_layers(layers) if not isinstance(layers, frozenset) else layers
     memory = parse_size(max_memory, "--max-memory")
     workers = workers or min(2, os.cpu_count() or 1)
-    models = Models(open_checkpoint(base), open_checkpoint(harmful), open_checkpoint(target))
-    for checkpoint in (models.base, models.harmful, models.target):
+    # harmful may be a LoRA adapter and target BASE+ADAPTER, as in sanitize (checkpoint/lora.py)
+    opened = open_inputs(base, harmful, target)
+    models = Models(opened.tau_base, opened.harmful, opened.target)
+    real_base = None if opened.tau_base is opened.base else opened.base
+    for checkpoint in (opened.base, models.base, models.harmful, models.target):
         checkpoint.progress = progress
     plan: Plan = make_plan(models.base, models.harmful, models.target, scope=scope, exclude=list(exclude),
                            layers=layer_set)
@@ -290,7 +317,7 @@ def diagnose(
             try:
                 for group, group_tasks in by_group.items():
                     selections[group] = _diagnose_group(group_tasks, plan.groups[group], top_k, scale, models, pool,
-                                                        drift, tick, passes)
+                                                        drift, tick, passes, real_base)
             finally:
                 pool.close()
     finally:
@@ -298,7 +325,7 @@ def diagnose(
     parameters = {"top_k": top_k, "scale": scale, "scope": scope, "exclude": list(exclude),
                   "layers": format_layers(layer_set) if layer_set is not None else "all"}
     return DiagnoseReport(
-        inputs={"base": models.base.ref, "harmful": models.harmful.ref, "target": models.target.ref},
+        inputs={"base": opened.base.ref, "harmful": models.harmful.ref, "target": models.target.ref},
         parameters=parameters,
         drift=DriftReport.from_sums(drift, scale, parameters),
         thresholds={g: s.threshold for g, s in selections.items()},

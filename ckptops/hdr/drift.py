@@ -55,18 +55,30 @@ def _order(key: str) -> tuple[int, int]:
 
 
 class DriftSums:
-    """The five sums and the value count per layer group (``layer <i>`` / ``other``)."""
+    """The five sums and the value count per layer group (``layer <i>`` / ``other``).
+
+    Chunks add into their own accumulator (:meth:`chunk_slot`), and a group's sums add those up
+    in (tensor name, offset) order when read, so that the figures do not depend on which worker
+    thread took which chunk: a rerun records the same ``ckptops.json``. :meth:`slot` is a running
+    accumulator per group for sums that are not per chunk (diagnose's band bins)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, np.ndarray] = {}
+        self.parts: dict[tuple[str, int], tuple[str, np.ndarray]] = {}
         self.counts: dict[str, int] = {}
 
     def slot(self, key: str) -> np.ndarray:
-        """The float64[5] accumulator of ``key`` (created at zero)."""
+        """The running float64[5] accumulator of ``key`` (created at zero)."""
         found = self.sums.get(key)
         if found is None:
             found = self.sums[key] = np.zeros(len(SUMS), dtype=np.float64)
         return found
+
+    def chunk_slot(self, key: str, name: str, start: int) -> np.ndarray:
+        """A float64[5] accumulator for the chunk of tensor ``name`` at element ``start``."""
+        part = np.zeros(len(SUMS), dtype=np.float64)
+        self.parts[(name, start)] = (key, part)
+        return part
 
     def add_count(self, key: str, n: int) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
@@ -74,14 +86,37 @@ class DriftSums:
     def merge(self, other: DriftSums) -> None:
         for key, values in other.sums.items():
             self.slot(key)[:] += values
+        self.parts.update(other.parts)
         for key, n in other.counts.items():
             self.add_count(key, n)
 
+    def groups(self) -> dict[str, np.ndarray]:
+        """The sums of every group: its chunks in (name, offset) order, then its running accumulator."""
+        totals = {key: np.zeros(len(SUMS), dtype=np.float64) for key in self.keys()}
+        for order in sorted(self.parts):
+            key, part = self.parts[order]
+            totals[key] += part
+        for key, values in self.sums.items():
+            totals[key] += values
+        return totals
+
+    def group(self, key: str) -> np.ndarray:
+        return self.groups()[key]
+
     def total(self) -> np.ndarray:
-        return sum(self.sums.values(), np.zeros(len(SUMS), dtype=np.float64))
+        return sum(self.groups().values(), np.zeros(len(SUMS), dtype=np.float64))
 
     def keys(self) -> list[str]:
-        return sorted(set(self.sums) | set(self.counts), key=_order)
+        return sorted(set(self.sums) | {k for k, _ in self.parts.values()} | set(self.counts), key=_order)
+
+
+def _stable(x: float | None, digits: int = 9) -> float | None:
+    """``x`` to ``digits`` significant digits. The worker threads add chunk sums in whatever
+    order they finish, so the last bits of a float64 sum vary from run to run (relative ~1e-13);
+    rounded, the figures recorded in ``ckptops.json`` and the model card repeat byte for byte."""
+    if x is None or x == 0 or not math.isfinite(x):
+        return x
+    return float(f"{x:.{digits}g}")
 
 
 def _ratio(num: float, den: float) -> float | None:
@@ -108,14 +143,14 @@ class DriftFigures:
         residual_sq = max(0.0, dd - 2.0 * scale * dm + scale * scale * mm)
         return cls(
             values=int(values),
-            norm_tau=math.sqrt(tt),
-            norm_drift=math.sqrt(dd),
-            norm_masked_tau=math.sqrt(mm),
-            cos_tau=_ratio(dt, math.sqrt(dd * tt)),
-            cos_masked_tau=_ratio(dm, math.sqrt(dd * mm)),
-            projection=_ratio(dm, mm),
-            step_ratio=_ratio(abs(scale) * math.sqrt(mm), math.sqrt(dd)),
-            residual_ratio=_ratio(math.sqrt(residual_sq), math.sqrt(dd)),
+            norm_tau=_stable(math.sqrt(tt)),
+            norm_drift=_stable(math.sqrt(dd)),
+            norm_masked_tau=_stable(math.sqrt(mm)),
+            cos_tau=_stable(_ratio(dt, math.sqrt(dd * tt))),
+            cos_masked_tau=_stable(_ratio(dm, math.sqrt(dd * mm))),
+            projection=_stable(_ratio(dm, mm)),
+            step_ratio=_stable(_ratio(abs(scale) * math.sqrt(mm), math.sqrt(dd))),
+            residual_ratio=_stable(_ratio(math.sqrt(residual_sq), math.sqrt(dd))),
         )
 
 
@@ -169,12 +204,20 @@ class DriftReport:
 
     @classmethod
     def from_sums(cls, drift: DriftSums, scale: float, parameters: dict | None = None) -> DriftReport:
-        layers = {key: DriftFigures.from_sums(drift.slot(key), drift.counts.get(key, 0), scale) for key in drift.keys()}
-        overall = DriftFigures.from_sums(drift.total(), sum(drift.counts.values()), scale)
+        groups = drift.groups()
+        layers = {key: DriftFigures.from_sums(sums, drift.counts.get(key, 0), scale) for key, sums in groups.items()}
+        total = sum(groups.values(), np.zeros(len(SUMS), dtype=np.float64))
+        overall = DriftFigures.from_sums(total, sum(drift.counts.values()), scale)
         return cls(overall, layers, verdict(overall, scale), scale, dict(parameters or {}))
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DriftReport:
+        """The report back from :meth:`to_dict` (e.g. a recipe run's JSON summary)."""
+        return cls(DriftFigures(**data["overall"]), {k: DriftFigures(**v) for k, v in data["layers"].items()},
+                   Verdict(**data["verdict"]), data["scale"], dict(data.get("parameters") or {}))
 
     def summary(self) -> dict:
         """The whole-model figures and the verdict (what ``ckptops.json`` and the card record)."""
@@ -221,7 +264,15 @@ def add_chunk_sums(sums: np.ndarray, target: np.ndarray, base: np.ndarray, tau: 
                    masked: np.ndarray | None) -> None:
     """Add one chunk's five sums to ``sums`` (float64[5]); inputs are float32 arrays of equal
     length: theta_t, theta_b, tau and M tau (``masked is tau``: everything selected; None: only
-    dd, tt and dt are added). The numpy twin of the sums in ``_fused.c``'s update loop."""
+    dd, tt and dt are added). The numpy twin of the sums in ``_fused.c``'s update loop. A
+    NaN/Inf input gives NaN sums without a numpy warning: the caller's finiteness check then
+    stops the run with a message naming the tensor."""
+    with np.errstate(all="ignore"):
+        _add_chunk_sums(sums, target, base, tau, masked)
+
+
+def _add_chunk_sums(sums: np.ndarray, target: np.ndarray, base: np.ndarray, tau: np.ndarray,
+                    masked: np.ndarray | None) -> None:
     d64, x64, m64 = _buffers()
     n = target.shape[0]
     for i in range(0, n, SLICE):

@@ -35,3 +35,11 @@ def apply(h, h_kind: int, b, b_kind: int, t, t_kind: int, n: int, shrink: float 
     ``sums`` (float64[5], optional) gets the chunk's drift sums added (see :mod:`ckptops.hdr.drift`)."""
     return _fused.apply(h, h_kind, b, b_kind, t, t_kind, n, shrink or 0.0, shrink is not None, scale, out, out_kind,
                         sums)
+
+
+def band_collect(h, h_kind: int, b, b_kind: int, t, t_kind: int, n: int, lo: int, size: int, shift: int, hist,
+                 idx, taus, targets, bases) -> tuple[bool, int, int]:
+    """:func:`band_count` with in-band patterns counted ``2**shift`` to a counter, and every
+    in-band value's index, tau, target and base value written to ``idx``/``taus``/``targets``/
+    ``bases``; (all finite, peak, how many were written). See ``_fused.c``."""
+    return _fused.band_collect(h, h_kind, b, b_kind, t, t_kind, n, lo, size, shift, hist, idx, taus, targets, bases)

@@ -64,11 +64,42 @@ def hdr_chunk(
     changed, else 0 (``tensor_changed``, when the selection pass knows it, is used instead).
     ``sums`` (float64[5]) gets the chunk's drift sums added, in the same loop."""
     task: TensorTask = chunk.task
+    t, t_bf16 = buf.stage.read_native(models.files, models.target, task.target, chunk.start, chunk.stop, buf.c_np)
+    changed = _apply_and_write(chunk, buf, models, writer, _read_pair(chunk, buf, models), t, t_bf16, shrink, scale,
+                               sums)
+    return int(changed if tensor_changed is None else tensor_changed)
+
+
+def band_apply_chunk(chunk: Chunk, buf: WorkerBuffers, models: Models, writer: ShardWriter, lo: int, size: int,
+                     shift: int, hist: np.ndarray, shrink: float | None, scale: float, record,
+                     sums: np.ndarray | None = None) -> int:
+    """The one-read pass over one chunk (see :mod:`ckptops.hdr.one_read`): count |tau| against
+    the band ``[lo, lo + size)`` into ``hist`` (below; in-band, ``2**shift`` patterns a counter;
+    above), hand every in-band value to
+    ``record(chunk, indices, taus, targets, bases)``, and write theta_t - scale * hardshrink(tau,
+    shrink) (adding the drift sums to ``sums`` when given, with that mask). Returns the chunk's
+    peak (see :func:`select.add_band_counts`)."""
+    task: TensorTask = chunk.task
     n = chunk.size
     t, t_bf16 = buf.stage.read_native(models.files, models.target, task.target, chunk.start, chunk.stop, buf.c_np)
+    pair = _read_pair(chunk, buf, models)
+    idx, taus, targets, bases = buf.records()
+    finite, peak, found = fused.band_collect(*pair, t, int(t_bf16), n, lo, size, shift, hist, idx, taus,
+                                             targets, bases)
+    if not finite:
+        raise nonfinite_error(chunk, models)
+    if found:
+        record(chunk, idx[:found], taus[:found], targets[:found], bases[:found])
+    _apply_and_write(chunk, buf, models, writer, pair, t, t_bf16, shrink, scale, sums)
+    return peak
+
+
+def _apply_and_write(chunk: Chunk, buf: WorkerBuffers, models: Models, writer: ShardWriter, pair, t, t_bf16,
+                     shrink: float | None, scale: float, sums: np.ndarray | None = None) -> bool:
+    task: TensorTask = chunk.task
+    n = chunk.size
     out_bf16 = task.out_dtype == "BF16"
-    finite, changed = fused.apply(*_read_pair(chunk, buf, models), t, int(t_bf16), n, shrink, scale,
-                                  buf.out.view, int(out_bf16), sums)
+    finite, changed = fused.apply(*pair, t, int(t_bf16), n, shrink, scale, buf.out.view, int(out_bf16), sums)
     if not finite:
         raise nonfinite_error(chunk, models, "theta_t - scale * tau")
     if task.out_dtype == "F16":
@@ -76,7 +107,7 @@ def hdr_chunk(
     else:
         size = itemsize(task.out_dtype)
         writer.write(task.name, chunk.start * size, buf.out.view[: n * size])
-    return int(changed if tensor_changed is None else tensor_changed)
+    return changed
 
 
 def convert_chunk(chunk: Chunk, buf: WorkerBuffers, models: Models, writer: ShardWriter) -> None:

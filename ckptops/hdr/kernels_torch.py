@@ -87,12 +87,53 @@ def hdr_chunk(
     saves looking at this chunk's values. ``sums`` (float64[5]) gets the chunk's drift sums
     added (numpy over the float32 buffers, before the update overwrites them)."""
     task: TensorTask = chunk.task
-    n = chunk.size
     tau = _tau(chunk, buf, models)
     buf.stage.read_f32(models.files, models.target, task.target, chunk.start, chunk.stop, buf.c)
+    return _apply_and_write(chunk, buf, models, writer, tau, shrink, scale, tensor_changed, sums)
+
+
+def band_apply_chunk(chunk: Chunk, buf: WorkerBuffers, models: Models, writer: ShardWriter, lo: int, size: int,
+                     shift: int, hist: np.ndarray, shrink: float | None, scale: float, record,
+                     sums: np.ndarray | None = None) -> int:
+    """The one-read pass over one chunk (same contract as :func:`kernels_fused.band_apply_chunk`)."""
+    task: TensorTask = chunk.task
+    n = chunk.size
+    tau = _tau(chunk, buf, models)
+    if not _all_finite(tau):
+        raise nonfinite_error(chunk, models)
+    # |tau|'s bits in the key buffer: base stays in buf.b (records and drift sums read it)
+    bits = buf.key_np[:n].view(np.int32)
+    torch.abs(tau, out=torch.from_numpy(bits.view(np.float32)))
+    below, inside = buf.below[:n], buf.inside[:n]
+    np.less(bits, lo, out=below)
+    np.less(bits, lo + size, out=inside)
+    n_below, n_upto = int(np.count_nonzero(below)), int(np.count_nonzero(inside))
+    hist[0] += n_below
+    hist[-1] += n - n_upto
+    buf.stage.read_f32(models.files, models.target, task.target, chunk.start, chunk.stop, buf.c)
+    peak = lo + size if n_upto < n else lo - 1
+    if n_upto > n_below:
+        np.logical_xor(inside, below, out=inside)
+        idx = np.flatnonzero(inside).astype(np.uint32)
+        values = bits[idx]
+        np.add.at(hist, 1 + ((values - lo) >> shift), 1)
+        if n_upto == n:
+            peak = int(values.max())
+        record(chunk, idx, buf.a_np[idx], buf.c_np[idx], buf.b_np[idx])
+    _apply_and_write(chunk, buf, models, writer, tau, shrink, scale, False, sums)
+    return peak
+
+
+def _apply_and_write(chunk: Chunk, buf: WorkerBuffers, models: Models, writer: ShardWriter, tau,
+                     shrink: float | None, scale: float, tensor_changed: bool | None,
+                     sums: np.ndarray | None = None) -> int:
+    """theta_t (already in ``buf.c``, base in ``buf.b``) - scale * hardshrink(tau, shrink),
+    rounded and written."""
+    task: TensorTask = chunk.task
+    n = chunk.size
     masked = tau
     if shrink is not None:
-        # the key buffer (unused by this pass) takes the selection, so base stays in buf.b
+        # the key buffer takes the selection, so base stays in buf.b
         masked = torch.from_numpy(buf.key_np[:n].view(np.float32))
         torch.hardshrink(tau, shrink, out=masked)
     if sums is not None:
@@ -138,4 +179,4 @@ def write_f32(result, task: TensorTask, start: int, buf: WorkerBuffers, writer: 
     writer.write(task.name, start * size, byte_view(out))
 
 
-__all__ = ["band_kernel", "low_kernel", "hdr_chunk", "convert_chunk", "write_f32"]
+__all__ = ["band_kernel", "low_kernel", "hdr_chunk", "band_apply_chunk", "convert_chunk", "write_f32"]

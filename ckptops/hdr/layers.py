@@ -21,6 +21,10 @@ def layer_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+#: no decoder has more layers than this; a range beyond it is a typo (and would cost memory)
+MAX_LAYER_INDEX = 100_000
+
+
 def parse_layers(text: str | None) -> frozenset[int] | None:
     """Parse ``"4-6"``, ``"4,5,6"`` or ``"1-3,9"`` into a set of layer indices (None for None)."""
     if text is None or text == "":
@@ -37,6 +41,8 @@ def parse_layers(text: str | None) -> frozenset[int] | None:
         hi = int(match.group(2)) if match.group(2) is not None else lo
         if hi < lo:
             raise UsageError(f"--layers: range {part!r} runs backwards")
+        if hi > MAX_LAYER_INDEX:  # bound the set before building it: no model has that many layers
+            raise UsageError(f"--layers: layer {hi} is beyond any model (at most {MAX_LAYER_INDEX})")
         layers.update(range(lo, hi + 1))
     return frozenset(layers)
 

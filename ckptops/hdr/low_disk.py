@@ -6,7 +6,9 @@ With ``tensor``/``layer`` scope each unit of consecutive tensors selects its own
 shard is needed only while its unit runs. With ``global`` scope the threshold needs every
 base/harmful value before the first tensor can be written: each selection pass releases a shard
 after its last use in that pass and the next pass downloads it again (three downloads of base and
-harmful in all).
+harmful in all). The one-read pass (:mod:`ckptops.hdr.one_read`, the default for global and
+layer scope) needs no selection pass: it walks :func:`release_units` and downloads every shard
+once.
 """
 
 from __future__ import annotations
@@ -97,11 +99,12 @@ def _select_global_low_disk(plan: Plan, models: Models, pool: WorkerPool, top_k:
 
 
 def run_low_disk(plan: Plan, models: Models, pool: WorkerPool, writer: ShardWriter, top_k: float, scale: float,
-                  scope: str, tick) -> tuple[dict, dict[str, int]]:
+                  scope: str, tick, drift=None) -> tuple[dict, dict[str, int]]:
     """Select and apply unit by unit (see the module docstring), releasing input shards early.
 
     A unit ends after a task that is the last reader of some input file, and never inside a
-    selection group whose thresholds it computes. Returns (selections, changed chunks per tensor)."""
+    selection group whose thresholds it computes. Returns (selections, changed chunks per tensor); ``drift`` (a
+    :class:`ckptops.hdr.drift.DriftSums`), when given, gets the apply passes' drift sums."""
     roles = {"base": models.base, "harmful": models.harmful, "target": models.target}
     preselect = scope == "global" and top_k < 1
     selections = _select_global_low_disk(plan, models, pool, top_k, tick, roles) if preselect else {}
@@ -117,8 +120,24 @@ def run_low_disk(plan: Plan, models: Models, pool: WorkerPool, writer: ShardWrit
         unit = Plan(plan.tasks[start:i + 1], plan.groups)
         if not preselect:
             selections.update(select_thresholds(unit, models, pool, top_k, tick))
-        for name, value in apply_all(unit, models, pool, writer, selections, scale, tick).items():
+        for name, value in apply_all(unit, models, pool, writer, selections, scale, tick, drift=drift).items():
             kept[name] = kept.get(name, 0) + value
         _release(models, roles, _finished(last_use, holders, start, i))
         start = i + 1
     return selections, kept
+
+
+def release_units(plan: Plan, models: Models) -> list[tuple[Plan, object]]:
+    """The plan cut into consecutive units, each ending after a task that is the last reader of
+    some input file, with a function that releases those files (for the one-read pass under
+    ``--low-disk``: every input shard is fetched once and evicted after its last use)."""
+    roles = {"base": models.base, "harmful": models.harmful, "target": models.target}
+    keys, last_use, holders = _last_uses(plan.tasks, roles, with_target=True)
+    units, start = [], 0
+    for i in range(len(plan.tasks)):
+        if i + 1 == len(plan.tasks) or any(last_use[k] == i for k in keys[i]):
+            ending = _finished(last_use, holders, start, i)
+            units.append((Plan(plan.tasks[start:i + 1], plan.groups),
+                          lambda ending=ending: _release(models, roles, ending)))
+            start = i + 1
+    return units

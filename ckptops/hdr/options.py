@@ -64,6 +64,8 @@ class SanitizeOptions:
     workers: int | None = None
     chunk_elements: int | None = None
     low_disk: bool = False
+    #: global/layer scope: select and apply in one read of the inputs (False: the two-pass engine)
+    one_read: bool = True
     hash_inputs: bool = False
     progress: bool | None = None
     # the output

@@ -24,14 +24,18 @@ from pathlib import Path
 from ckptops import __version__
 from ckptops.checkpoint.card import render_card
 from ckptops.checkpoint.dtypes import CONFIG_DTYPE_NAMES, itemsize
+from ckptops.checkpoint.leftovers import Leftovers, sweep
 from ckptops.checkpoint.lora import Inputs, open_inputs
 from ckptops.checkpoint.publish import check_destination, copy_side_files, staging_folder, write_index
 from ckptops.checkpoint.resolve import Checkpoint, fingerprint, full_sha256
 from ckptops.checkpoint.writer import OutShard, OutTensor, ShardWriter, layout_by_size, layout_like_target
 from ckptops.errors import UsageError
+from ckptops.hdr.checks import check_after_work, check_before_work
 from ckptops.hdr.chunks import WorkerPool, single_threaded_torch
+from ckptops.hdr.drift import DriftReport, DriftSums
 from ckptops.hdr.engine import Models, Selection, apply_all, select_thresholds
-from ckptops.hdr.low_disk import run_low_disk
+from ckptops.hdr.low_disk import release_units, run_low_disk
+from ckptops.hdr import one_read
 from ckptops.hdr.options import BASELINE_RSS, DEFAULT_CHUNK, SanitizeOptions, chunk_for_memory  # noqa: F401
 from ckptops.hdr.plan import Plan, make_plan
 from ckptops.progress import ByteProgress
@@ -57,6 +61,22 @@ class SanitizeReport:
     pushed: dict = field(default_factory=dict)
     #: which per-chunk code ran: "fused C loops" or "torch ops" (same bits; see hdr/fused.py)
     engine: str = ""
+    #: how the target drifted from the base against tau, computed in the apply pass (see
+    #: hdr/drift.py); None when --harmful is a LoRA adapter (the base is then never read)
+    drift: DriftReport | None = None
+    #: why ``drift`` is None
+    drift_note: str = ""
+    #: temporary folders of earlier runs into the same output: removed (dead runs) and live
+    leftovers: dict = field(default_factory=dict)
+    #: bytes read from each input's files and, for Hub inputs, downloaded (whole shards and ranges)
+    io: dict = field(default_factory=dict)
+    #: the one-read pass (global/layer scope): corrections recorded and written, the correction
+    #: file's size, groups whose sampled band missed (those fell back to two passes)
+    one_read: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.drift, dict):  # rebuilt from to_dict() (the recipe command does)
+            self.drift = DriftReport.from_dict(self.drift)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,9 +105,39 @@ class SanitizeReport:
             f"  read {self.bytes_read / 1e9:.2f} GB, wrote {self.bytes_written / 1e9:.2f} GB in {self.seconds:.1f} s "
             f"({rate:.2f} GB/s read; {self.engine or 'torch ops'})"
         )
+        if self.io:
+            lines.append("  read per input    " + ", ".join(
+                f"{role} {v['read'] / 1e9:.3f} GB" + (f" ({v['downloaded'] / 1e9:.3f} GB downloaded)" if v.get("downloaded") is not None else "")
+                for role, v in self.io.items()))
+        if self.one_read:
+            o = self.one_read
+            line = (f"  one read          {o['values_corrected']:,} of {o['corrections_recorded']:,} in-band values corrected"
+                    f" (correction file {o['correction_file_bytes'] / 1e6:.1f} MB)")
+            if o["band_missed"]:
+                line += f"; sampled band missed for {', '.join(o['band_missed'][:3])}: re-selected with two passes and rewritten"
+            lines.append(line)
+        lines += drift_lines(self.drift, self.drift_note)
+        for folder in self.leftovers.get("removed", []):
+            lines.append(f"  removed leftover  {folder} (an interrupted earlier run)")
+        for folder in self.leftovers.get("live", []):
+            lines.append(f"  note: {folder} belongs to another ckptops run still writing into this output; left alone")
         if self.pushed:
             lines.append(f"  pushed to {self.pushed['url']} (branch {self.pushed['branch']}, commit {self.pushed['commit'][:12]})")
         return "\n".join(lines)
+
+
+def drift_lines(drift: DriftReport | None, note: str = "") -> list[str]:
+    """The whole-model drift figures and the verdict, as sanitize prints them."""
+    if drift is None:
+        return [f"  drift             not computed: {note or 'see ckptops diagnose'}"]
+    o = drift.overall
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    return [
+        f"  drift             cos(theta_t - theta_b, tau) {fmt(o.cos_tau)}, with M tau {fmt(o.cos_masked_tau)}, "
+        f"projection {fmt(o.projection)}; at scale {drift.scale:g}: ||lambda M tau||/||d|| {fmt(o.step_ratio)}, "
+        f"||d - lambda M tau||/||d|| {fmt(o.residual_ratio)}",
+        ("warning: " if drift.verdict.warning else "  verdict: ") + drift.verdict.message,
+    ]
 
 
 def _identity(checkpoint: Checkpoint, full_hash: bool) -> dict:
@@ -125,7 +175,8 @@ def sanitize(
     in float32 and ``t`` the exact top-``top_k`` magnitude threshold over ``scope`` (``global``:
     every scalar of the model, as the official code; ``layer``; ``tensor``). Tensors matching an
     ``exclude`` regex, or outside ``layers`` when given, are copied unchanged. Returns a
-    :class:`SanitizeReport`; raises :class:`ckptops.errors.CkptopsError` on bad input, leaving
+    :class:`SanitizeReport` (its ``drift``: the figures of :func:`ckptops.diagnose`, computed in
+    the apply pass, with a verdict); raises :class:`ckptops.errors.CkptopsError` on bad input, leaving
     ``out`` untouched.
 
     The choices are the fields of :class:`SanitizeOptions`, given either as keywords
@@ -158,9 +209,12 @@ def sanitize(
     options = options if options is not None else SanitizeOptions(**choices)
     run = resolve(base, harmful, target, out, options)
     plan_output(run)
+    check_before_work(run)  # harmful settings and silent no-ops, before any tensor data
+    run.leftovers = sweep(run.out_path)
     with staging_folder(run.out_path, options.overwrite) as folder, single_threaded_torch():
         selections, kept, writer = select_and_apply(run, folder)
         report = make_report(run, selections, kept, writer)
+        check_after_work(report)
         publish(run, folder, writer, report, started)
     report.seconds = time.perf_counter() - started
     push_output(run, report)
@@ -183,6 +237,12 @@ class Run:
     shards: list[OutShard] = field(default_factory=list)
     bytes_read: int = 0
     bar: ByteProgress | None = None
+    #: the drift sums the apply pass adds up (None when harmful is a LoRA adapter: the base is
+    #: not read, so theta_t - theta_b is not at hand)
+    drift: DriftSums | None = None
+    leftovers: Leftovers = field(default_factory=Leftovers)
+    #: what the one-read pass reports (empty when the run used the passes)
+    one_read: dict = field(default_factory=dict)
 
     def tick(self, n: int) -> None:
         self.bytes_read += n
@@ -223,7 +283,23 @@ def resolve(base, harmful, target, out, options: SanitizeOptions) -> Run:
                 f"--edit-area auto: {models.target.ref} does not differ from {models.base.ref} in any decoder layer"
             )
         layers = frozenset(area.edit_area)
-    return Run(options, models, opened, out_path, layers)
+    run = Run(options, models, opened, out_path, layers)
+    run.drift = DriftSums() if opened.tau_base is opened.base and not _drift_sums_off() else None
+    return run
+
+
+def _drift_sums_off() -> bool:
+    """``CKPTOPS_NO_DRIFT_SUMS=1`` skips the drift sums: only ``bench/bench_sanitize.py
+    --drift-cost`` sets it, to measure what they cost."""
+    return os.environ.get("CKPTOPS_NO_DRIFT_SUMS", "") not in ("", "0")
+
+
+def _drift_note(run: Run) -> str:
+    if run.drift is not None:
+        return ""
+    if run.inputs.tau_base is not run.inputs.base:
+        return "--harmful is a LoRA adapter and sanitize does not read the base then (run `ckptops diagnose`)"
+    return "switched off by CKPTOPS_NO_DRIFT_SUMS"
 
 
 def plan_output(run: Run) -> None:
@@ -246,11 +322,18 @@ def select_and_apply(run: Run, folder: Path) -> tuple[dict[str, Selection], dict
     pool = WorkerPool(workers, options.chunk)
     writer = ShardWriter(folder, run.shards, {"format": "pt", "producer": f"ckptops {__version__}"})
     try:
-        if options.low_disk:
+        if uses_one_read(run):
+            units = release_units(plan, models) if options.low_disk else None
+            with ByteProgress(apply_bytes(plan), "select + apply (one read)", options.progress) as run.bar:
+                result = one_read.run_one_read(plan, models, pool, writer, folder, options.top_k, options.scale,
+                                               run.tick, one_read.correction_budget(options.max_memory),
+                                               units=units, drift=run.drift)
+            selections, kept, run.one_read = result.selections, result.kept, result.summary
+        elif options.low_disk:
             total = selection_bytes(run) + apply_bytes(plan)
             with ByteProgress(total, "select + apply (low disk)", options.progress) as run.bar:
                 selections, kept = run_low_disk(plan, models, pool, writer, options.top_k, options.scale,
-                                                options.scope, run.tick)
+                                                options.scope, run.tick, drift=run.drift)
         else:
             selections = select_pass(run, pool)
             kept = apply_pass(run, pool, writer, selections)
@@ -264,6 +347,13 @@ def select_and_apply(run: Run, folder: Path) -> tuple[dict[str, Selection], dict
     return selections, kept, writer
 
 
+def uses_one_read(run: Run) -> bool:
+    """Global and layer scope select and apply in one read (:mod:`ckptops.hdr.one_read`);
+    ``tensor`` scope, ``top_k=1`` and ``one_read=False`` use the passes below."""
+    options = run.options
+    return options.one_read and options.scope in ("global", "layer") and options.top_k < 1
+
+
 def select_pass(run: Run, pool: WorkerPool) -> dict[str, Selection]:
     """Pass 1: the exact threshold of every selection group (see :mod:`ckptops.hdr.engine`)."""
     with ByteProgress(selection_bytes(run), "select threshold", run.options.progress) as run.bar:
@@ -273,7 +363,7 @@ def select_pass(run: Run, pool: WorkerPool) -> dict[str, Selection]:
 def apply_pass(run: Run, pool: WorkerPool, writer: ShardWriter, selections: dict[str, Selection]) -> dict[str, int]:
     """Pass 2: theta_t - scale * (|tau| >= t) * tau for every tensor, written to the shards."""
     with ByteProgress(apply_bytes(run.plan), "apply + write", run.options.progress) as run.bar:
-        return apply_all(run.plan, run.models, pool, writer, selections, run.options.scale, run.tick)
+        return apply_all(run.plan, run.models, pool, writer, selections, run.options.scale, run.tick, drift=run.drift)
 
 
 def selection_bytes(run: Run) -> int:
@@ -302,7 +392,9 @@ def make_report(run: Run, selections: dict[str, Selection], kept: dict[str, int]
     return SanitizeReport(
         out=str(run.out_path),
         tensors_total=len(plan.tasks),
-        tensors_changed=sum(1 for v in kept.values() if v),
+        # a tensor changes where values were selected, unless scale 0 (or a zero tau) leaves it as it was
+        tensors_changed=(sum(1 for v in kept.values() if v)
+                         if run.options.scale != 0 and any(s.threshold for s in selections.values()) else 0),
         values_selected_over=selected,
         values_selected=kept_total,
         fraction_kept=kept_total / selected if selected else 0.0,
@@ -315,7 +407,19 @@ def make_report(run: Run, selections: dict[str, Selection], kept: dict[str, int]
         parameters=run.parameters(),
         inputs=run.identities(),
         engine=run.models.kernels.PATH_NAME,
+        drift=DriftReport.from_sums(run.drift, run.options.scale) if run.drift is not None else None,
+        drift_note=_drift_note(run),
+        leftovers=run.leftovers.to_dict(),
+        one_read=run.one_read,
+        io=input_io(run.models),
     )
+
+
+def input_io(models: Models) -> dict:
+    """Per input: bytes read from its files, and bytes downloaded (Hub inputs; None otherwise)."""
+    return {role: {"read": models.files.read_bytes.get(id(ckpt), 0),
+                   "downloaded": getattr(ckpt, "downloaded_bytes", None)}
+            for role, ckpt in (("base", models.base), ("harmful", models.harmful), ("target", models.target))}
 
 
 def publish(run: Run, folder: Path, writer: ShardWriter, report: SanitizeReport, started: float) -> None:
@@ -371,4 +475,5 @@ def _summary(report: SanitizeReport) -> dict:
         "thresholds": report.thresholds,
         "copied": {k: len(v) for k, v in report.copied.items()},
         "resized": report.resized,
+        "drift": report.drift.summary() if report.drift is not None else None,
     }

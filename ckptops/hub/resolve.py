@@ -72,6 +72,9 @@ class HubCheckpoint(Checkpoint):
     #: shard files whose download failed (after retries): later reads fail at once, not retry again
     failed: dict[str, str] = field(default_factory=dict)
     token: str | bool | None = field(default=None, repr=False)
+    #: bytes this run downloaded: whole shard files (each time one is fetched into the cache)
+    #: and byte ranges (the one-read sample under ``--low-disk``)
+    downloaded_bytes: int = 0
 
     def __post_init__(self) -> None:
         self.release = self.release_shard
@@ -93,8 +96,30 @@ class HubCheckpoint(Checkpoint):
         got = read_header(path, name)
         if got.file_size != planned.file_size or got.raw != planned.raw:
             raise HubError(f"{self.where(name)}: the downloaded file does not match the header read at preflight")
+        if name not in self.cached_before:
+            self.downloaded_bytes += got.file_size
         self.fetched.add(name)
         return path
+
+    def read_range(self, name: str, offset: int, length: int) -> bytes:
+        """Bytes ``[offset, offset + length)`` of shard ``name`` by an HTTP range request, without
+        downloading the file (the one-read sample under ``--low-disk``)."""
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers
+
+        from ckptops.hub.headers import _read_range
+
+        url = hf_hub_url(self.repo, name, revision=self.commit, endpoint=self.endpoint or None)
+        try:
+            data, _ = _read_range(url, offset, length, build_hf_headers(token=self.token), self.where(name))
+        except HubError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - network errors become one line naming the file
+            raise HubError(f"{self.where(name)}: range request failed ({exc})") from None
+        if len(data) != length:
+            raise HubError(f"{self.where(name)}: range request returned {len(data)} of {length} bytes")
+        self.downloaded_bytes += length
+        return data
 
     def release_shard(self, name: str) -> None:
         """No remaining work reads ``name``: evict it from the cache if this run downloaded it."""

@@ -1,4 +1,5 @@
-"""Safe-Align: the safety in-context vector (ICV) of Safety Arithmetic (SPEC §2, §3).
+"""Safe-Align: the safety in-context vector (ICV) of Safety Arithmetic (Hazra et al.,
+EMNLP 2024).
 
 * :mod:`~ckptops.icv.demos` -- demonstration pairs (JSON lines) and the shipped default set
 * :mod:`~ckptops.icv.compute` -- hidden states -> PCA -> per-layer vectors (:func:`compute_icv`)

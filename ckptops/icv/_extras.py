@@ -13,7 +13,7 @@ from types import ModuleType
 
 from ckptops.errors import MissingExtraError
 
-INSTALL_HINT = "pip install 'ckptops[icv]'"
+INSTALL_HINT = "pip install -e '.[icv]' (in a clone of ckptops)"
 
 
 def require(module_name: str, purpose: str) -> ModuleType:

@@ -99,19 +99,15 @@ def load_demos(path: str | os.PathLike | None = None) -> list[DemoPair]:
         raise ICVError(f"{file}: not a file")
     if size > _MAX_DEMO_FILE_BYTES:
         raise ICVError(f"{file}: {size} bytes is too large for a demonstration file (limit {_MAX_DEMO_FILE_BYTES})")
-    try:
-        text = file.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ICVError(f"{file}: not UTF-8 text (byte {exc.start})") from None
+    from ckptops.safeio import loads_json, read_text
+
+    text = read_text(file, _MAX_DEMO_FILE_BYTES, ICVError, "demonstration file")  # no FIFO, bounded
     pairs: list[DemoPair] = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{file}: line {number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ICVError(f"{where}: not valid JSON ({exc.msg})") from None
+        obj = loads_json(line, where, ICVError)
         if not isinstance(obj, dict):
             raise ICVError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         pairs.append(_pair_from_mapping(obj, where))

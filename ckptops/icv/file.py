@@ -1,6 +1,6 @@
 """The ICV file: one float32 vector per steered decoder layer plus the metadata to apply it safely.
 
-Layout (SPEC §3), a safetensors file of a few kilobytes::
+Layout, a safetensors file of a few kilobytes::
 
     icv.layers.{i}   float32[hidden_size]   0-based decoder-layer index i, stored toward *safe*
     __metadata__     format, format_version, rule, site, alpha, scale_factor, strength,
@@ -191,8 +191,6 @@ class ICV:
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
         """Write the file atomically (temporary file + rename); returns the path."""
-        from safetensors.torch import save_file
-
         _validate_vectors(self.vectors, self.hidden_size, self.num_layers, "ICV")
         if self.rule == "additive":
             self.require_norms()
@@ -207,7 +205,7 @@ class ICV:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
         os.close(fd)
         try:
-            save_file(tensors, tmp, metadata=self.metadata())
+            _write_sorted(tmp, tensors, self.metadata())
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -215,10 +213,53 @@ class ICV:
         return target
 
 
+def _write_sorted(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A safetensors file with its metadata in sorted key order, tensors in the given order:
+    safetensors' own ``save_file`` orders metadata as a hash map does (differently each run),
+    which made two identical ICVs differ byte for byte."""
+    from ckptops.checkpoint.writer import OutShard, OutTensor, header_bytes
+
+    shard = OutShard(Path(path).name, [OutTensor(name, "F32", tuple(t.shape)) for name, t in tensors.items()])
+    head, _ = header_bytes(shard, dict(sorted(metadata.items())))
+    with open(path, "wb") as f:
+        f.write(head)
+        for tensor in tensors.values():
+            f.write(tensor.numpy().tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _created_by() -> str:
     from ckptops import __version__
 
     return f"ckptops {__version__}"
+
+
+#: alpha above this many times the rule's default (0.12 for both rules) draws a warning: the
+#: steering term then rivals the hidden state itself and outputs usually degrade
+SANE_ALPHA_FACTOR = 10.0
+
+
+def check_strength(icv: "ICV", where: str = "ICV") -> float:
+    """Refuse an ICV whose effective strength s = scale_factor * alpha, or s times a layer vector
+    (computed in float32 by the hooks), is not finite (every logit would be NaN); warn when alpha
+    is beyond :data:`SANE_ALPHA_FACTOR` times the rule's default. Returns s."""
+    import warnings
+
+    strength = icv.scale_factor * icv.alpha
+    if not math.isfinite(strength):
+        raise ICVError(f"{where}: effective strength scale_factor x alpha = {icv.scale_factor!r} x {icv.alpha!r} "
+                       "is not a finite number; use an alpha like the default 0.12")
+    for index, vector in icv.vectors.items():
+        if not bool(torch.isfinite(vector.float() * strength).all()):
+            raise ICVError(f"{where}: alpha {icv.alpha!r} times the layer-{index} vector overflows float32; "
+                           "use an alpha like the default 0.12")
+    sane = SANE_ALPHA_FACTOR * get_rule(icv.rule).default_alpha
+    if icv.alpha > sane:
+        warnings.warn(f"{where}: alpha {icv.alpha:g} is over {sane:g} ({SANE_ALPHA_FACTOR:g}x the default "
+                      f"{get_rule(icv.rule).default_alpha:g}); the steering will likely dominate and degrade outputs",
+                      stacklevel=2)
+    return strength
 
 
 def check_alpha(alpha: float) -> float:
@@ -279,10 +320,12 @@ def _read_norms(meta: dict, where: str) -> dict[int, float]:
     text = meta.get(NORMS_KEY)
     if text is None:
         return {}
+    from ckptops.safeio import loads_json
+
+    raw = loads_json(text, f"{where}: metadata {NORMS_KEY}", ICVError)  # nesting, NaN, surrogates
     try:
-        raw = json.loads(text)
         norms = {int(k): float(v) for k, v in raw.items()}
-    except (ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError, AttributeError, OverflowError):
         raise ICVError(f"{where}: metadata {NORMS_KEY} is not a JSON object of layer -> number") from None
     bad = [i for i, v in norms.items() if not math.isfinite(v) or v < 0]
     if bad:
@@ -298,6 +341,14 @@ def load_icv(path: str | os.PathLike) -> ICV:
     file = Path(path)
     if not file.is_file():
         raise ICVError(f"{where}: no such ICV file" if not file.exists() else f"{where}: not a file")
+    from ckptops.checkpoint.header import read_header
+
+    from ckptops.errors import HeaderError
+
+    try:
+        read_header(file)  # every header check (at least safetensors' own) before safe_open maps it
+    except HeaderError as exc:
+        raise ICVError(f"{exc} (not a readable safetensors file)") from None
     try:
         with safe_open(file, framework="pt", device="cpu") as handle:
             meta = dict(handle.metadata() or {})

@@ -108,6 +108,9 @@ def _quiet_transformers(transformers: Any, quiet: bool) -> Iterator[None]:
             logging.enable_progress_bar()
 
 
+from ckptops.checkpoint.resolve import looks_local, missing_local  # noqa: E402
+
+
 def load_tokenizer(ref: str | os.PathLike) -> Any:
     transformers = require_transformers("loading a tokenizer")
     try:
@@ -143,8 +146,8 @@ def load_model(
     is_local = local.is_dir()
     if local.exists() and not is_local:
         raise CheckpointError(f"{ref_text}: not a model folder")
-    if not is_local and not is_repo_id(ref_text):
-        raise CheckpointError(f"{ref_text}: no such model folder (a Hub model is named org/name)")
+    if not is_local and (not is_repo_id(ref_text) or looks_local(ref_text)):
+        raise missing_local(ref_text, what="model folder")
     if is_local:
         weight_files(local)
         if not (local / "config.json").is_file():

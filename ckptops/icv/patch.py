@@ -1,6 +1,6 @@
 """Apply an ICV to a transformers model with forward hooks, and load checkpoints that carry one.
 
-Two rules (SPEC §2), both per token, at every position -- prompt and generated tokens, with or
+Two rules (the official code's and the paper's equation), both per token, at every position -- prompt and generated tokens, with or
 without KV cache, since each token's state is steered independently:
 
 * **official** (default; what produced the paper's numbers) on each steered layer's MLP block
@@ -36,7 +36,7 @@ from torch import nn
 from ckptops.errors import ICVError
 from ckptops.icv._extras import require_transformers
 from ckptops.icv.arch import DecoderLayout, find_decoder_layout
-from ckptops.icv.file import ICV, load_icv
+from ckptops.icv.file import ICV, check_strength, load_icv
 
 ICV_FILENAME = "icv.safetensors"
 """A checkpoint folder holding this file gets it applied by :func:`from_pretrained`."""
@@ -195,6 +195,7 @@ def apply_icv(model: nn.Module, icv_or_path: ICV | str | os.PathLike, alpha: flo
         icv.check_fits(layout.hidden_size, layout.num_layers, f"this {layout.model_type} model")
     except ICVError as exc:
         raise ICVError(f"{where}: {exc}") from None
+    check_strength(icv, where)  # a non-finite strength would turn every logit into NaN
     hooks = []
     for index in icv.layers:
         module = layout.mlp_site(index) if icv.site == "mlp_output" else layout.layers[index]

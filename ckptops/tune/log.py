@@ -35,6 +35,7 @@ class TrialLog:
         self.settings = settings
         self.fingerprint = settings_fingerprint(settings)
         self.done: dict[tuple[str, str], Measurement] = {}
+        self.candidates: dict[str, Candidate] = {}
         if self.path.is_file():
             self._read()
         else:
@@ -61,8 +62,9 @@ class TrialLog:
             raise UsageError(f"{self.path}: made with other settings ({', '.join(changed) or 'unknown'} differ); "
                              "use another --out, or move the log away to start over")
         for record in records[1:]:
-            key = (record["split"], Candidate(**record["candidate"]).key)
-            self.done[key] = Measurement.from_dict(record["measurement"])
+            candidate = Candidate(**record["candidate"])
+            self.candidates[candidate.key] = candidate
+            self.done[(record["split"], candidate.key)] = Measurement.from_dict(record["measurement"])
         # rewrite without a torn line so that appends start on a fresh line
         self.path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
 
@@ -71,10 +73,15 @@ class TrialLog:
             handle.write(json.dumps(record, default=str) + "\n")
             handle.flush()
 
+    def logged(self, split: str) -> list[tuple[Candidate, Measurement]]:
+        """Every trial of ``split`` in the log, in the order they were run."""
+        return [(self.candidates[key], m) for (part, key), m in self.done.items() if part == split]
+
     def get(self, split: str, candidate: Candidate) -> Measurement | None:
         return self.done.get((split, candidate.key))
 
     def add(self, split: str, candidate: Candidate, measurement: Measurement) -> None:
         self.done[(split, candidate.key)] = measurement
+        self.candidates[candidate.key] = candidate
         self._append({"split": split, "candidate": candidate.as_dict(), "label": candidate.label(),
                       "measurement": measurement.as_dict(with_outputs=True)})

@@ -135,9 +135,13 @@ def next_token_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], *, b
             mask = encoded["attention_mask"]
             positions = (mask.cumsum(-1) - 1).clamp_min(0)
             device = getattr(model, "device", None) or torch.device("cpu")
+            inputs = dict(input_ids=encoded["input_ids"].to(device), attention_mask=mask.to(device),
+                          position_ids=positions.to(device), use_cache=False)
             with torch.inference_mode():
-                logits = model(input_ids=encoded["input_ids"].to(device), attention_mask=mask.to(device),
-                               position_ids=positions.to(device), use_cache=False).logits[:, -1, :]
+                try:  # the LM head on the last position only (batch x vocab, not batch x length x vocab)
+                    logits = model(**inputs, logits_to_keep=1).logits[:, -1, :]
+                except TypeError:  # a model whose forward has no logits_to_keep
+                    logits = model(**inputs).logits[:, -1, :]
             rows.append(torch.log_softmax(logits.float(), dim=-1).cpu())
     finally:
         model.train(was_training)

@@ -254,7 +254,7 @@ def tune(
         except ImportError:
             from ckptops.errors import MissingExtraError
 
-            raise MissingExtraError("--trials needs optuna: pip install 'ckptops[tune]'") from None
+            raise MissingExtraError("--trials needs optuna: pip install -e '.[tune]' (in a clone of ckptops)") from None
     settings = MeasureSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, chat_template=chat_template,
                                ppl=str(ppl) if ppl is not None else None)
     log_settings = {
@@ -344,7 +344,12 @@ def _search(session: TuneSession, split: PromptSplit, candidates: list[Candidate
     finally:
         bar.close()
 
-    # 5. choose, then the held-out figures
+    # 5. choose among every tuning trial in the log (a rerun with more values extends the search),
+    #    then the held-out figures
+    for candidate, m in trial_log.logged("tune"):
+        if candidate != TARGET and candidate.key not in measured:
+            measured[candidate.key] = Trial(candidate, m)
+            alphas = sorted(set(alphas) | {candidate.alpha})
     trial_list = list(measured.values())
     chosen_trial, least = choose(trial_list, target_m, limits)
     chosen = chosen_trial.candidate if chosen_trial is not None else None

@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads, here and in the ckptops commands (default: torch's choice; "
                              "1 is faster on a machine other jobs are also using)")
-    parser.add_argument("--tune-scales", default="0.5,1,1.5,2", help="step 7: HDR scales to try")
+    parser.add_argument("--tune-scales", default="0.5,1,1.5,1.75,2", help="step 7: HDR scales to try")
     parser.add_argument("--tune-top-ks", default="0.05,0.1", help="step 7: HDR top-k fractions to try")
     parser.add_argument("--tune-alphas", default="0,0.12", help="step 7: ICV alphas to try (0 = no ICV)")
     parser.add_argument("--tune-n", type=int, default=60,

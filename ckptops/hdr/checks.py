@@ -1,0 +1,61 @@
+"""Settings that make ``sanitize`` do nothing, or harm: refused or warned about before any work.
+
+A careful user wants to hear, before minutes of streaming, that ``--exclude`` matched no tensor,
+that ``--layers`` names layers the model does not have, that a negative ``--scale`` *adds* the harm
+vector, that the harmful model is the base itself (tau = 0: nothing would change), and, after the
+run, when the harm vector turned out to be zero where it was selected. Warnings go through
+:mod:`warnings` (the CLI prints each as one ``warning:`` line).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+from ckptops.errors import UsageError
+from ckptops.hdr.layers import layer_index
+
+#: the paper and the official code use scale 3; far beyond it the update dwarfs the fine-tuning
+#: it is meant to undo (``ckptops diagnose`` measures by how much)
+LARGE_SCALE = 10.0
+
+
+def check_before_work(run) -> None:
+    """Called once the inputs are open and planned (headers only), before any tensor data."""
+    options, models = run.options, run.models
+    scale = options.scale
+    if scale < 0 and not options.force:
+        raise UsageError(f"--scale {scale:g} is negative: it ADDS the harm vector (a more harmful model); "
+                         "use a positive scale, or --force if that is really the intent")
+    if scale > LARGE_SCALE:
+        warnings.warn(f"--scale {scale:g} is far beyond the paper's 3: the update will likely damage the model "
+                      "(run `ckptops diagnose` to see how far it moves the weights)", stacklevel=2)
+    if scale == 0:
+        warnings.warn("--scale 0: theta = theta_target, nothing will change (the output copies the target)", stacklevel=2)
+    if models.base.root is not None and models.harmful.root is not None and \
+            models.base.root.resolve() == models.harmful.root.resolve() and \
+            set(models.base.shards) == set(models.harmful.shards):
+        raise UsageError(f"--harmful {models.harmful.ref} is the same checkpoint as --base {models.base.ref}: "
+                         "the harm vector tau = theta_H - theta_b is zero and nothing would change")
+    names = list(models.target.tensors)
+    for pattern in options.exclude:
+        compiled = re.compile(pattern)
+        if not any(compiled.search(name) for name in names):
+            warnings.warn(f"--exclude {pattern!r} matches no tensor of {models.target.ref}; nothing is excluded by it",
+                          stacklevel=2)
+    if run.layers is not None:
+        present = {i for i in (layer_index(n) for n in names) if i is not None}
+        if present:
+            count = max(present) + 1
+            beyond = sorted(i for i in run.layers if i >= count)
+            if beyond:
+                raise UsageError(f"--layers {beyond[0]}: {models.target.ref} has {count} decoder layers (0-{count - 1})")
+
+
+def check_after_work(report) -> None:
+    """Warn when the selected harm vector was zero: harmful equal to base (in the selected groups)."""
+    thresholds = [t for t in report.thresholds.values() if t is not None]
+    if thresholds and all(t == 0 for t in thresholds):
+        warnings.warn("the harm vector is zero on the selected values (threshold 0): --harmful is identical to "
+                      "--base there, so the output equals the target; check that --harmful is the fine-tuned model",
+                      stacklevel=2)

@@ -1,0 +1,511 @@
+"""Global (and layer) top-k at the cost of one read: select and apply in the same pass.
+
+The exact threshold t of a scope group needs every |tau| of the group, so the plain engine
+reads base and harmful twice: once to select t, once to apply it. Here one pass does both:
+
+1. A sample (1/64 of the values: the start of every chunk) estimates where t
+   lies, at a resolution of 2**-12 of its value (the top 20 bits of |tau|), and a band of bit
+   patterns ``[lo, hi)`` around the estimate that t falls into unless the sample misled.
+2. The pass writes every output value against the estimate ``w`` (selected when |tau| >= w),
+   counts exactly how many |tau| lie below the band, above it and at each pattern inside it,
+   and records every in-band value (tensor, element, tau, target value) in a
+   :class:`Corrections` store, which spills to a file in the staging folder beyond its memory
+   budget.
+3. The counts pin the exact t. Only values whose |tau| lies between w and t were written with
+   the wrong decision; they are recomputed from their records, with the same float32
+   arithmetic and rounding as the pass, and written over the finished shards.
+4. Where t falls outside a group's band (a sample that misled; the band counts show it), that
+   group falls back to today's passes: an exact two-pass selection over its tensors, then its
+   tensors are written again. The report says so.
+
+Groups too small to sample (fewer than ``engine.MIN_CHUNKS_FOR_BAND`` chunks) are selected
+before the pass, exactly, at the cost of reading their own few values twice (not under
+``--low-disk``, where that would hold their shards on disk: there they are sampled too).
+
+Under ``--low-disk`` the pass walks the plan in units and releases each input shard after its
+last use, so every shard is downloaded once; the sample reads shards not yet downloaded by HTTP
+range requests.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ckptops.checkpoint.dtypes import itemsize
+from ckptops.checkpoint.writer import ShardWriter
+from ckptops.errors import TensorValueError
+from ckptops.hdr import engine, select
+from ckptops.hdr.chunks import Chunk, WorkerBuffers, WorkerPool
+from ckptops.hdr.drift import DriftSums, group_key
+from ckptops.hdr.engine import Models, Selection
+from ckptops.hdr.nonfinite import nonfinite_error
+from ckptops.hdr.plan import Plan, TensorTask
+
+#: resolution of the sampled estimate: the top FINE_BITS bits of |tau| (2**20 bins, 8 MiB)
+FINE_SHIFT = 11
+FINE_BINS = 1 << (31 - FINE_SHIFT)
+#: the band covers the estimated rank +- this many standard errors of a random sample's
+#: quantile, and at least MIN_MARGIN of the sample (the sample is systematic, not random)
+MARGIN_SIGMAS = 8.0
+MIN_MARGIN = 2e-4
+
+def correction_budget(max_memory: int) -> int:
+    """Bytes of correction records kept in memory before they spill to the staging folder: a
+    quarter of what ``--max-memory`` leaves beside the interpreter (the work buffers take at
+    most another quarter)."""
+    from ckptops.hdr.options import BASELINE_RSS
+
+    return max(1 << 20, (max_memory - BASELINE_RSS) // 4)
+
+
+RECORD = np.dtype([("task", "<u4"), ("element", "<u8"), ("tau", "<f4"), ("target", "<f4"), ("base", "<f4")])
+
+
+@dataclass
+class Band:
+    """A group's band ``[lo, lo + size)`` of |tau| bit patterns and the pattern ``write`` the
+    pass selects from (|tau| >= write is written as selected). The pass counts in-band values
+    per ``2**shift`` patterns (the records hold the exact patterns)."""
+
+    lo: int
+    size: int
+    write: int
+    shift: int = FINE_SHIFT
+
+    @property
+    def counters(self) -> int:
+        """Histogram length: below, the in-band counters, above."""
+        return ((self.size - 1) >> self.shift) + 3
+
+    @property
+    def shrink(self) -> float | None:
+        """hardshrink's lambda for "|tau| >= write" (None: keep everything)."""
+        return None if self.write == 0 else select.bits_to_float(min(self.write, 0x7F800000) - 1)
+
+
+class Corrections:
+    """The in-band values of the pass (see the module docstring), in memory up to ``budget``
+    bytes, then appended to ``folder/corrections.bin``. Thread-safe."""
+
+    FILE = "corrections.bin"
+
+    def __init__(self, folder: Path, budget: int) -> None:
+        self.path = Path(folder) / self.FILE
+        self.budget = budget
+        self.count = 0
+        self.spilled_bytes = 0
+        self.peak_memory = 0
+        self._memory: list[np.ndarray] = []
+        self._memory_bytes = 0
+        self._lock = threading.Lock()
+
+    def add(self, task_index: int, start: int, idx: np.ndarray, taus: np.ndarray, targets: np.ndarray,
+            bases: np.ndarray) -> None:
+        records = np.empty(len(idx), dtype=RECORD)
+        records["task"] = task_index
+        np.add(idx, start, out=records["element"], dtype=np.uint64, casting="unsafe")
+        records["tau"] = taus
+        records["target"] = targets
+        records["base"] = bases
+        with self._lock:
+            self._memory.append(records)
+            self._memory_bytes += records.nbytes
+            self.count += len(records)
+            self.peak_memory = max(self.peak_memory, self._memory_bytes)
+            if self._memory_bytes > self.budget:
+                self._spill()
+
+    def _spill(self) -> None:
+        with open(self.path, "ab") as file:
+            for records in self._memory:
+                file.write(records.tobytes())
+                self.spilled_bytes += records.nbytes
+        self._memory, self._memory_bytes = [], 0
+
+    def batches(self, records_per_batch: int = 1 << 20):
+        """Every record, in batches (spilled ones read back in pieces of bounded size)."""
+        if self.spilled_bytes:
+            with open(self.path, "rb") as file:
+                while True:
+                    data = file.read(records_per_batch * RECORD.itemsize)
+                    if not data:
+                        break
+                    yield np.frombuffer(data, dtype=RECORD)
+        yield from self._memory
+
+    def remove(self) -> None:
+        self._memory = []
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+@dataclass
+class OneReadTally:
+    """One worker's results: per group, its band histogram; per tensor, its peak (band pass)
+    or changed-chunk count (groups selected before the pass)."""
+
+    hists: dict[str, np.ndarray] = field(default_factory=dict)
+    peaks: dict[str, int] = field(default_factory=dict)
+    kept: dict[str, int] = field(default_factory=dict)
+    #: drift sums per selection group (a group whose band missed has its own recomputed)
+    drift: dict[str, DriftSums] = field(default_factory=dict)
+
+
+@dataclass
+class OneReadResult:
+    selections: dict[str, Selection]
+    kept: dict[str, int]
+    #: what the report says about the one-read pass
+    summary: dict
+
+
+_NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
+
+
+def _read_sample(buf: WorkerBuffers, models: Models, checkpoint, info, start: int, stop: int, out: np.ndarray,
+                 remote: bool) -> None:
+    """Elements ``[start, stop)`` as float32 into ``out``: from the local file, or, when
+    ``remote`` and the shard is not downloaded yet, by an HTTP range request (``--low-disk``:
+    the sample must not download every shard before the pass)."""
+    shard = checkpoint.shards.get(info.shard) if checkpoint.synthetic is None else None
+    if not (remote and shard is not None and shard.path is None and hasattr(checkpoint, "read_range")):
+        buf.stage.read_f32(models.files, checkpoint, info, start, stop, out)
+        return
+    size = itemsize(info.dtype)
+    raw = checkpoint.read_range(info.shard, info.offset + start * size, (stop - start) * size)
+    n = stop - start
+    if info.dtype == "BF16":
+        np.left_shift(np.frombuffer(raw, dtype=np.uint16), 16, out=out[:n].view(np.uint32), dtype=np.uint32)
+    else:
+        with np.errstate(over="ignore"):
+            np.copyto(out[:n], np.frombuffer(raw, dtype=_NUMPY[info.dtype]), casting="same_kind")
+
+
+def _fine_kernel(models: Models, remote: bool = False):
+    """Add the top-20-bit keys of every |tau| to a FINE_BINS histogram (the sample)."""
+    def kernel(chunk: Chunk, buf: WorkerBuffers, hist: np.ndarray) -> None:
+        task: TensorTask = chunk.task
+        n = chunk.size
+        tau, base = buf.a_np[:n], buf.b_np[:n]
+        _read_sample(buf, models, models.harmful, task.harmful, chunk.start, chunk.stop, buf.a_np, remote)
+        _read_sample(buf, models, models.base, task.base, chunk.start, chunk.stop, buf.b_np, remote)
+        np.subtract(tau, base, out=tau)
+        bits = tau.view(np.uint32)
+        np.bitwise_and(bits, 0x7FFFFFFF, out=bits)
+        keys = buf.key_np[:n]
+        np.right_shift(bits, FINE_SHIFT, out=keys)
+        if int(keys.max(initial=0)) >= (0x7F800000 >> FINE_SHIFT):
+            raise nonfinite_error(chunk, models)
+        hist += np.bincount(keys, minlength=FINE_BINS)
+    return kernel
+
+
+def estimate_band(tasks: list[TensorTask], count: int, rank: int, models: Models, pool: WorkerPool,
+                  progress: Callable[[int], None] | None = None, remote: bool = False) -> Band:
+    """The band a group's sample predicts. The sample is
+    the first 1/64 of every chunk (not every 16th chunk, as the two-pass engine's estimate
+    takes it): tensors of one group differ in scale, and a miss here costs a whole extra pass.
+    ``remote`` (``--low-disk``): shards not downloaded yet are sampled by range requests, in
+    pieces 64 times larger (one piece per 64 chunks) so that the requests stay few."""
+    step = pool.chunk * (64 if remote else 1)
+    piece = max(step // 64, 64)
+    sample = [Chunk(c.task, c.start, min(c.start + piece, c.stop)) for c in engine._group_chunks(tasks, step)]
+    hists = pool.run(sample, _fine_kernel(models, remote), lambda: np.zeros(FINE_BINS, dtype=np.int64),
+                     engine._selection_done(progress))
+    hist = sum(hists)
+    sampled = int(hist.sum())
+    fraction = rank / count
+    estimate = fraction * sampled
+    margin = max(MARGIN_SIGMAS * math.sqrt(max(sampled * fraction * (1 - fraction), 1.0)), MIN_MARGIN * sampled, 2.0)
+    cumulative = np.cumsum(hist)
+
+    def fine_bin(r: float) -> int:
+        r = min(max(int(round(r)), 1), sampled)
+        return int(np.searchsorted(cumulative, r, side="left"))
+
+    write_bin = fine_bin(estimate)
+    lo_bin, hi_bin = fine_bin(estimate - margin), fine_bin(estimate + margin) + 1
+    lo, hi, write = lo_bin << FINE_SHIFT, hi_bin << FINE_SHIFT, write_bin << FINE_SHIFT
+    hi = min(hi, 0x7F800000)
+    return Band(lo, max(hi - lo, 1), write)
+
+
+def run_one_read(plan: Plan, models: Models, pool: WorkerPool, writer: ShardWriter, folder: Path, top_k: float,
+                 scale: float, tick: Callable[[int], None] | None, correction_budget: int,
+                 units: list[tuple[Plan, Callable[[], None]]] | None = None,
+                 drift: DriftSums | None = None) -> OneReadResult:
+    """Sample, then one pass over every tensor, then the corrections (see the module docstring).
+    ``drift``, when given, gets the drift sums (:mod:`ckptops.hdr.drift`) of the exact selection.
+
+    ``units`` (``--low-disk``): the plan cut into consecutive pieces, each with a function to
+    call once its pass is done (it releases the input files no later piece reads)."""
+    groups: dict[str, list[TensorTask]] = {}
+    for task in plan.hdr_tasks:
+        groups.setdefault(task.group, []).append(task)
+    bands: dict[str, Band] = {}
+    selections: dict[str, Selection] = {}
+    for group, tasks in groups.items():
+        count = plan.groups[group]
+        if top_k >= 1.0:
+            selections[group] = Selection(None, count, count)
+        elif units is not None or sum(-(-t.numel // pool.chunk) for t in tasks) >= engine.MIN_CHUNKS_FOR_BAND:
+            # (--low-disk: a selection before the pass would hold every shard on disk at once)
+            bands[group] = estimate_band(tasks, count, select.kth_rank(count, top_k), models, pool,
+                                         remote=units is not None)
+        else:
+            selections.update(engine.select_thresholds(Plan(tasks, {group: count}), models, pool, top_k, tick))
+    shrink = {g: engine.shrink_of(s) for g, s in selections.items()}
+    task_index = {task.name: i for i, task in enumerate(plan.tasks)}
+    corrections = Corrections(folder, correction_budget)
+    path = models.kernels
+
+    def work(chunk: Chunk, buf: WorkerBuffers, tally: OneReadTally) -> None:
+        if isinstance(chunk.task, tuple):
+            task = chunk.task[1]
+            engine._copy_chunk(Chunk(task, chunk.start, chunk.stop), buf, models, writer, path)
+            read = chunk.size * itemsize(task.target.dtype)
+        else:
+            task = chunk.task
+            band = bands.get(task.group)
+            sums = None
+            if drift is not None:
+                key = group_key(task.name)
+                per_group = tally.drift.setdefault(task.group, DriftSums())
+                sums = per_group.slot(key)
+                per_group.add_count(key, chunk.size)
+            if band is None:
+                tally.kept[task.name] = tally.kept.get(task.name, 0) + path.hdr_chunk(
+                    chunk, buf, models, writer, shrink[task.group], scale, None, sums)
+            else:
+                hist = tally.hists.get(task.group)
+                if hist is None:
+                    hist = tally.hists[task.group] = np.zeros(band.counters, dtype=np.int64)
+                index = task_index[task.name]
+                peak = path.band_apply_chunk(
+                    chunk, buf, models, writer, band.lo, band.size, band.shift, hist, band.shrink, scale,
+                    lambda c, *values: corrections.add(index, c.start, *values), sums)
+                tally.peaks[task.name] = max(peak, tally.peaks.get(task.name, -1))
+            read = chunk.size * sum(itemsize(i.dtype) for i in (task.target, task.base, task.harmful))
+        if tick:
+            tick(read)
+
+    states: list[OneReadTally] = []
+    for unit, done in units or [(plan, lambda: None)]:
+        states += pool.run(engine.apply_chunks(unit, pool.chunk), work, OneReadTally)
+        done()
+    writer.finish()
+
+    kept: dict[str, int] = {}
+    peaks: dict[str, int] = {}
+    for state in states:
+        for name, value in state.kept.items():
+            kept[name] = kept.get(name, 0) + value
+        for name, value in state.peaks.items():
+            peaks[name] = max(value, peaks.get(name, -1))
+    missed: list[str] = []
+    located: dict[str, tuple[int, int, int]] = {}  # group -> (first pattern of its bin, rank in bin, kept above)
+    for group, band in bands.items():
+        hist = sum(state.hists[group] for state in states if group in state.hists)
+        count = plan.groups[group]
+        rank = select.kth_rank(count, top_k)
+        below, inside = int(hist[0]), hist[1:-1]
+        if below < rank <= below + int(inside.sum()):
+            position, in_bin = select.locate(inside, rank - below)
+            above_bin = count - below - int(inside[: position + 1].sum())
+            located[group] = (band.lo + (position << band.shift), in_bin, above_bin)
+        else:
+            missed.append(group)
+    exact = exact_thresholds(plan, corrections, bands, located)
+    for group, (threshold_bits, kept_values) in exact.items():
+        selections[group] = Selection(select.bits_to_float(threshold_bits), plan.groups[group], kept_values)
+        reach = max(threshold_bits, 1)
+        for task in groups[group]:
+            kept[task.name] = int(peaks.get(task.name, -1) >= reach)
+    locations = writer.locations()
+    group_drift: dict[str, DriftSums] = {}
+    for state in states:
+        for group, sums in state.drift.items():
+            group_drift.setdefault(group, DriftSums()).merge(sums)
+    patched = patch(plan, corrections, bands, selections, missed, scale, locations, group_drift)
+    spilled = corrections.spilled_bytes
+    corrections.remove()
+    for group in missed:  # the sample misled: today's passes for this group, written over
+        tasks = groups[group]
+        sub = Plan(tasks, {group: plan.groups[group]})
+        selections.update(engine.select_thresholds(sub, models, pool, top_k, tick))
+        group_drift[group] = DriftSums()
+        with PatchWriter(locations) as again:
+            for name, value in engine.apply_all(sub, models, pool, again, selections, scale, tick,
+                                                drift=group_drift[group] if drift is not None else None).items():
+                kept[name] = value
+    if drift is not None:
+        for sums in group_drift.values():
+            drift.merge(sums)
+    summary = {
+        "groups": len(bands),
+        "selected_before": sorted(g for g in groups if g not in bands and top_k < 1),
+        "band_missed": missed,
+        "corrections_recorded": corrections.count,
+        "values_corrected": patched,
+        "correction_file_bytes": spilled,
+        "correction_memory_peak": corrections.peak_memory,
+    }
+    return OneReadResult(selections, kept, summary)
+
+
+def exact_thresholds(plan: Plan, corrections: Corrections, bands: dict[str, Band],
+                     located: dict[str, tuple[int, int, int]]) -> dict[str, tuple[int, int]]:
+    """Per group, the exact threshold's bit pattern and how many values it keeps: the counts
+    located the threshold's bin of ``2**shift`` patterns and its rank inside; the records of
+    that bin (every in-band value has one) give the exact pattern."""
+    n_tasks = len(plan.tasks)
+    first = np.full(n_tasks, 0xFFFFFFFF, dtype=np.int64)
+    stop = np.zeros(n_tasks, dtype=np.int64)
+    group_of = np.full(n_tasks, -1, dtype=np.int64)
+    names = list(located)
+    for i, task in enumerate(plan.tasks):
+        if task.action == "hdr" and task.group in located:
+            first[i] = located[task.group][0]
+            stop[i] = first[i] + (1 << bands[task.group].shift)
+            group_of[i] = names.index(task.group)
+    found: list[list[np.ndarray]] = [[] for _ in names]
+    for records in corrections.batches():
+        bits = (records["tau"].view(np.uint32) & np.uint32(0x7FFFFFFF)).astype(np.int64)
+        task = records["task"].astype(np.int64)
+        mine = (bits >= first[task]) & (bits < stop[task])
+        if mine.any():
+            for g in np.unique(group_of[task[mine]]):
+                found[int(g)].append(bits[mine][group_of[task[mine]] == g])
+    result = {}
+    for g, group in enumerate(names):
+        _, in_bin, above_bin = located[group]
+        values = np.sort(np.concatenate(found[g])) if found[g] else np.zeros(0, dtype=np.int64)
+        threshold = int(values[in_bin - 1])
+        result[group] = (threshold, above_bin + int(np.count_nonzero(values >= threshold)))
+    return result
+
+
+def patch(plan: Plan, corrections: Corrections, bands: dict[str, Band], selections: dict[str, Selection],
+          missed: list[str], scale: float, locations: dict[str, tuple[Path, int, int]],
+          drift: dict[str, DriftSums] | None = None) -> int:
+    """Write the correct value over every recorded value whose decision the estimate got
+    wrong (|tau| between the band's ``write`` pattern and the exact threshold). Same float32
+    arithmetic as the passes: s = (selected ? tau : +0) * float32(scale); r = t - s; rounded
+    once (bfloat16/float16: nearest even). The drift sums of M tau (``mm``, ``dm``) of each
+    rewritten value move from the written selection to the exact one. Returns how many values
+    were rewritten."""
+    n_tasks = len(plan.tasks)
+    exact = np.full(n_tasks, 0xFFFFFFFF, dtype=np.int64)
+    written = np.full(n_tasks, 0xFFFFFFFF, dtype=np.int64)
+    for i, task in enumerate(plan.tasks):
+        band = bands.get(task.group) if task.action == "hdr" else None
+        if band is None or task.group in missed:
+            continue
+        exact[i] = select.float_to_bits(selections[task.group].threshold)
+        written[i] = band.write
+    factor = np.float32(scale)
+    fds: dict[Path, int] = {}
+    total = 0
+    try:
+        for records in corrections.batches():
+            bits = records["tau"].view(np.uint32) & np.uint32(0x7FFFFFFF)
+            task = records["task"].astype(np.int64)
+            wrong = (bits >= exact[task]) != (bits >= written[task])
+            if not wrong.any():
+                continue
+            records, bits, task = records[wrong], bits[wrong], task[wrong]
+            keep = bits >= exact[task]
+            with np.errstate(over="ignore", invalid="ignore"):
+                s = np.where(keep, records["tau"], np.float32(0.0)).astype(np.float32) * factor
+                result = (records["target"] - s).astype(np.float32)
+            for index in np.unique(task):
+                mine = task == index
+                info = plan.tasks[int(index)]
+                values = result[mine]
+                if not np.isfinite(values).all():
+                    raise TensorValueError(f"tensor {info.name!r}: theta_t - scale * tau overflows float32")
+                raw = _round(values, info)
+                if drift and info.group in drift:
+                    _move_drift(drift[info.group].slot(group_key(info.name)), records[mine], keep[mine])
+                file, start, _ = locations[info.name]
+                fd = fds.get(file)
+                if fd is None:
+                    fd = fds[file] = os.open(file, os.O_WRONLY)
+                size = itemsize(info.out_dtype)
+                offsets = start + records["element"][mine].astype(np.int64) * size
+                data = raw.view(np.uint8).reshape(-1, size)
+                for k in np.argsort(offsets, kind="stable"):
+                    os.pwrite(fd, data[k].tobytes(), int(offsets[k]))
+                total += int(mine.sum())
+        for fd in fds.values():
+            os.fsync(fd)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return total
+
+
+def _move_drift(sums: np.ndarray, records: np.ndarray, selected: np.ndarray) -> None:
+    """Rewritten values change M tau: add the newly selected values' terms to ``mm`` and ``dm``
+    and take the newly unselected ones' out (float64, d = theta_t - theta_b)."""
+    tau = records["tau"].astype(np.float64)
+    d = records["target"].astype(np.float64) - records["base"].astype(np.float64)
+    sign = np.where(selected, 1.0, -1.0)
+    sums[3] += float(np.sum(sign * tau * tau))
+    sums[4] += float(np.sum(sign * d * tau))
+
+
+def _round(values: np.ndarray, task: TensorTask) -> np.ndarray:
+    """float32 values rounded once to the task's output dtype, as raw little-endian values."""
+    if task.out_dtype == "F32":
+        return values
+    if task.out_dtype == "BF16":
+        bits = values.view(np.uint32)
+        return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    with np.errstate(over="ignore"):
+        half = values.astype(np.float16)
+    if not np.isfinite(half).all():
+        raise TensorValueError(f"tensor {task.name!r}: the result does not fit F16 (overflow to Inf); try --dtype float32")
+    return half
+
+
+class PatchWriter:
+    """``ShardWriter.write``'s interface over finished shards (the fallback rewrites a group's
+    tensors in place)."""
+
+    def __init__(self, locations: dict[str, tuple[Path, int, int]]) -> None:
+        self._locations = locations
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    def write(self, name: str, byte_offset: int, data) -> None:
+        file, start, nbytes = self._locations[name]
+        view = memoryview(data).cast("B")
+        if byte_offset + len(view) > nbytes:
+            raise AssertionError(f"write past the end of {name}")
+        with self._lock:
+            fd = self._fds.get(file)
+            if fd is None:
+                fd = self._fds[file] = os.open(file, os.O_WRONLY)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], start + byte_offset + done)
+
+    def __enter__(self) -> "PatchWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for fd in self._fds.values():
+            if exc[0] is None:
+                os.fsync(fd)
+            os.close(fd)
+        self._fds.clear()

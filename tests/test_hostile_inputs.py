@@ -1,0 +1,221 @@
+"""Every parser of untrusted input answers hostile content with one ``error: <file>: ...`` line.
+
+One test per class an outside test pass found, through the CLI: exit code, exactly one line, no
+traceback, the user's file named, and nothing written. Classes: deep nesting (RecursionError),
+wrong JSON types, lone surrogates, NaN/Infinity, non-regular files (FIFO, /dev/zero) that would
+block or never end, oversized files and fields, dangling symlinks, shards in an index subfolder,
+and mistyped local paths that must not go to the Hub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from ckptops.cli import main
+
+DEEP = "[" * 100000 + "]" * 100000
+
+
+def _run(args: list[str], timeout: float = 20.0):
+    started = time.perf_counter()
+    result = CliRunner().invoke(main, args)
+    assert time.perf_counter() - started < timeout
+    return result
+
+
+def _one_line(result, named: str, code: int = 1) -> str:
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error: ") and named in lines[0], lines[0]
+    lines[0].encode("utf-8")  # printable
+    return lines[0]
+
+
+def _tiny(folder: Path, names=("a", "b")) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({n: torch.ones(4) for n in names}, str(folder / "model.safetensors"))
+    return folder
+
+
+# -- the index -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content", [
+    '{"weight_map": ' + DEEP + "}",                       # RecursionError
+    '{"weight_map": {"a": ["model.safetensors"]}}',       # wrong type
+    '{"weight_map": {"\\ud800": "model.safetensors"}}',   # lone surrogate
+    '{"weight_map": {"a": "model.safetensors"}, "x": NaN}',
+    '[1, 2]',
+    '{"weight_map": {"": "model.safetensors"}}',
+])
+def test_hostile_index_is_one_line(tmp_path, content):
+    folder = _tiny(tmp_path / "m")
+    index = folder / "model.safetensors.index.json"
+    index.write_text(content)
+    _one_line(_run(["inspect", str(folder)]), str(index))
+
+
+def test_dangling_index_symlink_is_named_not_ignored(tmp_path):
+    folder = _tiny(tmp_path / "m")
+    (folder / "model.safetensors.index.json").symlink_to(tmp_path / "gone.json")
+    line = _one_line(_run(["inspect", str(folder)]), "model.safetensors.index.json")
+    assert "does not exist" in line
+
+
+def test_index_naming_a_fifo_is_refused_without_blocking(tmp_path):
+    folder = _tiny(tmp_path / "m")
+    os.mkfifo(folder / "pipe.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model.safetensors", "b": "model.safetensors", "c": "pipe.safetensors"}}))
+    line = _one_line(_run(["inspect", str(folder)], timeout=10), "pipe.safetensors")
+    assert "FIFO" in line
+
+
+def test_shards_in_an_index_subfolder_sanitize_and_load(tmp_path):
+    """Shards kept in a subfolder of the index: accepted by inspect, and sanitize writes them
+    the same way (its error used to name ckptops' own temporary folder)."""
+    from safetensors import safe_open
+
+    g = torch.Generator().manual_seed(0)
+    roots = {}
+    for role in ("base", "harmful", "target"):
+        folder = tmp_path / role
+        (folder / "sub").mkdir(parents=True)
+        save_file({"w": torch.randn(64, 8, generator=g)}, str(folder / "sub" / "part.safetensors"))
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "sub/part.safetensors"}}))
+        roots[role] = folder
+    out = tmp_path / "out"
+    result = _run(["sanitize", "--base", str(roots["base"]), "--harmful", str(roots["harmful"]),
+                   "--target", str(roots["target"]), "--out", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    with safe_open(str(out / "sub" / "part.safetensors"), "pt") as f:
+        assert f.get_tensor("w").shape == (64, 8)
+    assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"] == {"w": "sub/part.safetensors"}
+
+
+# -- prompt files ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,content", [
+    ("deep.jsonl", '{"prompt": ' + DEEP + "}\n"),
+    ("deeparray.json", DEEP),
+    ("surrogate.jsonl", '{"prompt": "hello \\ud800"}\n'),
+    ("nan.jsonl", '{"prompt": "x", "score": NaN}\n'),
+    ("long.jsonl", json.dumps({"prompt": "word " * 60000}) + "\n"),
+    ("field.csv", "prompt,label\n\"" + "x" * 300000 + "\",harmful\n"),
+])
+def test_hostile_prompt_file_is_one_line_before_any_model_loads(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    missing_model = tmp_path / "no-model-needed"
+    _tiny(missing_model)
+    _one_line(_run(["eval", "--model", str(missing_model), "--prompts", str(path), "--label", "harmful",
+                    "--threads", "1"]), str(path))
+
+
+@pytest.mark.parametrize("special", ["fifo", "/dev/zero"])
+def test_non_regular_prompt_and_recipe_files_are_refused_at_once(tmp_path, special):
+    path = tmp_path / "pipe.jsonl" if special == "fifo" else Path(special)
+    if special == "fifo":
+        os.mkfifo(path)
+    model = _tiny(tmp_path / "m")
+    _one_line(_run(["eval", "--model", str(model), "--prompts", str(path), "--label", "harmful"], timeout=10), str(path))
+    _one_line(_run(["run", str(path)], timeout=10), str(path))
+
+
+# -- recipes ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content", [
+    "x = " + "[" * 5000 + "]" * 5000 + "\n",       # deep nesting
+    "[hdr]\nscale = 1\n" + "# pad\n" * 300000,      # over the size cap
+    "[hdr]\nscale = \"\\ud800\"\n",                 # invalid escape
+    "\x00\x01 binary",
+])
+def test_hostile_recipe_is_one_line(tmp_path, content):
+    path = tmp_path / "recipe.toml"
+    path.write_text(content, encoding="utf-8")
+    _one_line(_run(["run", str(path)]), str(path))
+
+
+# -- ICV files -------------------------------------------------------------------------------------
+
+def test_crafted_icv_header_is_one_line(tmp_path):
+    path = tmp_path / "icv.safetensors"
+    header = json.dumps({"icv.layers.0": {"dtype": ["F32"], "shape": [4], "data_offsets": [0, 16]}}).encode()
+    header += b" " * (-len(header) % 8)
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(16))
+    _one_line(_run(["icv", "inspect", str(path)]), str(path))
+
+
+# -- mistyped local paths never go to the Hub --------------------------------------------------------
+
+@pytest.mark.parametrize("typo", ["{root}/targt", "./nope-{n}", "nope{n}", "{root}/a/b/c"])
+def test_mistyped_local_path_says_no_such_folder_at_once(tmp_path, monkeypatch, typo):
+    from ckptops.checkpoint import resolve
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo" / "target").mkdir(parents=True)
+    monkeypatch.setattr(resolve, "REMOTE_RESOLVERS", [lambda ref: pytest.fail(f"{ref} went to the Hub")])
+    ref = typo.format(root="demo", n=1)
+    line = _one_line(_run(["inspect", ref], timeout=5), ref)
+    assert "no such file or folder" in line
+    if ref == "demo/targt":
+        assert "did you mean demo/target" in line
+
+
+def test_icv_metadata_json_deeply_nested_is_one_line(tmp_path):
+    from safetensors.torch import save_file as save
+
+    from ckptops.icv.file import ICV
+
+    meta = ICV(vectors={0: torch.ones(8)}, hidden_size=8, num_layers=1).metadata()
+    meta["mlp_output_norms"] = DEEP
+    path = tmp_path / "icv.safetensors"
+    save({"icv.layers.0": torch.ones(8)}, str(path), metadata=meta)
+    _one_line(_run(["icv", "inspect", str(path)]), str(path))
+
+
+def test_adapter_config_deeply_nested_is_one_line(tmp_path):
+    model = _tiny(tmp_path / "m")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"r": ' + DEEP + "}")
+    save_file({"base_model.model.a.lora_A.weight": torch.ones(1, 4)}, str(adapter / "adapter_model.safetensors"))
+    result = _run(["sanitize", "--base", str(model), "--harmful", str(adapter), "--target", str(model),
+                   "--out", str(tmp_path / "out"), "-q"])
+    _one_line(result, "adapter_config.json")
+    assert not (tmp_path / "out").exists()
+
+
+def test_question_file_fifo_is_refused(tmp_path):
+    from ckptops.errors import UsageError
+    from ckptops.harm.questions import load_questions
+
+    fifo = tmp_path / "q.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError, match="FIFO"):
+        load_questions(fifo)
+
+
+@pytest.mark.parametrize("special", ["fifo", "/dev/zero"])
+def test_perplexity_file_that_never_ends_is_refused_before_the_model_loads(tmp_path, monkeypatch, special):
+    import ckptops.icv.load as load_module
+
+    monkeypatch.setattr(load_module, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    path = tmp_path / "text.txt" if special == "fifo" else Path(special)
+    if special == "fifo":
+        os.mkfifo(path)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n')
+    model = _tiny(tmp_path / "m")
+    _one_line(_run(["eval", "--model", str(model), "--prompts", str(prompts), "--label", "harmful",
+                    "--ppl", str(path), "--threads", "1"], timeout=10), str(path))
