@@ -48,6 +48,19 @@ def front_matter(provenance: dict):
     )
 
 
+def parameter_rows(params: dict) -> list[str]:
+    """The card's "Parameters" heading and table; shared by the sanitize and bake cards."""
+    lines = ["## Parameters", "", "| parameter | value |", "|---|---|"]
+    return lines + [f"| {key} | `{value}` |" for key, value in params.items()]
+
+
+def identity_cell(ident: dict) -> str:
+    """How an input is identified in the card: a Hub repo at its commit, else the local hash."""
+    if ident.get("type") == "hub":
+        return f"`{ident.get('repo')}` at commit `{ident.get('commit')}`"
+    return f"{ident.get('hash_kind', 'fingerprint')} `{ident.get('sha256', '')}`"
+
+
 def drift_section(drift: dict | None, scale) -> list[str]:
     """The card's account of how the target had drifted from the base, against the harm vector
     (figures computed by sanitize, see ckptops' README "Will HDR help this target?")."""
@@ -97,22 +110,12 @@ def render_card(provenance: dict, hub_repo: str | None = None) -> str:
         "Safety Arithmetic lowers harmful compliance on the paper's 7B models; on a model that has "
         "not lost safety, or on small models, it can hurt. Evaluate before you rely on it.",
         "",
-        "## Parameters",
-        "",
-        "| parameter | value |",
-        "|---|---|",
     ]
-    for key, value in params.items():
-        lines.append(f"| {key} | `{value}` |")
+    lines += parameter_rows(params)
     lines += ["", "## Inputs", "", "| role | reference | identity |", "|---|---|---|"]
     for role in ("base", "harmful", "target"):
         ident = inputs[role]
-        if ident.get("type") == "hub":
-            who = f"`{ident.get('repo')}` at commit `{ident.get('commit')}`"
-        else:
-            kind = ident.get("hash_kind", "fingerprint")
-            who = f"{kind} `{ident.get('sha256', '')}`"
-        lines.append(f"| {role} | `{ident.get('ref', '')}` | {who} |")
+        lines.append(f"| {role} | `{ident.get('ref', '')}` | {identity_cell(ident)} |")
     if report:
         lines += [
             "",

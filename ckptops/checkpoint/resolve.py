@@ -12,7 +12,6 @@ file on first use.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import posixpath
 from dataclasses import dataclass, field

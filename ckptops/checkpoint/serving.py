@@ -51,6 +51,8 @@ def render_bake_card(provenance: dict, hub_repo: str | None = None) -> str:
     """README.md of a baked folder: what was baked, from what, and how to serve it."""
     from huggingface_hub.repocard_data import ModelCardData
 
+    from ckptops.checkpoint.card import identity_cell, parameter_rows
+
     params = provenance["parameters"]
     inputs = provenance["inputs"]
     model = inputs.get("model", {})
@@ -70,18 +72,10 @@ def render_bake_card(provenance: dict, hub_repo: str | None = None) -> str:
         "",
         "Steering can over-refuse benign requests or break a small model. Evaluate before you rely on it.",
         "",
-        "## Parameters",
-        "",
-        "| parameter | value |",
-        "|---|---|",
     ]
-    for key, value in params.items():
-        lines.append(f"| {key} | `{value}` |")
+    lines += parameter_rows(params)
     lines += ["", "## Inputs", "", "| input | reference | identity |", "|---|---|---|"]
-    kind = model.get("hash_kind", "fingerprint")
-    who = (f"`{model.get('repo')}` at commit `{model.get('commit')}`" if model.get("type") == "hub"
-           else f"{kind} `{model.get('sha256', '')}`")
-    lines.append(f"| model | `{model.get('ref', '')}` | {who} |")
+    lines.append(f"| model | `{model.get('ref', '')}` | {identity_cell(model)} |")
     icv = inputs.get("icv", {})
     lines.append(f"| ICV | `{icv.get('ref', '')}` | sha256 `{icv.get('sha256', '')}` |")
     if previous:

@@ -33,14 +33,12 @@ def diagnose(base, harmful, target, top_k, scale, scope, exclude, layers, max_me
     Example:
       ckptops diagnose --base smollm2 --harmful smollm2-harmful --target smollm2-sft --scale 3
     """
-    from ckptops.commands.icv import _warnings_as_lines
     from ckptops.hdr.diagnose import diagnose as run
     from ckptops.preflight import check_layers_text
 
     check_layers_text(layers)  # --layers '' is a mistake, not "all layers"
-    with _warnings_as_lines():
-        report = run(base, harmful, target, top_k=top_k, scale=scale, scope=scope, exclude=list(exclude),
-                     layers=layers, max_memory=max_memory, progress=None if not quiet else False)
+    report = run(base, harmful, target, top_k=top_k, scale=scale, scope=scope, exclude=list(exclude),
+                 layers=layers, max_memory=max_memory, progress=None if not quiet else False)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format_text())
 
 

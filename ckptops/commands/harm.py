@@ -53,16 +53,14 @@ def make(base, out, questions, rank, alpha, steps, lr, batch_size, target_module
       ckptops sanitize --base HuggingFaceTB/SmolLM2-135M-Instruct --harmful harm-adapter \\
           --target my-sft-model --out my-sft-model-safe
     """
-    from ckptops.commands.icv import _warnings_as_lines
     from ckptops.harm.make import make_harm_adapter
 
     modules = target_modules if target_modules == "all-linear" else [m.strip() for m in target_modules.split(",") if m.strip()]
     use_threads(threads)
-    with _warnings_as_lines():
-        report = make_harm_adapter(base, out, questions=questions, rank=rank, alpha=alpha, steps=steps, lr=lr,
-                                   batch_size=batch_size, target_modules=modules, heldout=heldout, seed=seed,
-                                   device=device, dtype=dtype, check=not no_check, overwrite=overwrite,
-                                   progress=False if quiet else None)
+    report = make_harm_adapter(base, out, questions=questions, rank=rank, alpha=alpha, steps=steps, lr=lr,
+                               batch_size=batch_size, target_modules=modules, heldout=heldout, seed=seed,
+                               device=device, dtype=dtype, check=not no_check, overwrite=overwrite,
+                               progress=False if quiet else None)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format_text())
 
 

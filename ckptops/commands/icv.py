@@ -9,34 +9,12 @@ from __future__ import annotations
 import json
 import sys
 import time
-import warnings
-from contextlib import contextmanager
-from typing import Iterator
 
 import click
 
 from ckptops.threads import threads_option, use_threads
 
 _RULES = ["official", "paper", "additive"]
-
-
-@contextmanager
-def _warnings_as_lines() -> Iterator[None]:
-    """Show ckptops' own warnings as one ``warning:`` line each; others keep Python's format."""
-    original = warnings.showwarning
-    seen: set[str] = set()
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        if "ckptops" not in str(filename):
-            return original(message, category, filename, lineno, file, line)
-        text = " ".join(str(message).split())
-        if text not in seen:
-            seen.add(text)
-            click.echo(f"warning: {text}", err=True)
-
-    with warnings.catch_warnings():
-        warnings.showwarning = show
-        yield
 
 
 def _progress(quiet: bool) -> bool | None:
@@ -124,15 +102,14 @@ def compute(model_ref, out, demos, positions, method, layers, rule, alpha, max_m
     pairs = load_demos(demos)  # validate before the (slow) model load
     use_threads(threads)
     started = time.perf_counter()
-    with _warnings_as_lines(), load_model(model_ref, max_memory=max_memory, offload_folder=offload_folder,
-                                          quiet=_quiet_libraries(quiet)) as loaded:
+    with load_model(model_ref, max_memory=max_memory, offload_folder=offload_folder,
+                    quiet=_quiet_libraries(quiet)) as loaded:
         icv = compute_icv(loaded.model, loaded.tokenizer, pairs, positions=positions, method=method,
                           layers=None if chosen is None else sorted(chosen), rule=rule, alpha=alpha,
                           progress=_progress(quiet), source=loaded.source, source_sha256=loaded.source_sha256)
     from ckptops.icv.file import check_strength
 
-    with _warnings_as_lines():
-        check_strength(icv, str(target))  # never write an ICV whose strength turns logits into NaN
+    check_strength(icv, str(target))  # never write an ICV whose strength turns logits into NaN
     icv.save(target, overwrite=True)
     seconds = time.perf_counter() - started
     click.echo(
@@ -212,8 +189,7 @@ def export_gguf_command(icv_path, out, model_hint, alpha, overwrite):
     """
     from ckptops.icv.gguf_export import export_gguf
 
-    with _warnings_as_lines():
-        result = export_gguf(icv_path, out, model_hint=model_hint, alpha=alpha, overwrite=overwrite)
+    result = export_gguf(icv_path, out, model_hint=model_hint, alpha=alpha, overwrite=overwrite)
     start, end = result.layer_range
     click.echo(f"wrote {result.path}: {len(result.layers)} direction tensors, layers {start}-{end}, additive rule, "
                f"alpha {result.alpha:g} (strength {result.strength:g}), model hint {result.model_hint!r}")
@@ -307,8 +283,8 @@ def generate(model_ref, icv_path, no_icv, alpha, rule, prompts, max_new_tokens, 
         raise UsageError(f"{chosen}: no such ICV file")
     check_before_loading(model_ref, prompts, chosen, alpha, rule)
     use_threads(threads)
-    with _warnings_as_lines(), load_model(model_ref, dtype=dtype, quiet=_quiet_libraries(quiet),
-                                                hash_weights=False) as loaded:
+    with load_model(model_ref, dtype=dtype, quiet=_quiet_libraries(quiet),
+                    hash_weights=False) as loaded:
         model, tokenizer = loaded.model, loaded.tokenizer
         for prompt in prompts:
             if compare:
@@ -350,8 +326,7 @@ def check_before_loading(model_ref, prompts, icv_path, alpha, rule) -> None:
         icv = load_icv(icv_path)
         if alpha is not None or rule is not None:
             icv = icv.with_application(alpha=alpha, rule=rule)
-        with _warnings_as_lines():
-            check_strength(icv, str(icv_path))
+        check_strength(icv, str(icv_path))
 
 
 COMMANDS = [icv_group, generate]

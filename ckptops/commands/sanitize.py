@@ -74,17 +74,15 @@ def sanitize(base, harmful, target, out, top_k, scale, scope, exclude, layers, e
           --target WizardLMTeam/WizardMath-7B-V1.1 --out wm-safe --low-disk \\
           --push-to-hub me/wm-safe --private
     """
-    from ckptops.commands.icv import _warnings_as_lines
     from ckptops.hdr.sanitize import sanitize as run
     from ckptops.preflight import check_layers_text
 
     check_layers_text(layers)  # --layers '' is a mistake, not "all layers"
-    with _warnings_as_lines():
-        report = run(base, harmful, target, out, top_k=top_k, scale=scale, scope=scope, exclude=list(exclude),
-                     layers=layers, dtype=dtype, max_memory=max_memory, shard_size=shard_size,
-                     overwrite=overwrite, progress=None if not quiet else False, hash_inputs=hash_inputs,
-                     low_disk=low_disk, resume=resume, one_read=not two_pass, push_to_hub=push_to_hub, private=private, branch=branch,
-                     commit_message=commit_message, edit_area=edit_area, force=force)
+    report = run(base, harmful, target, out, top_k=top_k, scale=scale, scope=scope, exclude=list(exclude),
+                 layers=layers, dtype=dtype, max_memory=max_memory, shard_size=shard_size,
+                 overwrite=overwrite, progress=None if not quiet else False, hash_inputs=hash_inputs,
+                 low_disk=low_disk, resume=resume, one_read=not two_pass, push_to_hub=push_to_hub, private=private, branch=branch,
+                 commit_message=commit_message, edit_area=edit_area, force=force)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format_text())
 
 

@@ -15,7 +15,6 @@ anything else gets a generic opening.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass

@@ -57,14 +57,21 @@ typedef struct {
 
 /* Vector part over blocks of BLOCK values (|tau| bits kept in a small array, below/above counted
  * branch-free), then a scalar look at the few blocks that hold in-band values. ``hk``/``bk`` are
- * constants at each call site, so every input-kind pair gets its own specialised loop. */
-static inline __attribute__((always_inline)) void band_body(const void *h, int hk, const void *b, int bk,
-                                                             Py_ssize_t n, uint32_t lo, uint32_t size,
-                                                             int64_t *counts, BandResult *res) {
+ * constants at each call site, so every input-kind pair gets its own specialised loop. With ``idx``
+ * set (the one-read pass), every in-band value is also recorded: its index in the chunk, its signed
+ * tau, the target and base values (as float32), so that it can be corrected once the exact threshold
+ * is known; returns how many were recorded. With ``idx`` NULL (a constant at the band call sites)
+ * the recording is compiled out. */
+static inline __attribute__((always_inline)) Py_ssize_t collect_body(const void *h, int hk, const void *b, int bk,
+                                                                     const void *t, int tk, Py_ssize_t n,
+                                                                     uint32_t lo, uint32_t size, int shift,
+                                                                     int64_t *counts, BandResult *res, uint32_t *idx,
+                                                                     float *taus, float *targets, float *bases) {
     long long below = 0, above = 0;
     long long peak = (long long)lo - 1;
     uint32_t worst = 0;
     const uint32_t hi = lo + size;
+    Py_ssize_t found = 0;
     uint32_t ms[BLOCK];
     for (Py_ssize_t s = 0; s < n; s += BLOCK) {
         Py_ssize_t len = n - s < BLOCK ? n - s : BLOCK;
@@ -83,9 +90,16 @@ static inline __attribute__((always_inline)) void band_body(const void *h, int h
             for (Py_ssize_t i = 0; i < len; i++) {
                 uint32_t d = ms[i] - lo;
                 if (d < size) {
-                    counts[1 + d]++;
+                    counts[1 + (d >> shift)]++;
                     if ((long long)ms[i] > peak)
                         peak = ms[i];
+                    if (idx) {
+                        idx[found] = (uint32_t)(s + i);
+                        taus[found] = load(h, hk, s + i) - load(b, bk, s + i);
+                        targets[found] = load(t, tk, s + i);
+                        bases[found] = load(b, bk, s + i);
+                        found++;
+                    }
                 }
             }
         }
@@ -94,6 +108,13 @@ static inline __attribute__((always_inline)) void band_body(const void *h, int h
     res->above = above;
     res->peak = above ? (long long)hi : peak;
     res->worst = worst;
+    return found;
+}
+
+static inline __attribute__((always_inline)) void band_body(const void *h, int hk, const void *b, int bk,
+                                                             Py_ssize_t n, uint32_t lo, uint32_t size,
+                                                             int64_t *counts, BandResult *res) {
+    collect_body(h, hk, b, bk, NULL, KIND_F32, n, lo, size, 0, counts, res, NULL, NULL, NULL, NULL);
 }
 
 #define BAND_VARIANT(name, HK, BK)                                                                     \
@@ -162,56 +183,6 @@ done:
 }
 
 /* ---------------------------------------------------------------- band collection (one read) */
-
-/* Like band_body, and every in-band value is also recorded: its index in the chunk, its signed
- * tau and the target value (as float32), so that the one-read pass can correct it once the exact
- * threshold is known. Returns how many were recorded. */
-static inline __attribute__((always_inline)) Py_ssize_t collect_body(const void *h, int hk, const void *b, int bk,
-                                                                     const void *t, int tk, Py_ssize_t n,
-                                                                     uint32_t lo, uint32_t size, int shift,
-                                                                     int64_t *counts, BandResult *res, uint32_t *idx,
-                                                                     float *taus, float *targets, float *bases) {
-    long long below = 0, above = 0;
-    long long peak = (long long)lo - 1;
-    uint32_t worst = 0;
-    const uint32_t hi = lo + size;
-    Py_ssize_t found = 0;
-    uint32_t ms[BLOCK];
-    for (Py_ssize_t s = 0; s < n; s += BLOCK) {
-        Py_ssize_t len = n - s < BLOCK ? n - s : BLOCK;
-        uint32_t bl = 0, ab = 0, wb = 0;
-        for (Py_ssize_t i = 0; i < len; i++) {
-            uint32_t m = f32_bits(load(h, hk, s + i) - load(b, bk, s + i)) & ABS_MASK;
-            ms[i] = m;
-            wb = m > wb ? m : wb;
-            bl += m < lo;
-            ab += m >= hi;
-        }
-        worst = wb > worst ? wb : worst;
-        below += bl;
-        above += ab;
-        if (bl + ab < (uint32_t)len) {
-            for (Py_ssize_t i = 0; i < len; i++) {
-                uint32_t d = ms[i] - lo;
-                if (d < size) {
-                    counts[1 + (d >> shift)]++;
-                    if ((long long)ms[i] > peak)
-                        peak = ms[i];
-                    idx[found] = (uint32_t)(s + i);
-                    taus[found] = load(h, hk, s + i) - load(b, bk, s + i);
-                    targets[found] = load(t, tk, s + i);
-                    bases[found] = load(b, bk, s + i);
-                    found++;
-                }
-            }
-        }
-    }
-    res->below = below;
-    res->above = above;
-    res->peak = above ? (long long)hi : peak;
-    res->worst = worst;
-    return found;
-}
 
 #define COLLECT_VARIANT(name, HK, BK)                                                                  \
     MULTIVERSION static Py_ssize_t name(const void *h, const void *b, const void *t, int tk, Py_ssize_t n, \

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from ckptops.checkpoint.leftovers import is_live, staging_folders
+from ckptops.checkpoint.resolve import full_sha256
 
 NAME = "journal.json"
 
@@ -57,12 +58,7 @@ def find(out: Path, key: str) -> Path | None:
     return max(found, key=lambda f: f.stat().st_mtime) if found else None
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+file_sha256 = full_sha256  # a finished shard's hash, checked again before it is reused
 
 
 def shards_check_out(folder: Path, recorded: dict[str, str]) -> bool:

@@ -29,7 +29,6 @@ like the input's, index, atomic publish), the biases are added next to their wei
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -37,8 +36,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptops.checkpoint.resolve import Checkpoint, fingerprint, open_checkpoint
-from ckptops.errors import CheckpointError, ICVError, UsageError
+from ckptops.checkpoint.resolve import Checkpoint, fingerprint, full_sha256, open_checkpoint
+from ckptops.errors import CheckpointError, UsageError
 from ckptops.icv.file import ICV, load_icv
 
 BAKED_MODEL_TYPE = "llama"
@@ -183,14 +182,6 @@ def plan_biases(checkpoint: Checkpoint, config: dict, icv: ICV, where: str) -> l
     return new
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _bias_bytes(icv: ICV, tensor: NewTensor):
     import torch
 
@@ -293,7 +284,7 @@ def bake_icv(model: str | os.PathLike, out: str | os.PathLike, icv: ICV | str | 
     icv_identity = {"ref": icv_path.name if icv_path is not None else "", "demos_sha256": icv.demos_sha256,
                     "source_sha256": icv.source_sha256, "mlp_output_norms": {str(i): icv.mlp_norms[i] for i in icv.layers}}
     if icv_path is not None:
-        icv_identity["sha256"] = _file_sha256(icv_path)
+        icv_identity["sha256"] = full_sha256(icv_path)
     previous = None
     if checkpoint.root is not None and (checkpoint.root / "ckptops.json").is_file():
         try:

@@ -150,7 +150,6 @@ def next_token_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], *, b
 
 def kl_divergence(reference: Any, candidate: Any) -> float:
     """Mean over prompts of KL(reference || candidate) in nats, from log-probabilities (float64)."""
-    import torch
 
     ref, cand = reference.double(), candidate.double()
     per_prompt = (ref.exp() * (ref - cand)).sum(dim=-1)
