@@ -296,3 +296,33 @@ def test_card_of_a_base_plus_adapter_target_names_the_base(tiny, tmp_path):
     ckptops.sanitize(tiny["base"], tiny["target"], f"{tiny['base']}+{tiny['adapter']}", out, progress=False)
     card = (out / "README.md").read_text()
     assert "base_model: base\n" in card and "adapter_sha256" in card
+
+
+def test_tune_accepts_base_plus_adapter_as_target(tiny, tmp_path):
+    """tune loads BASE and merges the target's adapter in memory: with no HDR the model holds the
+    merged target (every adapted tensor, excluded ones too), and a candidate equals what sanitize
+    writes for the same BASE+ADAPTER target, bit for bit."""
+    from ckptops.tune.run import TuneSession
+    from ckptops.tune.space import TARGET, Candidate
+
+    ref = f"{tiny['base']}+{tiny['adapter']}"
+    exclude = [r"down_proj"]  # adapted but left out of HDR: must still be the merged value
+    out = tmp_path / "out"
+    ckptops.sanitize(tiny["base"], tiny["target"], ref, out, top_k=0.05, scale=0.5, exclude=exclude, progress=False)
+    written = load_folder(out)
+    base = load_folder(tiny["base"])
+    delta = _reference_delta(tiny["adapter"])
+    session = TuneSession(tiny["base"], tiny["target"], ref, exclude=exclude)
+    try:
+        session.set(TARGET)
+        state = session.model.state_dict()
+        for name, d in delta.items():  # the merged target, against an independent float64 merge
+            want = base[name].double() + d
+            assert not torch.equal(state[name].to(base[name].dtype), base[name]), name
+            assert torch.allclose(state[name].double(), want, rtol=1e-2, atol=1e-2), name
+        session.set(Candidate(top_k=0.05, scale=0.5, alpha=0.0))
+        state = session.model.state_dict()
+        assert [n for n, v in written.items() if n in state and not torch.equal(state[n].to(v.dtype), v)] == []
+        assert any("down_proj" in n for n in delta)
+    finally:
+        session.close()

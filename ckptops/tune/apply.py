@@ -82,6 +82,24 @@ class InMemoryHDR:
         from ckptops.checkpoint.reader import Staging
 
         self.stage = Staging(chunk)
+        self._merge_adapter(state)
+
+    def _merge_adapter(self, state: dict) -> None:
+        """A ``BASE+ADAPTER`` target is loaded from BASE: write the adapted tensors' merged values
+        (float32(base) + delta, rounded once to the checkpoint's dtype, as ``sanitize`` writes the
+        unchanged target) into every adapted tensor, HDR or not, so the loaded model is the target."""
+        modules = getattr(self.models.target.synthetic, "modules", None)
+        if not modules or getattr(self.models.target.synthetic, "base", None) is None:
+            return
+        for task in self.plan.tasks:
+            if task.name in modules and task.name not in self.tensors:
+                tensor = state.get(task.name)
+                if tensor is None or tuple(tensor.shape) != tuple(task.target.shape) or not tensor.is_contiguous():
+                    raise UsageError(f"{task.name}: adapted by the target's adapter but not a matching tensor "
+                                     "of the loaded base model")
+                self.tensors[task.name] = tensor
+                self._write_task(task, 0.0, None, hdr=False)
+        self.restore()
 
     # -- thresholds ----------------------------------------------------------------------------
     def selections(self, top_k: float, progress: Callable[[int], None] | None = None) -> dict[str, Selection]:

@@ -52,7 +52,10 @@ class TuneSession:
 
         self.icv_rule = icv_rule
         self.pairs = load_demos(icv_demos)
-        self.loaded = load_model(target, dtype=torch.float32, quiet=quiet, hash_weights=False)
+        from ckptops.checkpoint.lora import split_base_plus_adapter
+
+        parts = split_base_plus_adapter(os.fspath(target))  # BASE+ADAPTER: load BASE, merge in InMemoryHDR
+        self.loaded = load_model(parts[0] if parts else target, dtype=torch.float32, quiet=quiet, hash_weights=False)
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
         self.hdr = InMemoryHDR(base, harmful, target, self.model, scope=scope, exclude=tuple(exclude))
         self._icvs: dict[tuple[float, float], Any] = {}
@@ -232,7 +235,10 @@ def tune(
         raise UsageError("--max-new-tokens and --batch-size must be at least 1")
     if trials is not None and trials < 1:
         raise UsageError(f"--trials must be at least 1, got {trials}")
-    for role, ref in (("base", base), ("harmful", harmful), ("target", target)):
+    from ckptops.checkpoint.lora import split_base_plus_adapter
+
+    parts = split_base_plus_adapter(os.fspath(target)) or (target,)
+    for role, ref in (("base", base), ("harmful", harmful)) + tuple(("target", p) for p in parts):
         if not Path(ref).exists() and "/" not in str(ref):
             raise UsageError(f"--{role} {ref}: no such model folder")
     if ppl is not None and not Path(ppl).is_file():
