@@ -326,20 +326,29 @@ def _warn_on_base_name(adapter: Adapter, base: Checkpoint) -> None:
 
 class _Scratch(threading.local):
     buffer = None
+    zeros = None
 
 
 class ZeroSource:
     """Every tensor reads as +0.0: the base in the tau computation when theta_H is an adapter
     (tau = delta - 0 = delta exactly)."""
 
+    _zeros = _Scratch()
+
     def read_f32(self, stage, files, info: TensorInfo, start: int, stop: int, out) -> None:
         out[: stop - start] = 0
 
     def read_native(self, stage, files, info, start, stop, out):
+        """A view of one per-thread float32 zero block, never written (the fused kernels only read
+        their inputs): no memset of 4 bytes per value on every chunk."""
         from ckptops.checkpoint.reader import byte_view
 
-        self.read_f32(stage, files, info, start, stop, out)
-        return byte_view(out[: stop - start]), False
+        n = stop - start
+        zeros = ZeroSource._zeros.zeros
+        if zeros is None or zeros.size < n:
+            zeros = ZeroSource._zeros.zeros = np.zeros(max(n, 1), dtype=np.float32)
+            zeros.flags.writeable = False
+        return memoryview(zeros[:n].view(np.uint8)), False
 
     def read_raw(self, stage, files, info, start, stop) -> memoryview:
         n = (stop - start) * itemsize(info.dtype)
@@ -415,9 +424,14 @@ class LoraSource(ZeroSource):
             out[: stop - start] = 0
 
     def read_native(self, stage, files, info, start, stop, out):
-        if info.name not in self.modules and self.base is not None:
+        if info.name in self.modules:
+            from ckptops.checkpoint.reader import byte_view
+
+            self._values(stage, files, info, start, stop, out)
+            return byte_view(out[: stop - start]), False
+        if self.base is not None:
             return stage.read_native(files, self.base, info, start, stop, out)
-        return super().read_native(stage, files, info, start, stop, out)
+        return super().read_native(stage, files, info, start, stop, out)  # untouched: the zero block
 
     def read_raw(self, stage, files, info, start, stop) -> memoryview:
         if info.name not in self.modules:
