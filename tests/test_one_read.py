@@ -109,6 +109,24 @@ def test_ties_at_the_threshold(tmp_path):
         assert report.fraction_kept > 0.3  # ties kept
 
 
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_rank_inside_a_bin_of_distinct_patterns(tmp_path, scope):
+    """float32 inputs: nearly every |tau| has its own bit pattern, so the threshold's bin (2**11
+    patterns) holds many distinct values and the exact one is the rank-th of them. (bfloat16
+    inputs put the threshold inside a tie, where an off-by-one rank still lands on it.)"""
+    paths = write_triple(tmp_path / "m", PRESET, dtype="F32", shard_size=10**9)
+    states = {r: load_folder(p) for r, p in paths.items()}
+    distinct = torch.unique((states["harmful"]["model.embed_tokens.weight"].float()
+                             - states["base"]["model.embed_tokens.weight"].float()).abs()).numel()
+    assert distinct > 0.9 * states["base"]["model.embed_tokens.weight"].numel()
+    report = ckptops.sanitize(paths["base"], paths["harmful"], paths["target"], tmp_path / "out", scope=scope,
+                              top_k=0.1, chunk_elements=4096, progress=False)
+    expected, thresholds = reference_hdr(states["base"], states["harmful"], states["target"], top_k=0.1, scope=scope)
+    _check(tmp_path / "out", expected)
+    assert report.thresholds == thresholds
+    assert report.one_read["groups"] >= 1 and not report.one_read["band_missed"]
+
+
 def test_forced_band_miss_falls_back_exactly(models, tmp_path, monkeypatch):
     """A sample that misleads (here: a band far above the threshold) is seen in the exact
     counts; the group is selected again with two passes and rewritten, and the report says so."""
