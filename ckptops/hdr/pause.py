@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 
-POINTS = ("selection", "apply", "correction", "publish")
+POINTS = ("selection", "apply", "correction", "patch", "publish")
 
 
 def pause_point(name: str) -> None:

@@ -347,7 +347,6 @@ def select_and_apply(run: Run, folder: Path, resuming: bool = False) -> tuple[di
     per tensor and the (finished) writer."""
     options, plan, models = run.options, run.plan, run.models
     workers = options.worker_count
-    run.halfway = max(1, apply_bytes(plan) // 2) if os.environ.get("CKPTOPS_PAUSE_AT") == "apply" else 0
     one = uses_one_read(run)
     reused, redone = shard_log.check_finished(run.journal, run.shards, workers, "bands" if one else "selections",
                                               _undo(run, folder) if one else None) if resuming else ({}, [])
@@ -362,6 +361,7 @@ def select_and_apply(run: Run, folder: Path, resuming: bool = False) -> tuple[di
                            "input_bytes_skipped": apply_bytes(plan) - apply_bytes(remaining)}
         units = release_units(remaining, models) if options.low_disk else None
         if one:
+            pause_halfway(run, apply_bytes(remaining))
             with ByteProgress(apply_bytes(remaining), "select + apply (one read)", options.progress) as run.bar:
                 result = one_read.run_one_read(plan, models, pool, writer, log, options.top_k, options.scale,
                                                run.tick, one_read.correction_budget(options.max_memory),
@@ -411,6 +411,7 @@ def passes(run: Run, pool: WorkerPool, writer: ShardWriter, log: shard_log.Shard
                       for g, (t, c, k, changed) in recorded.items()}
     elif options.low_disk:
         total = selection_bytes(run) + apply_bytes(run.plan)
+        pause_halfway(run, total)
         with ByteProgress(total, "select + apply (low disk)", options.progress) as run.bar:
             selections, _ = run_low_disk(run.plan, models, pool, writer, options.top_k, options.scale,
                                          options.scope, run.tick, drift=run.drift, log=log)
@@ -434,11 +435,17 @@ def apply_pass(run: Run, pool: WorkerPool, writer: ShardWriter, selections: dict
                log: shard_log.ShardLog, remaining: Plan, units: list | None) -> None:
     """Pass 2: theta_t - scale * (|tau| >= t) * tau for every tensor of ``remaining``, written to
     the shards and tallied in ``log`` (``units``: ``--low-disk``, releasing input files early)."""
+    pause_halfway(run, apply_bytes(remaining))
     with ByteProgress(apply_bytes(remaining), "apply + write", run.options.progress) as run.bar:
         for unit, done in units or [(remaining, lambda: None)]:
             apply_all(unit, run.models, pool, writer, selections, run.options.scale, run.tick, drift=run.drift,
                       log=log)
             done()
+
+
+def pause_halfway(run: Run, pass_bytes: int) -> None:
+    """The ``apply`` test pause point (:mod:`ckptops.hdr.pause`): half-way through the pass about to start."""
+    run.halfway = run.bytes_read + max(1, pass_bytes // 2) if os.environ.get("CKPTOPS_PAUSE_AT") == "apply" else 0
 
 
 def selection_bytes(run: Run) -> int:
