@@ -308,18 +308,15 @@ def fingerprint(checkpoint: Checkpoint, samples: int = 16, sample_bytes: int = 1
     return digest.hexdigest()
 
 
-def full_sha256(path: Path, chunk: int = 8 << 20, limit: int | None = None) -> str:
-    """sha256 of a whole file (or of its first ``limit`` bytes), streamed."""
+def full_sha256(path: Path, chunk: int = 8 << 20) -> str:
+    """sha256 of a whole file, streamed."""
     digest = hashlib.sha256()
     buffer = bytearray(chunk)
     view = memoryview(buffer)
-    left = limit
     with open(path, "rb", buffering=0) as f:
-        while left is None or left > 0:
-            n = f.readinto(view if left is None else view[:min(chunk, left)])
+        while True:
+            n = f.readinto(view)
             if not n:
                 break
             digest.update(view[:n])
-            if left is not None:
-                left -= n
     return digest.hexdigest()

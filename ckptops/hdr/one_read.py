@@ -29,10 +29,10 @@ range requests.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import threading
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -99,7 +99,7 @@ class Corrections:
     to ``budget`` bytes, beyond that appended to the shard's records file in the journal (see
     :mod:`ckptops.hdr.journal`). A finished shard's records all go to its file
     (:meth:`close_shard`), so that ``--resume`` reads them instead of the shard's inputs; the
-    shards a killed run finished (``finished``: shard -> count, bytes, sha256) are read from
+    shards a killed run finished (``finished``: shard -> count, bytes, CRC-32) are read from
     theirs. Thread-safe."""
 
     def __init__(self, journal: Journal, budget: int, shard_of_task: list[int],
@@ -109,7 +109,7 @@ class Corrections:
         self.shard_of = shard_of_task
         self.files = {shard: meta for shard, meta in finished.items() if meta}
         self.peak_memory = 0
-        self._open: dict[int, tuple] = {}  # shard -> (sha256 so far, records, bytes) of a file being written
+        self._open: dict[int, tuple] = {}  # shard -> (CRC-32 so far, records, bytes) of a file being written
         self._memory: dict[int, list[np.ndarray]] = {}
         self._memory_bytes = 0
         self._lock = threading.Lock()
@@ -134,27 +134,27 @@ class Corrections:
         pieces = self._memory.pop(shard, [])
         if not pieces:
             return
-        digest, count, nbytes = self._open.get(shard) or (hashlib.sha256(), 0, 0)
+        crc, count, nbytes = self._open.get(shard) or (0, 0, 0)
         with open(self.journal.records_path(shard), "ab") as file:
             for records in pieces:
                 data = records.tobytes()
                 file.write(data)
-                digest.update(data)
+                crc = zlib.crc32(data, crc)
                 count += len(records)
                 nbytes += len(data)
                 self._memory_bytes -= records.nbytes
-        self._open[shard] = (digest, count, nbytes)
+        self._open[shard] = (crc, count, nbytes)
 
     def close_shard(self, shard: int) -> dict | None:
-        """Write the rest of a finished shard's records to its file; its count, bytes, sha256
+        """Write the rest of a finished shard's records to its file; its count, bytes, CRC-32
         (None: it has none)."""
         with self._lock:
             self._spill(shard)
             opened = self._open.pop(shard, None)
             if opened is None:
                 return None
-            digest, count, nbytes = opened
-            meta = self.files[shard] = {"count": count, "bytes": nbytes, "sha256": digest.hexdigest()}
+            crc, count, nbytes = opened
+            meta = self.files[shard] = {"count": count, "bytes": nbytes, "crc32": crc}
             return meta
 
     @property

@@ -123,7 +123,7 @@ class SanitizeReport:
         if self.resumed:
             r = self.resumed
             line = (f"  resumed           reused {len(r['reused_shards'])} finished output shard(s) of a killed run "
-                    f"(sha256 checked; {r['input_bytes_skipped'] / 1e9:.2f} GB of input not read again)")
+                    f"(CRC-32 checked; {r['input_bytes_skipped'] / 1e9:.2f} GB of input not read again)")
             if r["redone_shards"]:
                 line += f"; computed again: {', '.join(r['redone_shards'][:3])}" + (" ..." if len(r["redone_shards"]) > 3 else "")
             lines.append(line)
@@ -517,7 +517,6 @@ def publish(run: Run, folder: Path, report: SanitizeReport, started: float) -> N
     provenance record ``ckptops.json`` and the model card (the caller then moves it into place)."""
     write_index(folder, {t.name: s.name for s in run.shards for t in s.tensors}, sum(s.nbytes for s in run.shards))
     pause_point("publish")
-    journal.remove(folder)
     out_code = run.options.out_code
     config_dtype = CONFIG_DTYPE_NAMES.get(out_code) if out_code else None
     copy_side_files(run.models.target.side_files(), folder, config_dtype)
@@ -526,6 +525,7 @@ def publish(run: Run, folder: Path, report: SanitizeReport, started: float) -> N
                   "parameters": report.parameters, "inputs": report.inputs, "report": _summary(report)}
     (folder / "ckptops.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
     (folder / "README.md").write_text(render_card(provenance, hub_repo=run.options.push_to_hub), encoding="utf-8")
+    journal.remove(folder)  # last: a run killed before this is still resumed
 
 
 def push_output(run: Run, report: SanitizeReport) -> None:

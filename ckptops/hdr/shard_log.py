@@ -5,7 +5,7 @@ Everything the end of a pass computes (the one-read pass's exact thresholds and 
 changed-tensor counts, the drift figures) is a sum over chunks. Each worker therefore adds its
 chunks into a :class:`ShardTally` of the chunk's output shard, and when the last chunk of a shard
 is done (:meth:`ShardLog.chunk_done`) the workers' tallies of that shard are merged and journaled
-with the shard's sha256 (see :mod:`ckptops.hdr.journal`). The end of the pass adds up the
+with the shard's CRC-32 (see :mod:`ckptops.hdr.journal`). The end of the pass adds up the
 tallies of every shard, journaled by this run or read back from a killed one: a reused shard
 counts exactly as if its inputs had been read again. Drift sums stay per chunk (summed in (tensor,
 offset) order at the end), so ``ckptops.json`` is the same bytes either way.
@@ -30,7 +30,7 @@ class ShardTally:
     """What one output shard contributes to the end of the pass: per selection group, the
     one-read band histogram and the drift sums; per tensor, its peak |tau| bit pattern (band
     groups) and how many of its chunks changed (other groups); its correction records (count,
-    bytes and sha256 of its records file)."""
+    bytes and CRC-32 of its records file)."""
 
     hists: dict[str, np.ndarray] = field(default_factory=dict)
     peaks: dict[str, int] = field(default_factory=dict)
@@ -140,7 +140,7 @@ class ShardLog:
 
     def _finish(self, index: int) -> None:
         """Merge the workers' tallies of a finished shard (no worker touches them again) and
-        journal them with the shard's hash."""
+        journal them with the shard's CRC-32."""
         with self._lock:
             states = list(self._states)
         tally = ShardTally()
@@ -152,7 +152,7 @@ class ShardLog:
             tally.records = self.records.close_shard(index)
         shard = self.shards[index]
         entry = {"name": shard.name, "size": self.writer.file_size(shard.name),
-                 "sha256": self.writer.sha256(shard.name), **tally.to_json()}
+                 "crc32": self.writer.crc32(shard.name), **tally.to_json()}
         self.journal.write_entry(index, entry)
         with self._lock:
             self.tallies[index] = tally
@@ -198,7 +198,7 @@ def check_finished(journal: Journal, shards: list[OutShard], workers: int, needs
         return {}, []
     entries = {i: e for i, e in journal.entries().items() if i < len(shards) and e.get("name") == shards[i].name}
     records_ok = {i for i, e in entries.items() if not e.get("records") or file_checks_out(
-        journal.records_path(i), e["records"]["bytes"], e["records"]["sha256"])}
+        journal.records_path(i), e["records"]["bytes"], e["records"]["crc32"])}
     entries = {i: e for i, e in entries.items() if i in records_ok}
     if journal.phase == "correcting" and undo is not None:
         undo(entries)
@@ -206,7 +206,7 @@ def check_finished(journal: Journal, shards: list[OutShard], workers: int, needs
 
     def check(item):
         index, entry = item
-        return index, file_checks_out(journal.folder / entry["name"], entry["size"], entry["sha256"], padded=True)
+        return index, file_checks_out(journal.folder / entry["name"], entry["size"], entry["crc32"], padded=True)
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         good = {i for i, ok in pool.map(check, sorted(entries.items())) if ok}
