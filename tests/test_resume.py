@@ -18,6 +18,7 @@ import pytest
 
 from ckptops.synth import Preset, write_triple
 from hdr_reference import bits_equal, load_folder, reference_hdr
+from hub_server import hub  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = Preset(128, 352, 4, 4, 2, 2000)
@@ -43,12 +44,12 @@ def triple(tmp_path_factory):
     return write_triple(tmp_path_factory.mktemp("resume"), PRESET, shard_size=800_000)
 
 
-def _command(triple, out: Path, *extra: str, resume: bool = True, edge: bool = False) -> list[str]:
+def _command(inputs, out: Path, *extra: str, resume: bool = True, edge: bool = False) -> list[str]:
     # --max-memory 340MiB: chunks of ~50k values, so the one-read pass samples and corrects;
     # --shard-size 300KB: 8 output shards of about 3 chunks each
     start = [sys.executable, "-c", AT_THE_EDGE] if edge else [sys.executable, "-m", "ckptops.cli"]
-    return [*start, "sanitize", "--base", str(triple["base"]), "--harmful", str(triple["harmful"]),
-            "--target", str(triple["target"]), "--out", str(out), "-q", "--json", "--max-memory", "340MiB",
+    return [*start, "sanitize", "--base", str(inputs["base"]), "--harmful", str(inputs["harmful"]),
+            "--target", str(inputs["target"]), "--out", str(out), "-q", "--json", "--max-memory", "340MiB",
             "--shard-size", "300KB", *(["--resume"] if resume else []), *extra]
 
 
@@ -111,10 +112,10 @@ def _expected_reads(triple, out: Path, reused: list[str]) -> dict[str, int]:
     return {role: sum(_data_bytes(triple[role])[name] for name in wanted) for role in ("base", "harmful", "target")}
 
 
-def _same(out: Path, uninterrupted: dict[str, bytes]) -> None:
+def _same(out: Path, uninterrupted: dict[str, bytes], skip=()) -> None:
     got = _files(out)
     assert got.keys() == uninterrupted.keys()
-    assert [n for n in got if got[n] != uninterrupted[n]] == []
+    assert [n for n in got if got[n] != uninterrupted[n] and n not in skip] == []
     assert not (out / JOURNAL).exists()
     assert not [p for p in out.parent.iterdir() if ".ckptops-" in p.name]  # the staging folder became OUT
 
@@ -218,3 +219,44 @@ def test_without_resume_a_killed_run_is_removed(triple, uninterrupted, tmp_path)
     _same(out, uninterrupted)
     assert not report["resumed"] and report["leftovers"]["removed"] == [str(staged)]
     assert {role: v["read"] for role, v in report["io"].items()}["target"] == sum(_data_bytes(triple["target"]).values())
+
+
+def test_layer_scope_resumes_mid_pass(triple, tmp_path):
+    """Layer scope: a band per decoder layer, and the small groups outside the layers selected
+    before the pass (journaled too: the resumed run reads nothing for them)."""
+    plain = _run(_command(triple, tmp_path / "plain" / "out", "--scope", "layer", resume=False))  # same title
+    assert plain["one_read"]["groups"] == 4 and plain["one_read"]["selected_before"]
+    out = tmp_path / "out"
+    staged = _kill_at(_command(triple, out, "--scope", "layer", resume=False), "apply", tmp_path)
+    finished = _finished(staged)
+    assert finished
+    report = _run(_command(triple, out, "--scope", "layer"))
+    _same(out, _files(tmp_path / "plain" / "out"))
+    assert report["resumed"]["reused_shards"] == finished
+    assert {role: v["read"] for role, v in report["io"].items()} == _expected_reads(triple, out, finished)
+
+
+def test_resume_with_low_disk(triple, uninterrupted, tmp_path):
+    """--low-disk (not part of the key) walks the rest of the plan in release units."""
+    out = tmp_path / "out"
+    finished = _finished(_kill_at(_command(triple, out, resume=False), "apply", tmp_path))
+    report = _run(_command(triple, out, "--low-disk"))
+    _same(out, uninterrupted)
+    assert report["resumed"]["reused_shards"] == finished
+    assert {role: v["read"] for role, v in report["io"].items()} == _expected_reads(triple, out, finished)
+
+
+def test_hub_inputs_are_not_downloaded_again_for_finished_shards(hub, triple, uninterrupted, tmp_path):
+    """The motivation: a long run from the Hub, killed, resumed. Input shards that only finished
+    output shards need are not downloaded again."""
+    refs = {role: f"org/{role}" for role in ("base", "harmful", "target")}
+    for role in refs:
+        hub.add_folder(refs[role], triple[role])
+    out = tmp_path / "out"
+    finished = _finished(_kill_at(_command(refs, out, "--low-disk", resume=False), "apply", tmp_path))
+    assert finished
+    report = _run(_command(refs, out, "--low-disk"))
+    _same(out, uninterrupted, skip=("README.md", "ckptops.json"))  # they name the Hub inputs
+    assert report["resumed"]["reused_shards"] == finished
+    full = sum(p.stat().st_size for p in triple["target"].glob("*.safetensors"))
+    assert 0 < report["io"]["target"]["downloaded"] < full

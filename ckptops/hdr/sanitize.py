@@ -254,8 +254,6 @@ class Run:
     #: not read, so theta_t - theta_b is not at hand)
     drift: DriftSums | None = None
     leftovers: Leftovers = field(default_factory=Leftovers)
-    #: bytes into the pass where the ``apply`` test pause point lies (see :mod:`ckptops.hdr.pause`)
-    halfway: int = 0
     #: what ``--resume`` reused (empty when nothing)
     resumed: dict = field(default_factory=dict)
     #: the journal in the staging folder (see :mod:`ckptops.hdr.journal`)
@@ -268,9 +266,6 @@ class Run:
         self.bytes_read += n
         if self.bar is not None:
             self.bar.update(n)
-        if self.halfway and self.bytes_read >= self.halfway:
-            self.halfway = 0
-            pause_point("apply")
 
     def parameters(self) -> dict:
         return self.options.to_parameters(self.layers)
@@ -361,7 +356,6 @@ def select_and_apply(run: Run, folder: Path, resuming: bool = False) -> tuple[di
                            "input_bytes_skipped": apply_bytes(plan) - apply_bytes(remaining)}
         units = release_units(remaining, models) if options.low_disk else None
         if one:
-            pause_halfway(run, apply_bytes(remaining))
             with ByteProgress(apply_bytes(remaining), "select + apply (one read)", options.progress) as run.bar:
                 result = one_read.run_one_read(plan, models, pool, writer, log, options.top_k, options.scale,
                                                run.tick, one_read.correction_budget(options.max_memory),
@@ -411,7 +405,6 @@ def passes(run: Run, pool: WorkerPool, writer: ShardWriter, log: shard_log.Shard
                       for g, (t, c, k, changed) in recorded.items()}
     elif options.low_disk:
         total = selection_bytes(run) + apply_bytes(run.plan)
-        pause_halfway(run, total)
         with ByteProgress(total, "select + apply (low disk)", options.progress) as run.bar:
             selections, _ = run_low_disk(run.plan, models, pool, writer, options.top_k, options.scale,
                                          options.scope, run.tick, drift=run.drift, log=log)
@@ -435,17 +428,11 @@ def apply_pass(run: Run, pool: WorkerPool, writer: ShardWriter, selections: dict
                log: shard_log.ShardLog, remaining: Plan, units: list | None) -> None:
     """Pass 2: theta_t - scale * (|tau| >= t) * tau for every tensor of ``remaining``, written to
     the shards and tallied in ``log`` (``units``: ``--low-disk``, releasing input files early)."""
-    pause_halfway(run, apply_bytes(remaining))
     with ByteProgress(apply_bytes(remaining), "apply + write", run.options.progress) as run.bar:
         for unit, done in units or [(remaining, lambda: None)]:
             apply_all(unit, run.models, pool, writer, selections, run.options.scale, run.tick, drift=run.drift,
                       log=log)
             done()
-
-
-def pause_halfway(run: Run, pass_bytes: int) -> None:
-    """The ``apply`` test pause point (:mod:`ckptops.hdr.pause`): half-way through the pass about to start."""
-    run.halfway = run.bytes_read + max(1, pass_bytes // 2) if os.environ.get("CKPTOPS_PAUSE_AT") == "apply" else 0
 
 
 def selection_bytes(run: Run) -> int:

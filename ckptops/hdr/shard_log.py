@@ -22,6 +22,7 @@ import numpy as np
 from ckptops.checkpoint.writer import OutShard, ShardWriter
 from ckptops.hdr.drift import DriftSums
 from ckptops.hdr.journal import Journal, file_checks_out
+from ckptops.hdr.pause import pause_point
 from ckptops.hdr.plan import Plan
 
 
@@ -156,6 +157,9 @@ class ShardLog:
         self.journal.write_entry(index, entry)
         with self._lock:
             self.tallies[index] = tally
+            finished = len(self.tallies) - len(self.reused)
+        if finished == max(1, len(self.shards) // 2):
+            pause_point("apply")
 
     def results(self, drift: DriftSums | None) -> dict[str, int]:
         """Once every shard is finished: the changed-chunk counts per tensor, and the drift sums
