@@ -250,8 +250,8 @@ def test_hub_inputs_are_not_downloaded_again_for_finished_shards(hub, triple, un
     """The motivation: a long run from the Hub, killed, resumed. Input shards that only finished
     output shards need are not downloaded again."""
     refs = {role: f"org/{role}" for role in ("base", "harmful", "target")}
-    for role in refs:
-        hub.add_folder(refs[role], triple[role])
+    for role, ref in refs.items():
+        hub.add_folder(ref, triple[role])
     out = tmp_path / "out"
     finished = _finished(_kill_at(_command(refs, out, "--low-disk", resume=False), "apply", tmp_path))
     assert finished

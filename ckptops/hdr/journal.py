@@ -81,7 +81,7 @@ class Journal:
         self.state = state
 
     @classmethod
-    def start(cls, folder: Path, key: str) -> "Journal":
+    def start(cls, folder: Path, key: str) -> Journal:
         """The folder's journal when it has this key (a killed run ``--resume`` continues), else a
         new one (anything an earlier journal recorded is dropped)."""
         state = read(folder)

@@ -9,8 +9,9 @@ reads base and harmful twice: once to select t, once to apply it. Here one pass 
 2. The pass writes every output value against the estimate ``w`` (selected when |tau| >= w),
    counts exactly how many |tau| lie below the band, above it and at each pattern inside it,
    and records every in-band value (tensor, element, tau, target value) in a
-   :class:`Corrections` store, which spills to a file in the staging folder beyond its memory
-   budget.
+   :class:`Corrections` store, per output shard: in memory up to its budget, and in the run's
+   journal (:mod:`ckptops.hdr.journal`) once the shard is finished, so that ``--resume`` can
+   skip the shard and still correct it.
 3. The counts pin the exact t. Only values whose |tau| lies between w and t were written with
    the wrong decision; they are recomputed from their records, with the same float32
    arithmetic and rounding as the pass, and written over the finished shards.
@@ -33,7 +34,7 @@ import math
 import os
 import threading
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 

@@ -201,19 +201,30 @@ def check_finished(journal: Journal, shards: list[OutShard], workers: int, needs
             journal.update(phase="pass")
         return {}, []
     entries = {i: e for i, e in journal.entries().items() if i < len(shards) and e.get("name") == shards[i].name}
-    records_ok = {i for i, e in entries.items() if not e.get("records") or file_checks_out(
-        journal.records_path(i), e["records"]["bytes"], e["records"]["crc32"])}
-    entries = {i: e for i, e in entries.items() if i in records_ok}
+    entries = {i: e for i, e in entries.items() if _records_check_out(journal, i, e.get("records"))}
     if journal.phase == "correcting" and undo is not None:
         undo(entries)
         journal.update(phase="pass")
 
     def check(item):
         index, entry = item
-        return index, file_checks_out(journal.folder / entry["name"], entry["size"], entry["crc32"], padded=True)
+        try:
+            tally = ShardTally.from_json(entry)
+        except (KeyError, TypeError, ValueError, AttributeError):  # not an entry this version wrote
+            return index, None
+        ok = file_checks_out(journal.folder / entry["name"], entry["size"], entry["crc32"], padded=True)
+        return index, tally if ok else None
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        good = {i for i, ok in pool.map(check, sorted(entries.items())) if ok}
-    journal.drop(keep=good)
-    redone = sorted(shards[i].name for i in set(entries) - good)
-    return {i: ShardTally.from_json(entries[i]) for i in sorted(good)}, redone
+        good = {i: tally for i, tally in pool.map(check, sorted(entries.items())) if tally is not None}
+    journal.drop(keep=set(good))
+    redone = sorted(shards[i].name for i in set(entries) - set(good))
+    return good, redone
+
+
+def _records_check_out(journal: Journal, index: int, records) -> bool:
+    """A shard's correction records (none, or a file of the recorded size and CRC-32)."""
+    if not records:
+        return True
+    return isinstance(records, dict) and file_checks_out(journal.records_path(index), records.get("bytes", -1),
+                                                         records.get("crc32", -1))
