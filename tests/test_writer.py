@@ -1,14 +1,14 @@
 """Output files: out-of-order chunk writes give exactly the intended bytes, direct or buffered, and
-the CRC-32 the journal records for them (taken as written, or read back)."""
+the checksum the journal records for them (taken as written, or read back)."""
 
 from __future__ import annotations
 
 import os
 import random
-import zlib
 
 import pytest
 
+from ckptops.checkpoint.checksum import BLOCK, Checksum, file_checksum
 from ckptops.checkpoint.writer import BufferedFile, DirectFile, open_output
 
 
@@ -37,11 +37,14 @@ def test_chunks_in_a_shuffled_window_land_in_place(tmp_path, kind, size):
         for offset, data in order:
             file.write_at(offset, memoryview(data))
         file.finish()
-        crc = file.crc32()
+        check = file.checksum()
     finally:
         file.close()
     assert path.read_bytes() == expected
-    assert crc == zlib.crc32(expected)
+    assert check == file_checksum(path)
+    whole = Checksum()
+    whole.update(expected)
+    assert check == whole.value()
 
 
 def test_open_output_falls_back_when_direct_io_is_refused(tmp_path, monkeypatch):
@@ -56,3 +59,21 @@ def test_open_output_falls_back_when_direct_io_is_refused(tmp_path, monkeypatch)
     file.close()
     assert (tmp_path / "g.bin").read_bytes() == b"0123456789"
     assert os.path.getsize(tmp_path / "g.bin") == 10
+
+
+def test_checksum_blocks_do_not_depend_on_how_bytes_arrive():
+    """XXH64 per 8 MiB block (the C loop; zlib's CRC-32 without the extension), whatever the
+    pieces; the C loop is the reference XXH64."""
+    from ckptops.hdr import fused
+
+    data = random.Random(3).randbytes(2 * BLOCK + 1234)
+    pieces = Checksum()
+    for a, b in [(0, 7), (7, BLOCK + 3), (BLOCK + 3, 2 * BLOCK), (2 * BLOCK, len(data))]:
+        pieces.update(data[a:b])
+    whole = Checksum()
+    whole.update(data)
+    assert pieces.value() == whole.value() and pieces.value() != Checksum("crc32").value()
+    if fused._fused is not None:
+        assert whole.kind == "xxh64"
+        assert [fused._fused.xxh64(x) for x in (b"", b"abc", bytes(range(256)) * 40)] == [
+            0xEF46DB3751D8E999, 0x44BC2CF5AD770999, 0x58B820AA7970DBE2]

@@ -14,12 +14,12 @@ import mmap
 import os
 import queue
 import threading
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ckptops.checkpoint.checksum import Checksum, file_checksum
 from ckptops.checkpoint.dtypes import itemsize
 from ckptops.errors import OutputError
 
@@ -103,11 +103,9 @@ class DirectFile:
     arrive early wait in memory only briefly. Bytes are copied with numpy, which releases the GIL
     (a ``memoryview`` slice assignment holds it, and stalled the other worker for ~0.5 s per GB).
 
-    ``hashed``: the writer thread also takes the CRC-32 of the blocks (they reach it in file
-    order), so that :meth:`crc32` of the finished file costs no second read (``--resume`` checks
-    it). CRC-32, not sha256: it detects a damaged or lost shard as well, at a third of the CPU
-    time (zlib's, about 4 GB/s against sha256's 1.3 GB/s on the 2-core machine measured), and it
-    is paid by every run.
+    ``hashed``: the writer thread also takes the checksum of the blocks (they reach it in file
+    order), so that :meth:`checksum` of the finished file costs no second read (the ``--resume``
+    journal records it; see :mod:`ckptops.checkpoint.checksum`).
     """
 
     ALIGN = 4096
@@ -117,7 +115,7 @@ class DirectFile:
     def __init__(self, path: Path, size: int, hashed: bool = False) -> None:
         self.size = size
         self.path = path
-        self._crc = 0 if hashed else None
+        self._check = Checksum() if hashed else None
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
         self._free: queue.Queue = queue.Queue()
         self._maps = [mmap.mmap(-1, self.BLOCK) for _ in range(self.BLOCKS)]  # page aligned
@@ -147,8 +145,8 @@ class DirectFile:
                     done = 0
                     while done < nbytes:
                         done += os.pwrite(self.fd, block[done:nbytes], offset + done)
-                    if self._crc is not None:  # the padding of the last block is not the file's
-                        self._crc = zlib.crc32(block[:min(nbytes, self.size - offset)], self._crc)
+                    if self._check is not None:  # the padding of the last block is not the file's
+                        self._check.update(block[:min(nbytes, self.size - offset)])
             except BaseException as exc:  # reported by the next write or by finish()
                 self._error = exc
             self._free.put(block)
@@ -240,12 +238,12 @@ class DirectFile:
         if self._error is not None:
             raise self._error
 
-    def crc32(self) -> int:
-        """The finished file's CRC-32, taken as it was written (``hashed=True``)."""
+    def checksum(self) -> str:
+        """The finished file's checksum, taken as it was written (``hashed=True``)."""
         self._written()
-        if self._crc is None:
+        if self._check is None:
             raise AssertionError(f"{self.path}: opened without hashed=True")
-        return self._crc
+        return self._check.value()
 
     def close(self) -> None:
         if self._thread.is_alive():
@@ -279,9 +277,9 @@ class BufferedFile:
     def finish(self) -> None:
         os.fsync(self.fd)
 
-    def crc32(self) -> int:
-        """The finished file's CRC-32: read back (from the page cache; writes came in any order)."""
-        return file_crc32(self.path)
+    def checksum(self) -> str:
+        """The finished file's checksum: read back (from the page cache; writes came in any order)."""
+        return file_checksum(self.path)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -313,23 +311,6 @@ class FinishedFile:
     close = abort
 
 
-def file_crc32(path: Path, limit: int | None = None, chunk: int = 8 << 20) -> int:
-    """The CRC-32 of a file (or of its first ``limit`` bytes), streamed."""
-    crc = 0
-    buffer = bytearray(chunk)
-    view = memoryview(buffer)
-    left = limit
-    with open(path, "rb", buffering=0) as f:
-        while left is None or left > 0:
-            n = f.readinto(view if left is None else view[:min(chunk, left)])
-            if not n:
-                break
-            crc = zlib.crc32(view[:n], crc)
-            if left is not None:
-                left -= n
-    return crc
-
-
 def open_output(path: Path, size: int, direct: bool = True, hashed: bool = False):
     """A :class:`DirectFile` where the OS and file system allow it, else a :class:`BufferedFile`."""
     if direct and hasattr(os, "O_DIRECT"):
@@ -346,7 +327,7 @@ class ShardWriter:
     files complete and durable.
 
     ``reused``: names of shards a killed run completed (``--resume``), left as they are;
-    ``hashed``: :meth:`crc32` gives a finished shard's checksum without reading it again."""
+    ``hashed``: :meth:`checksum` gives a finished shard's checksum without reading it again."""
 
     def __init__(self, folder: Path, shards: list[OutShard], metadata: dict[str, str], direct: bool = True,
                  reused: frozenset[str] = frozenset(), hashed: bool = False) -> None:
@@ -390,9 +371,9 @@ class ShardWriter:
         (to correct values in place once the files are complete)."""
         return {name: (Path(file.path), start, nbytes) for name, (file, start, nbytes) in self._where.items()}
 
-    def crc32(self, shard: str) -> int:
-        """The CRC-32 of output shard ``shard`` once every byte of it was handed in."""
-        return self._by_name[shard].crc32()
+    def checksum(self, shard: str) -> str:
+        """The checksum of output shard ``shard`` once every byte of it was handed in."""
+        return self._by_name[shard].checksum()
 
     def file_size(self, shard: str) -> int:
         return self._sizes[shard]

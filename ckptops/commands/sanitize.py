@@ -37,7 +37,7 @@ from ckptops.units import format_size
                    "shards not yet downloaded by range requests; with --two-pass, global scope downloads base and harmful 3 times).")
 @click.option("--resume", is_flag=True,
               help="Continue a run into the same OUT that was killed (kill -9, power cut) with the same arguments "
-                   "(the first run needs no --resume): output shards it finished whose CRC-32 checks out are reused "
+                   "(the first run needs no --resume): output shards it finished whose checksum checks out are reused "
                    "and their inputs not read again; the rest of the pass, the exact threshold, the corrections and "
                    "the side files are done again. The output is the same bytes. Without --resume a dead run's "
                    "folder is removed.")

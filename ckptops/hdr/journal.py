@@ -19,7 +19,7 @@ OUT):
   be partly written over them), ``fallback`` (a group whose band missed is being rewritten: the
   shards are not reused).
 - ``shard-NNNNN.json``: one per output shard the pass finished, written once the shard's last
-  byte was: its size and CRC-32 as the pass wrote it, and what it contributes to the end of the
+  byte was: its size and checksum (:mod:`ckptops.checkpoint.checksum`) as the pass wrote it, and what it contributes to the end of the
   pass (see :mod:`ckptops.hdr.shard_log`). Written atomically, never synced: after a power cut a
   lost entry only means that shard is computed again, and a shard that did not reach the disk
   fails its hash check.
@@ -35,7 +35,7 @@ import shutil
 from pathlib import Path
 
 from ckptops.checkpoint.leftovers import is_live, staging_folders
-from ckptops.checkpoint.writer import file_crc32
+from ckptops.checkpoint import checksum
 
 DIR = ".ckptops-journal"
 STATE = "journal.json"
@@ -142,8 +142,8 @@ def find(out: Path, key: str) -> Path | None:
     return max(found, key=lambda f: f.stat().st_mtime) if found else None
 
 
-def file_checks_out(path: Path, size: int, crc: int, padded: bool = False) -> bool:
-    """``path`` holds ``size`` bytes with this CRC-32. ``padded``: an output shard, which may end
+def file_checks_out(path: Path, size: int, recorded: str, padded: bool = False) -> bool:
+    """``path`` holds ``size`` bytes with the checksum ``recorded``. ``padded``: an output shard, which may end
     in the zero padding of a run killed before it truncated the file; that is cut off here."""
     try:
         actual = os.stat(path).st_size
@@ -151,7 +151,7 @@ def file_checks_out(path: Path, size: int, crc: int, padded: bool = False) -> bo
         return False
     if not (actual == size or (padded and size < actual < size + PADDING)):
         return False
-    if file_crc32(path, limit=size) != crc:
+    if not checksum.matches(path, size, recorded):
         return False
     if actual != size:
         os.truncate(path, size)

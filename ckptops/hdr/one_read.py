@@ -33,13 +33,13 @@ from __future__ import annotations
 import math
 import os
 import threading
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from ckptops.checkpoint.checksum import Checksum
 from ckptops.checkpoint.dtypes import itemsize
 from ckptops.checkpoint.writer import OutShard, ShardWriter
 from ckptops.errors import TensorValueError
@@ -100,7 +100,7 @@ class Corrections:
     to ``budget`` bytes, beyond that appended to the shard's records file in the journal (see
     :mod:`ckptops.hdr.journal`). A finished shard's records all go to its file
     (:meth:`close_shard`), so that ``--resume`` reads them instead of the shard's inputs; the
-    shards a killed run finished (``finished``: shard -> count, bytes, CRC-32) are read from
+    shards a killed run finished (``finished``: shard -> count, bytes, checksum) are read from
     theirs. Thread-safe."""
 
     def __init__(self, journal: Journal, budget: int, shard_of_task: list[int],
@@ -110,7 +110,7 @@ class Corrections:
         self.shard_of = shard_of_task
         self.files = {shard: meta for shard, meta in finished.items() if meta}
         self.peak_memory = 0
-        self._open: dict[int, tuple] = {}  # shard -> (CRC-32 so far, records, bytes) of a file being written
+        self._open: dict[int, tuple] = {}  # shard -> (checksum, records, bytes) of a file being written
         self._memory: dict[int, list[np.ndarray]] = {}
         self._memory_bytes = 0
         self._lock = threading.Lock()
@@ -135,27 +135,27 @@ class Corrections:
         pieces = self._memory.pop(shard, [])
         if not pieces:
             return
-        crc, count, nbytes = self._open.get(shard) or (0, 0, 0)
+        check, count, nbytes = self._open.get(shard) or (Checksum(), 0, 0)
         with open(self.journal.records_path(shard), "ab") as file:
             for records in pieces:
                 data = records.tobytes()
                 file.write(data)
-                crc = zlib.crc32(data, crc)
+                check.update(data)
                 count += len(records)
                 nbytes += len(data)
                 self._memory_bytes -= records.nbytes
-        self._open[shard] = (crc, count, nbytes)
+        self._open[shard] = (check, count, nbytes)
 
     def close_shard(self, shard: int) -> dict | None:
-        """Write the rest of a finished shard's records to its file; its count, bytes, CRC-32
+        """Write the rest of a finished shard's records to its file; its count, bytes, checksum
         (None: it has none)."""
         with self._lock:
             self._spill(shard)
             opened = self._open.pop(shard, None)
             if opened is None:
                 return None
-            crc, count, nbytes = opened
-            meta = self.files[shard] = {"count": count, "bytes": nbytes, "crc32": crc}
+            check, count, nbytes = opened
+            meta = self.files[shard] = {"count": count, "bytes": nbytes, "checksum": check.value()}
             return meta
 
     @property

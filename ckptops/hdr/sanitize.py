@@ -123,7 +123,7 @@ class SanitizeReport:
         if self.resumed:
             r = self.resumed
             line = (f"  resumed           reused {len(r['reused_shards'])} finished output shard(s) of a killed run "
-                    f"(CRC-32 checked; {r['input_bytes_skipped'] / 1e9:.2f} GB of input not read again)")
+                    f"(checksums checked; {r['input_bytes_skipped'] / 1e9:.2f} GB of input not read again)")
             if r["redone_shards"]:
                 line += f"; computed again: {', '.join(r['redone_shards'][:3])}" + (" ..." if len(r["redone_shards"]) > 3 else "")
             lines.append(line)

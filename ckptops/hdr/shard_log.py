@@ -5,7 +5,7 @@ Everything the end of a pass computes (the one-read pass's exact thresholds and 
 changed-tensor counts, the drift figures) is a sum over chunks. Each worker therefore adds its
 chunks into a :class:`ShardTally` of the chunk's output shard, and when the last chunk of a shard
 is done (:meth:`ShardLog.chunk_done`) the workers' tallies of that shard are merged and journaled
-with the shard's CRC-32 (see :mod:`ckptops.hdr.journal`). The end of the pass adds up the
+with the shard's checksum (see :mod:`ckptops.hdr.journal`). The end of the pass adds up the
 tallies of every shard, journaled by this run or read back from a killed one: a reused shard
 counts exactly as if its inputs had been read again. Drift sums stay per chunk (summed in (tensor,
 offset) order at the end), so ``ckptops.json`` is the same bytes either way.
@@ -31,7 +31,7 @@ class ShardTally:
     """What one output shard contributes to the end of the pass: per selection group, the
     one-read band histogram and the drift sums; per tensor, its peak |tau| bit pattern (band
     groups) and how many of its chunks changed (other groups); its correction records (count,
-    bytes and CRC-32 of its records file)."""
+    bytes and checksum of its records file)."""
 
     hists: dict[str, np.ndarray] = field(default_factory=dict)
     peaks: dict[str, int] = field(default_factory=dict)
@@ -141,7 +141,7 @@ class ShardLog:
 
     def _finish(self, index: int) -> None:
         """Merge the workers' tallies of a finished shard (no worker touches them again) and
-        journal them with the shard's CRC-32."""
+        journal them with the shard's checksum."""
         with self._lock:
             states = list(self._states)
         tally = ShardTally()
@@ -153,7 +153,7 @@ class ShardLog:
             tally.records = self.records.close_shard(index)
         shard = self.shards[index]
         entry = {"name": shard.name, "size": self.writer.file_size(shard.name),
-                 "crc32": self.writer.crc32(shard.name), **tally.to_json()}
+                 "checksum": self.writer.checksum(shard.name), **tally.to_json()}
         self.journal.write_entry(index, entry)
         with self._lock:
             self.tallies[index] = tally
@@ -212,7 +212,7 @@ def check_finished(journal: Journal, shards: list[OutShard], workers: int, needs
             tally = ShardTally.from_json(entry)
         except (KeyError, TypeError, ValueError, AttributeError):  # not an entry this version wrote
             return index, None
-        ok = file_checks_out(journal.folder / entry["name"], entry["size"], entry["crc32"], padded=True)
+        ok = file_checks_out(journal.folder / entry["name"], entry["size"], entry["checksum"], padded=True)
         return index, tally if ok else None
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -223,8 +223,8 @@ def check_finished(journal: Journal, shards: list[OutShard], workers: int, needs
 
 
 def _records_check_out(journal: Journal, index: int, records) -> bool:
-    """A shard's correction records (none, or a file of the recorded size and CRC-32)."""
+    """A shard's correction records (none, or a file of the recorded size and checksum)."""
     if not records:
         return True
     return isinstance(records, dict) and file_checks_out(journal.records_path(index), records.get("bytes", -1),
-                                                         records.get("crc32", -1))
+                                                         records.get("checksum", ""))
