@@ -99,7 +99,8 @@ class Corrections:
     """The in-band values of the pass (see the module docstring), per output shard: in memory up
     to ``budget`` bytes, beyond that appended to the shard's records file in the journal (see
     :mod:`ckptops.hdr.journal`). A finished shard's records all go to its file
-    (:meth:`close_shard`), so that ``--resume`` reads them instead of the shard's inputs; the
+    (:meth:`close_shard`), so that ``--resume`` reads them instead of the shard's inputs, and
+    stay in memory too while the budget allows (the end of the pass then reads no file); the
     shards a killed run finished (``finished``: shard -> count, bytes, checksum) are read from
     theirs. Thread-safe."""
 
@@ -111,7 +112,8 @@ class Corrections:
         self.files = {shard: meta for shard, meta in finished.items() if meta}
         self.peak_memory = 0
         self._open: dict[int, tuple] = {}  # shard -> (checksum, records, bytes) of a file being written
-        self._memory: dict[int, list[np.ndarray]] = {}
+        self._memory: dict[int, list[np.ndarray]] = {}  # records of shards not finished
+        self._kept: dict[int, list[np.ndarray]] = {}  # finished shards' records, also in their files
         self._memory_bytes = 0
         self._lock = threading.Lock()
 
@@ -128,29 +130,34 @@ class Corrections:
             self._memory_bytes += records.nbytes
             self.peak_memory = max(self.peak_memory, self._memory_bytes)
             if self._memory_bytes > self.budget:
+                self._memory_bytes -= sum(r.nbytes for pieces in self._kept.values() for r in pieces)
+                self._kept.clear()  # they are in their files
                 for shard in list(self._memory):
                     self._spill(shard)
 
-    def _spill(self, shard: int) -> None:
+    def _spill(self, shard: int, keep: bool = False) -> None:
         pieces = self._memory.pop(shard, [])
         if not pieces:
             return
         check, count, nbytes = self._open.get(shard) or (Checksum(), 0, 0)
         with open(self.journal.records_path(shard), "ab") as file:
             for records in pieces:
-                data = records.tobytes()
+                data = records.view(np.uint8)
                 file.write(data)
                 check.update(data)
                 count += len(records)
-                nbytes += len(data)
-                self._memory_bytes -= records.nbytes
+                nbytes += records.nbytes
+        if keep:
+            self._kept[shard] = pieces
+        else:
+            self._memory_bytes -= sum(r.nbytes for r in pieces)
         self._open[shard] = (check, count, nbytes)
 
     def close_shard(self, shard: int) -> dict | None:
         """Write the rest of a finished shard's records to its file; its count, bytes, checksum
         (None: it has none)."""
         with self._lock:
-            self._spill(shard)
+            self._spill(shard, keep=shard not in self._open)  # kept only if none went to the file before
             opened = self._open.pop(shard, None)
             if opened is None:
                 return None
@@ -171,6 +178,9 @@ class Corrections:
     def batches(self, records_per_batch: int = 1 << 20):
         """Every record, in batches (records files read back in pieces of bounded size)."""
         for shard in sorted(self.files):
+            if shard in self._kept:
+                yield from self._kept[shard]
+                continue
             with open(self.journal.records_path(shard), "rb") as file:
                 while True:
                     data = file.read(records_per_batch * RECORD.itemsize)
