@@ -192,7 +192,7 @@ def sanitize(
     The choices are the fields of :class:`SanitizeOptions`, given either as keywords
     (``top_k=0.1, scale=3.0, scope="global", exclude=(), layers=None, edit_area=None,
     dtype="auto", max_memory="1GiB", shard_size=None, workers=None, chunk_elements=None,
-    low_disk=False, hash_inputs=False, progress=None, overwrite=False, force=False, title=None,
+    low_disk=False, resume=False, hash_inputs=False, progress=None, overwrite=False, force=False, title=None,
     push_to_hub=None, private=False, branch=None, commit_message=None``) or as one ``options``
     object.
 
@@ -202,6 +202,9 @@ def sanitize(
     remaining work reads them (see :mod:`ckptops.hdr.low_disk`).
     ``push_to_hub`` uploads the finished folder to that repo (``private``, ``branch``,
     ``commit_message``); if the push fails, ``out`` is complete and the error says how to retry.
+
+    ``resume`` continues a killed run into the same ``out`` with the same choices from where it
+    stopped (see :mod:`ckptops.hdr.journal`); every run journals its progress for that.
 
     ``edit_area="auto"`` (edited models) compares target and base, and restricts selection and
     update to layers l-1, l, l+1 around every layer l where they differ. A target whose model card
