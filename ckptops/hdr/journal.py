@@ -34,8 +34,8 @@ import os
 import shutil
 from pathlib import Path
 
-from ckptops.checkpoint.leftovers import is_live, staging_folders
 from ckptops.checkpoint import checksum
+from ckptops.checkpoint.leftovers import is_live, staging_folders
 
 DIR = ".ckptops-journal"
 STATE = "journal.json"
