@@ -4,10 +4,10 @@ run wrote. Every run takes it, of its whole output, as each shard is written: it
 
 XXH64 of the file (a C loop of the fused extension, ~11 GB/s on the machine measured; ``xxhsum``
 gives the same value); without the extension, zlib's CRC-32 (~4 GB/s). sha256 (1.3 GB/s) made a
-1B-parameter run about 25% slower on 2 busy cores, CRC-32 about 15%, XXH64 9% (records included). A value names its kind (``xxh64:...``,
-``crc32:...``), so that a file is checked with the function that took its checksum. Not a
-cryptographic hash: it detects a shard that was damaged or never reached the disk, which is what
-it is for.
+1B-parameter run about 25% slower on 2 busy cores, CRC-32 about 15%, XXH64 9% (records included). A
+value names its kind (``xxh64:...``, ``crc32:...``), so that a file is checked with the function
+that took its checksum. Not a cryptographic hash: it detects a shard that was damaged or never
+reached the disk, which is what it is for.
 """
 
 from __future__ import annotations

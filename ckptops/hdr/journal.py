@@ -18,11 +18,11 @@ OUT):
   ``correcting`` (the one-read corrections, towards the ``exact`` thresholds recorded here, may
   be partly written over them), ``fallback`` (a group whose band missed is being rewritten: the
   shards are not reused).
-- ``shard-NNNNN.json``: one per output shard the pass finished, written once the shard's last
-  byte was: its size and checksum (:mod:`ckptops.checkpoint.checksum`) as the pass wrote it, and what it contributes to the end of the
-  pass (see :mod:`ckptops.hdr.shard_log`). Written atomically, never synced: after a power cut a
-  lost entry only means that shard is computed again, and a shard that did not reach the disk
-  fails its hash check.
+- ``shard-NNNNN.json``: one per output shard the pass finished, written once the shard's last byte
+  was: its size and checksum (:mod:`ckptops.checkpoint.checksum`) as the pass wrote it, and what it
+  contributes to the end of the pass (see :mod:`ckptops.hdr.shard_log`). Written atomically, never
+  synced: after a power cut a lost entry only means that shard is computed again, and a shard that
+  did not reach the disk fails its checksum.
 - ``shard-NNNNN.records``: that shard's one-read correction records.
 """
 

@@ -418,7 +418,8 @@ def undo_corrections(plan: Plan, journal: Journal, shards: list[OutShard], locat
     the resumed run writes the corrections again."""
     bands = {g: Band(*v) for g, v in journal.state["bands"].items()}
     exact = {g: Selection(select.bits_to_float(bits), 0, 0) for g, bits in journal.state.get("exact", {}).items()}
-    present = {i: e["records"] for i, e in entries.items() if e.get("records") and (journal.folder / e["name"]).is_file()}
+    present = {i: e["records"] for i, e in entries.items()
+               if e.get("records") and (journal.folder / e["name"]).is_file()}
     shard_of = shard_index(shards)
     store = Corrections(journal, 0, [shard_of[t.name] for t in plan.tasks], present)
     patch(plan, store, bands, exact, [g for g in bands if g not in exact], scale, locations, undo=True)

@@ -125,7 +125,8 @@ class SanitizeReport:
             line = (f"  resumed           reused {len(r['reused_shards'])} finished output shard(s) of a killed run "
                     f"(checksums checked; {r['input_bytes_skipped'] / 1e9:.2f} GB of input not read again)")
             if r["redone_shards"]:
-                line += f"; computed again: {', '.join(r['redone_shards'][:3])}" + (" ..." if len(r["redone_shards"]) > 3 else "")
+                more = " ..." if len(r["redone_shards"]) > 3 else ""
+                line += f"; computed again: {', '.join(r['redone_shards'][:3])}{more}"
             lines.append(line)
         for folder in self.leftovers.get("removed", []):
             lines.append(f"  removed leftover  {folder} (an interrupted earlier run)")
@@ -414,8 +415,9 @@ def passes(run: Run, pool: WorkerPool, writer: ShardWriter, log: shard_log.Shard
     else:
         selections = select_pass(run, pool)
     if recorded is None:
-        run.journal.update(selections={g: [s.threshold, s.count, s.kept, None if s.changed is None else sorted(s.changed)]
-                                       for g, s in selections.items()})
+        run.journal.update(selections={
+            g: [s.threshold, s.count, s.kept, None if s.changed is None else sorted(s.changed)]
+            for g, s in selections.items()})
     if recorded is not None or not options.low_disk:
         apply_pass(run, pool, writer, selections, log, remaining, units)
     return selections, log.results(run.drift)

@@ -64,7 +64,8 @@ class ShardTally:
         return {
             "hists": {g: h.tolist() for g, h in self.hists.items()},
             "peaks": self.peaks, "kept": self.kept, "records": self.records,
-            "drift": {g: {"parts": [[name, start, key, part.tolist()] for (name, start), (key, part) in s.parts.items()],
+            "drift": {g: {"parts": [[name, start, key, part.tolist()]
+                                    for (name, start), (key, part) in s.parts.items()],
                           "sums": {k: v.tolist() for k, v in s.sums.items()}, "counts": s.counts}
                       for g, s in self.drift.items()},
         }
@@ -105,6 +106,7 @@ class ShardLog:
         self.records = None
         self._states: list[dict[int, ShardTally]] = []
         self._lock = threading.Lock()
+        self._journal_empty_shards()
 
     def remaining(self, plan: Plan) -> Plan:
         """The part of ``plan`` whose output shards a killed run did not finish."""
@@ -125,7 +127,7 @@ class ShardLog:
             found = state[index] = ShardTally()
         return found
 
-    def begin(self) -> None:
+    def _journal_empty_shards(self) -> None:
         """Journal the shards with nothing to compute (every tensor empty: the header is all)."""
         for index, left in enumerate(self.left):
             if left == 0 and index not in self.tallies:
