@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from ckptops.hdr.sanitize import SanitizeReport
 from ckptops.synth import Preset, write_triple
 from hdr_reference import bits_equal, load_folder, reference_hdr
 from hub_server import hub  # noqa: F401  (fixture)
@@ -149,6 +150,7 @@ def test_kill_9_then_resume_gives_the_same_bytes(triple, uninterrupted, tmp_path
         assert finished == []
     elif point == "apply":  # mid-pass: some shards finished, the rest computed now
         assert 0 < len(finished) < len(shards)
+        assert f"reused {len(finished)} finished output shard(s)" in SanitizeReport(**report).format_text()
     else:  # the pass was done: every shard reused
         assert finished == shards
     # only the other shards' inputs are read, once: no shard twice, no sample again (the band
