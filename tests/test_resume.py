@@ -1,5 +1,8 @@
-"""kill -9 at several points, then the same command with --resume: the output is byte for byte
-that of an uninterrupted run, and a run killed after its shards were complete reuses them."""
+"""kill -9 at several points of a run (started without --resume, as a user would), then the same
+command with --resume: the output is byte for byte that of an uninterrupted run (every file,
+ckptops.json, card and index included; and that run matches the independent in-memory
+reference), the output shards the killed run finished are reused without reading their inputs
+again, and anything that does not check out is computed again."""
 
 from __future__ import annotations
 
@@ -13,10 +16,28 @@ from pathlib import Path
 
 import pytest
 
+from ckptops.hdr.sanitize import SanitizeReport
 from ckptops.synth import Preset, write_triple
+from hdr_reference import bits_equal, load_folder, reference_hdr
+from hub_server import hub  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = Preset(128, 352, 4, 4, 2, 2000)
+JOURNAL = ".ckptops-journal"
+#: the killed run writes against an estimate at the band's lower edge, so that the corrections
+#: rewrite values (with the sampled estimate they rewrite none on this model)
+AT_THE_EDGE = (
+    "import sys\n"
+    "from ckptops.hdr import one_read\n"
+    "sample = one_read.estimate_band\n"
+    "def edge(*a, **k):\n"
+    "    band = sample(*a, **k)\n"
+    "    return one_read.Band(band.lo, band.size, band.lo)\n"
+    "one_read.estimate_band = edge\n"
+    "from ckptops.cli import console\n"
+    "sys.argv[0] = 'ckptops'\n"
+    "console()\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +45,13 @@ def triple(tmp_path_factory):
     return write_triple(tmp_path_factory.mktemp("resume"), PRESET, shard_size=800_000)
 
 
-def _command(triple, out: Path, *extra: str) -> list[str]:
-    # --max-memory 340MiB: chunks of ~50k values, so the one-read pass samples and corrects
-    return [sys.executable, "-m", "ckptops.cli", "sanitize", "--base", str(triple["base"]), "--harmful",
-            str(triple["harmful"]), "--target", str(triple["target"]), "--out", str(out), "-q", "--json",
-            "--max-memory", "340MiB", "--resume", *extra]
+def _command(inputs, out: Path, *extra: str, resume: bool = True, edge: bool = False) -> list[str]:
+    # --max-memory 340MiB: chunks of ~50k values, so the one-read pass samples and corrects;
+    # --shard-size 300KB: 8 output shards of about 3 chunks each
+    start = [sys.executable, "-c", AT_THE_EDGE] if edge else [sys.executable, "-m", "ckptops.cli"]
+    return [*start, "sanitize", "--base", str(inputs["base"]), "--harmful", str(inputs["harmful"]),
+            "--target", str(inputs["target"]), "--out", str(out), "-q", "--json", "--max-memory", "340MiB",
+            "--shard-size", "300KB", *(["--resume"] if resume else []), *extra]
 
 
 def _env(**extra) -> dict:
@@ -42,58 +65,200 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+def _run(command: list[str]) -> dict:
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def _kill_at(command: list[str], point: str, tmp_path: Path) -> Path:
+    """Run ``command`` until it pauses at ``point``, kill -9 it; its staging folder."""
+    marker = tmp_path / f"paused-{point}"
+    process = subprocess.Popen(command, env=_env(CKPTOPS_PAUSE_AT=point, CKPTOPS_PAUSE_MARKER=str(marker)),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    failed = process.poll() is not None
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert marker.exists(), process.stderr.read().decode()[-2000:] if failed else "no pause"
+    staged = [p for p in tmp_path.iterdir() if ".ckptops-tmp-" in p.name]
+    assert len(staged) == 1
+    return staged[0]
+
+
+def _finished(staged: Path) -> list[str]:
+    """The output shards the killed run journaled as finished."""
+    return sorted(json.loads(p.read_text())["name"] for p in (staged / JOURNAL).glob("shard-*.json"))
+
+
+def _data_bytes(folder: Path) -> dict[str, int]:
+    """Bytes of every tensor of a checkpoint folder, from its headers."""
+    sizes = {}
+    for file in folder.glob("*.safetensors"):
+        raw = file.read_bytes()
+        header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+        for name, info in header.items():
+            if name != "__metadata__":
+                sizes[name] = info["data_offsets"][1] - info["data_offsets"][0]
+    return sizes
+
+
+def _expected_reads(triple, out: Path, reused: list[str]) -> dict[str, int]:
+    """Bytes each input must give a resumed run that reuses ``reused`` (and reads no sample):
+    every tensor of every other output shard, once."""
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    wanted = [name for name, shard in index.items() if shard not in reused]
+    return {role: sum(_data_bytes(triple[role])[name] for name in wanted) for role in ("base", "harmful", "target")}
+
+
+def _same(out: Path, uninterrupted: dict[str, bytes], skip=()) -> None:
+    got = _files(out)
+    assert got.keys() == uninterrupted.keys()
+    assert [n for n in got if got[n] != uninterrupted[n] and n not in skip] == []
+    assert not (out / JOURNAL).exists()
+    assert not [p for p in out.parent.iterdir() if ".ckptops-" in p.name]  # the staging folder became OUT
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(triple, tmp_path_factory):
     out = tmp_path_factory.mktemp("plain") / "out"
-    result = subprocess.run(_command(triple, out), env=_env(), capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["one_read"]["groups"] == 1
+    report = _run(_command(triple, out, resume=False))
+    assert report["one_read"]["groups"] == 1 and not report["resumed"]
+    assert not (out / JOURNAL).exists()
+    states = {role: load_folder(path) for role, path in triple.items()}
+    expected, _ = reference_hdr(states["base"], states["harmful"], states["target"])
+    got = load_folder(out)
+    assert got.keys() == expected.keys() and all(bits_equal(got[n], expected[n]) for n in expected)
+    assert len(list(out.glob("*.safetensors"))) == 8
     return _files(out)
 
 
 @pytest.mark.parametrize("point", ["selection", "apply", "correction", "publish"])
 def test_kill_9_then_resume_gives_the_same_bytes(triple, uninterrupted, tmp_path, point):
     out = tmp_path / "out"
-    marker = tmp_path / "paused"
-    process = subprocess.Popen(_command(triple, out), env=_env(CKPTOPS_PAUSE_AT=point, CKPTOPS_PAUSE_MARKER=str(marker)),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not marker.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert marker.exists(), process.stderr.read().decode()[-2000:] if process.poll() is not None else "no pause"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    staged = [p for p in tmp_path.iterdir() if ".ckptops-tmp-" in p.name]
-    assert len(staged) == 1 and not out.exists()
-
-    result = subprocess.run(_command(triple, out), env=_env(), capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
-    got = _files(out)
-    assert got.keys() == uninterrupted.keys()
-    assert [n for n in got if got[n] != uninterrupted[n]] == []
-    assert not [p for p in tmp_path.iterdir() if ".ckptops-" in p.name]  # the staging folder became OUT
+    staged = _kill_at(_command(triple, out, resume=point == "selection"), point, tmp_path)
+    finished = _finished(staged)
+    report = _run(_command(triple, out))
+    _same(out, uninterrupted)
     assert not report["leftovers"]["removed"]  # it was continued, not swept
-    shards = sorted(n for n in got if n.endswith(".safetensors"))
-    if point == "publish":  # the work was done: every shard reused, no input read
-        assert report["resumed"]["reused_shards"] == shards
-        assert all(v["read"] == 0 for v in report["io"].values())
-    else:
-        assert not report["resumed"]
+    shards = sorted(n for n in uninterrupted if n.endswith(".safetensors"))
+    resumed = report["resumed"]
+    assert resumed["reused_shards"] == finished and resumed["redone_shards"] == []
+    if point == "selection":
+        assert finished == []
+    elif point == "apply":  # mid-pass: some shards finished, the rest computed now
+        assert 0 < len(finished) < len(shards)
+        assert f"reused {len(finished)} finished output shard(s)" in SanitizeReport(**report).format_text()
+    else:  # the pass was done: every shard reused
+        assert finished == shards
+    # only the other shards' inputs are read, once: no shard twice, no sample again (the band
+    # comes from the journal)
+    reads = {role: v["read"] for role, v in report["io"].items()}
+    assert reads == _expected_reads(triple, out, finished)
+    assert resumed["input_bytes_skipped"] == sum(_expected_reads(triple, out, []).values()) - sum(reads.values())
 
 
-def test_resume_does_not_continue_a_run_with_other_arguments(triple, tmp_path):
+def test_kill_during_the_corrections(triple, uninterrupted, tmp_path):
+    """Killed with part of the corrections written over finished shards: the resumed run writes
+    the pass's values back before it checks the shards (all reused, nothing read), then
+    corrects them again."""
     out = tmp_path / "out"
-    marker = tmp_path / "paused"
-    process = subprocess.Popen(_command(triple, out, "--scale", "2"),
-                               env=_env(CKPTOPS_PAUSE_AT="publish", CKPTOPS_PAUSE_MARKER=str(marker)),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not marker.exists() and time.time() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    result = subprocess.run(_command(triple, out), env=_env(), capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
-    assert not report["resumed"] and len(report["leftovers"]["removed"]) == 1  # swept, not reused
+    staged = _kill_at(_command(triple, out, resume=False, edge=True), "patch", tmp_path)
+    assert json.loads((staged / JOURNAL / "journal.json").read_text())["phase"] == "correcting"
+    report = _run(_command(triple, out))
+    _same(out, uninterrupted)
+    assert report["resumed"]["reused_shards"] == sorted(n for n in uninterrupted if n.endswith(".safetensors"))
+    assert all(v["read"] == 0 for v in report["io"].values())
+    assert report["one_read"]["values_corrected"] > 100
+
+
+def test_a_shard_damaged_after_the_kill_is_computed_again(triple, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    staged = _kill_at(_command(triple, out, resume=False), "publish", tmp_path)
+    finished = _finished(staged)
+    damaged = finished[2]
+    with open(staged / damaged, "r+b") as file:
+        file.seek(-100, os.SEEK_END)
+        byte = file.read(1)
+        file.seek(-100, os.SEEK_END)
+        file.write(bytes([byte[0] ^ 0x40]))
+    report = _run(_command(triple, out))
+    _same(out, uninterrupted)
+    assert report["resumed"]["redone_shards"] == [damaged]
+    assert report["resumed"]["reused_shards"] == [n for n in finished if n != damaged]
+    assert {role: v["read"] for role, v in report["io"].items()} == _expected_reads(
+        triple, out, report["resumed"]["reused_shards"])
+
+
+def test_two_pass_resumes_mid_pass(triple, uninterrupted, tmp_path):
+    """--two-pass journals the selected thresholds: the resumed run selects nothing again and
+    computes only the shards the killed run did not finish."""
+    out = tmp_path / "out"
+    staged = _kill_at(_command(triple, out, "--two-pass", resume=False), "apply", tmp_path)
+    finished = _finished(staged)
+    assert finished
+    report = _run(_command(triple, out, "--two-pass"))
+    _same(out, uninterrupted)
+    assert report["resumed"]["reused_shards"] == finished
+    assert {role: v["read"] for role, v in report["io"].items()} == _expected_reads(triple, out, finished)
+
+
+def test_resume_does_not_continue_a_run_with_other_arguments(triple, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    staged = _kill_at(_command(triple, out, "--scale", "2", resume=False), "apply", tmp_path)
+    assert _finished(staged)
+    report = _run(_command(triple, out))
+    _same(out, uninterrupted)
+    assert not report["resumed"] and report["leftovers"]["removed"] == [str(staged)]  # swept, not reused
+
+
+def test_without_resume_a_killed_run_is_removed(triple, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    staged = _kill_at(_command(triple, out, resume=False), "apply", tmp_path)
+    report = _run(_command(triple, out, resume=False))
+    _same(out, uninterrupted)
+    assert not report["resumed"] and report["leftovers"]["removed"] == [str(staged)]
+    assert report["io"]["target"]["read"] == sum(_data_bytes(triple["target"]).values())
+
+
+def test_layer_scope_resumes_mid_pass(triple, tmp_path):
+    """Layer scope: a band per decoder layer, and the small groups outside the layers selected
+    before the pass (journaled too: the resumed run reads nothing for them)."""
+    plain = _run(_command(triple, tmp_path / "plain" / "out", "--scope", "layer", resume=False))  # same title
+    assert plain["one_read"]["groups"] == 4 and plain["one_read"]["selected_before"]
+    out = tmp_path / "out"
+    staged = _kill_at(_command(triple, out, "--scope", "layer", resume=False), "apply", tmp_path)
+    finished = _finished(staged)
+    assert finished
+    report = _run(_command(triple, out, "--scope", "layer"))
+    _same(out, _files(tmp_path / "plain" / "out"))
+    assert report["resumed"]["reused_shards"] == finished
+    assert {role: v["read"] for role, v in report["io"].items()} == _expected_reads(triple, out, finished)
+
+
+def test_resume_with_low_disk(triple, uninterrupted, tmp_path):
+    """--low-disk (not part of the key) walks the rest of the plan in release units."""
+    out = tmp_path / "out"
+    finished = _finished(_kill_at(_command(triple, out, resume=False), "apply", tmp_path))
+    report = _run(_command(triple, out, "--low-disk"))
+    _same(out, uninterrupted)
+    assert report["resumed"]["reused_shards"] == finished
+    assert {role: v["read"] for role, v in report["io"].items()} == _expected_reads(triple, out, finished)
+
+
+def test_hub_inputs_are_not_downloaded_again_for_finished_shards(hub, triple, uninterrupted, tmp_path):
+    """The motivation: a long run from the Hub, killed, resumed. Input shards that only finished
+    output shards need are not downloaded again."""
+    refs = {role: f"org/{role}" for role in ("base", "harmful", "target")}
+    for role, ref in refs.items():
+        hub.add_folder(ref, triple[role])
+    out = tmp_path / "out"
+    finished = _finished(_kill_at(_command(refs, out, "--low-disk", resume=False), "apply", tmp_path))
+    assert finished
+    report = _run(_command(refs, out, "--low-disk"))
+    _same(out, uninterrupted, skip=("README.md", "ckptops.json"))  # they name the Hub inputs
+    assert report["resumed"]["reused_shards"] == finished
+    full = sum(p.stat().st_size for p in triple["target"].glob("*.safetensors"))
+    assert 0 < report["io"]["target"]["downloaded"] < full

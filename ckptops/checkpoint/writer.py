@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ckptops.checkpoint.checksum import Checksum, file_checksum
 from ckptops.checkpoint.dtypes import itemsize
 from ckptops.errors import OutputError
 
@@ -101,15 +102,20 @@ class DirectFile:
     Chunks arrive nearly in file order (workers take tensors in output order), so the few that
     arrive early wait in memory only briefly. Bytes are copied with numpy, which releases the GIL
     (a ``memoryview`` slice assignment holds it, and stalled the other worker for ~0.5 s per GB).
+
+    ``hashed``: the writer thread also takes the checksum of the blocks (they reach it in file
+    order), so that :meth:`checksum` of the finished file costs no second read (the ``--resume``
+    journal records it; see :mod:`ckptops.checkpoint.checksum`).
     """
 
     ALIGN = 4096
     BLOCK = 8 << 20
     BLOCKS = 3
 
-    def __init__(self, path: Path, size: int) -> None:
+    def __init__(self, path: Path, size: int, hashed: bool = False) -> None:
         self.size = size
         self.path = path
+        self._check = Checksum() if hashed else None
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
         self._free: queue.Queue = queue.Queue()
         self._maps = [mmap.mmap(-1, self.BLOCK) for _ in range(self.BLOCKS)]  # page aligned
@@ -139,6 +145,8 @@ class DirectFile:
                     done = 0
                     while done < nbytes:
                         done += os.pwrite(self.fd, block[done:nbytes], offset + done)
+                    if self._check is not None:  # the padding of the last block is not the file's
+                        self._check.update(block[:min(nbytes, self.size - offset)])
             except BaseException as exc:  # reported by the next write or by finish()
                 self._error = exc
             self._free.put(block)
@@ -218,13 +226,24 @@ class DirectFile:
 
     def finish(self) -> None:
         with self._lock:
-            if not self._completed:
-                raise AssertionError(f"output file incomplete: {self._start + self._staged} of {self.size} bytes")
-            self._thread.join()
-            if self._error is not None:
-                raise self._error
+            self._written()
             os.ftruncate(self.fd, self.size)
             os.fsync(self.fd)
+
+    def _written(self) -> None:
+        """Wait until every byte is written (all writes must have been handed in)."""
+        if not self._completed:
+            raise AssertionError(f"output file incomplete: {self._start + self._staged} of {self.size} bytes")
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def checksum(self) -> str:
+        """The finished file's checksum, taken as it was written (``hashed=True``)."""
+        self._written()
+        if self._check is None:
+            raise AssertionError(f"{self.path}: opened without hashed=True")
+        return self._check.value()
 
     def close(self) -> None:
         if self._thread.is_alive():
@@ -258,17 +277,45 @@ class BufferedFile:
     def finish(self) -> None:
         os.fsync(self.fd)
 
+    def checksum(self) -> str:
+        """The finished file's checksum: read back (from the page cache; writes came in any order)."""
+        return file_checksum(self.path)
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
 
-def open_output(path: Path, size: int, direct: bool = True):
+class FinishedFile:
+    """An output shard a killed run completed and ``--resume`` reuses: not opened, not written;
+    its tensors' locations still serve the corrections."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write_at(self, offset: int, data: memoryview) -> None:
+        raise AssertionError(f"{self.path}: reused from a killed run, not written again")
+
+    def finish(self) -> None:
+        """Make it durable (a killed run's writes may still be in the page cache only)."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def abort(self) -> None:
+        pass
+
+    close = abort
+
+
+def open_output(path: Path, size: int, direct: bool = True, hashed: bool = False):
     """A :class:`DirectFile` where the OS and file system allow it, else a :class:`BufferedFile`."""
     if direct and hasattr(os, "O_DIRECT"):
         try:
-            return DirectFile(path, size)
+            return DirectFile(path, size, hashed)
         except OSError:
             pass
     return BufferedFile(path, size)
@@ -277,21 +324,33 @@ def open_output(path: Path, size: int, direct: bool = True):
 class ShardWriter:
     """Creates every output shard in ``folder`` (header first) and accepts
     ``write(name, byte_offset_in_tensor, data)`` calls from any thread; ``finish()`` makes the
-    files complete and durable."""
+    files complete and durable.
 
-    def __init__(self, folder: Path, shards: list[OutShard], metadata: dict[str, str], direct: bool = True) -> None:
+    ``reused``: names of shards a killed run completed (``--resume``), left as they are;
+    ``hashed``: :meth:`checksum` gives a finished shard's checksum without reading it again."""
+
+    def __init__(self, folder: Path, shards: list[OutShard], metadata: dict[str, str], direct: bool = True,
+                 reused: frozenset[str] = frozenset(), hashed: bool = False) -> None:
         self.folder = Path(folder)
         self.shards = shards
         self._where: dict[str, tuple[object, int, int]] = {}  # tensor -> (file, absolute offset, nbytes)
         self._files: list = []
+        self._by_name: dict[str, object] = {}
+        self._sizes: dict[str, int] = {}
         try:
             for shard in shards:
                 head, offsets = header_bytes(shard, metadata)
-                if "/" in shard.name:  # the input's index kept its shards in a subfolder: so do we
-                    (self.folder / shard.name).parent.mkdir(parents=True, exist_ok=True)
-                file = open_output(self.folder / shard.name, len(head) + shard.nbytes, direct)
-                self._files.append(file)
-                file.write_at(0, memoryview(head))
+                if shard.name in reused:
+                    file = FinishedFile(self.folder / shard.name)
+                    self._files.append(file)
+                else:
+                    if "/" in shard.name:  # the input's index kept its shards in a subfolder: so do we
+                        (self.folder / shard.name).parent.mkdir(parents=True, exist_ok=True)
+                    file = open_output(self.folder / shard.name, len(head) + shard.nbytes, direct, hashed)
+                    self._files.append(file)
+                    file.write_at(0, memoryview(head))
+                self._by_name[shard.name] = file
+                self._sizes[shard.name] = len(head) + shard.nbytes
                 for tensor in shard.tensors:
                     self._where[tensor.name] = (file, offsets[tensor.name], tensor.nbytes)
         except OSError as exc:
@@ -311,6 +370,13 @@ class ShardWriter:
         """Every tensor's (file, absolute byte offset, byte count), also after :meth:`finish`
         (to correct values in place once the files are complete)."""
         return {name: (Path(file.path), start, nbytes) for name, (file, start, nbytes) in self._where.items()}
+
+    def checksum(self, shard: str) -> str:
+        """The checksum of output shard ``shard`` once every byte of it was handed in."""
+        return self._by_name[shard].checksum()
+
+    def file_size(self, shard: str) -> int:
+        return self._sizes[shard]
 
     def weight_map(self) -> dict[str, str]:
         return {t.name: s.name for s in self.shards for t in s.tensors}

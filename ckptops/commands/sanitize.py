@@ -36,8 +36,11 @@ from ckptops.units import format_size
                    "(about one shard per model on disk; every shard downloaded once; global/layer scope samples "
                    "shards not yet downloaded by range requests; with --two-pass, global scope downloads base and harmful 3 times).")
 @click.option("--resume", is_flag=True,
-              help="Continue a run into the same OUT that was killed (same arguments, --resume both times): "
-                   "finished output shards whose sha256 checks out are reused; the output is the same bytes.")
+              help="Continue a run into the same OUT that was killed (kill -9, power cut) with the same arguments "
+                   "(the first run needs no --resume): output shards it finished whose checksum checks out are reused "
+                   "and their inputs not read again; the rest of the pass, the exact threshold, the corrections and "
+                   "the side files are done again. The output is the same bytes. Without --resume a dead run's "
+                   "folder is removed.")
 @click.option("--two-pass", is_flag=True,
               help="Global/layer scope: select, then apply (reads base and harmful twice) instead of the one-read pass; "
                    "for comparison, same output.")

@@ -447,13 +447,166 @@ done:
     return result;
 }
 
+/* XXH64 (xxHash, 64-bit, seed 0), streaming: the checksum every sanitize run takes of its output
+ * shards for the --resume journal (see ckptops/checkpoint/checksum.py), fed the bytes as they are
+ * written. Why here: zlib's CRC-32 (~4 GB/s) cost a 1B-parameter run 0.6-0.8 s of CPU out of ~5;
+ * XXH64 runs at ~11 GB/s. The reference algorithm (xxhash.c), little-endian reads; its state
+ * lives in a bytearray of XXH64_STATE bytes that the caller owns. */
+#define XXH_P1 0x9E3779B185EBCA87ULL
+#define XXH_P2 0xC2B2AE3D27D4EB4FULL
+#define XXH_P3 0x165667B19E3779F9ULL
+#define XXH_P4 0x85EBCA77C2B2AE63ULL
+#define XXH_P5 0x27D4EB2F165667C5ULL
+
+typedef struct {
+    uint64_t v[4];
+    uint64_t total;
+    unsigned char mem[32];
+    uint64_t memsize;
+} xxh_state;
+
+static inline uint64_t xxh_rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+static inline uint64_t xxh_read64(const unsigned char *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static inline uint32_t xxh_read32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline uint64_t xxh_round(uint64_t acc, uint64_t input) {
+    acc += input * XXH_P2;
+    return xxh_rotl(acc, 31) * XXH_P1;
+}
+static inline uint64_t xxh_merge(uint64_t acc, uint64_t v) {
+    acc ^= xxh_round(0, v);
+    return acc * XXH_P1 + XXH_P4;
+}
+
+static void xxh_reset(xxh_state *st) {
+    memset(st, 0, sizeof(*st));
+    st->v[0] = XXH_P1 + XXH_P2;
+    st->v[1] = XXH_P2;
+    st->v[2] = 0;
+    st->v[3] = 0 - XXH_P1;
+}
+
+static void xxh_stripes(xxh_state *st, const unsigned char *p, size_t stripes) {
+    uint64_t v1 = st->v[0], v2 = st->v[1], v3 = st->v[2], v4 = st->v[3];
+    for (size_t i = 0; i < stripes; i++, p += 32) {
+        v1 = xxh_round(v1, xxh_read64(p));
+        v2 = xxh_round(v2, xxh_read64(p + 8));
+        v3 = xxh_round(v3, xxh_read64(p + 16));
+        v4 = xxh_round(v4, xxh_read64(p + 24));
+    }
+    st->v[0] = v1, st->v[1] = v2, st->v[2] = v3, st->v[3] = v4;
+}
+
+static void xxh_update(xxh_state *st, const unsigned char *p, size_t len) {
+    st->total += len;
+    if (st->memsize + len < 32) {
+        memcpy(st->mem + st->memsize, p, len);
+        st->memsize += len;
+        return;
+    }
+    if (st->memsize) {
+        size_t fill = 32 - st->memsize;
+        memcpy(st->mem + st->memsize, p, fill);
+        xxh_stripes(st, st->mem, 1);
+        p += fill;
+        len -= fill;
+        st->memsize = 0;
+    }
+    xxh_stripes(st, p, len / 32);
+    p += len / 32 * 32;
+    len %= 32;
+    memcpy(st->mem, p, len);
+    st->memsize = len;
+}
+
+static uint64_t xxh_digest(const xxh_state *st) {
+    uint64_t h;
+    const unsigned char *p = st->mem, *end = st->mem + st->memsize;
+    if (st->total >= 32) {
+        h = xxh_rotl(st->v[0], 1) + xxh_rotl(st->v[1], 7) + xxh_rotl(st->v[2], 12) + xxh_rotl(st->v[3], 18);
+        for (int i = 0; i < 4; i++)
+            h = xxh_merge(h, st->v[i]);
+    } else {
+        h = XXH_P5;
+    }
+    h += st->total;
+    while (p + 8 <= end) {
+        h ^= xxh_round(0, xxh_read64(p));
+        h = xxh_rotl(h, 27) * XXH_P1 + XXH_P4;
+        p += 8;
+    }
+    if (p + 4 <= end) {
+        h ^= (uint64_t)xxh_read32(p) * XXH_P1;
+        h = xxh_rotl(h, 23) * XXH_P2 + XXH_P3;
+        p += 4;
+    }
+    while (p < end) {
+        h ^= (*p) * XXH_P5;
+        h = xxh_rotl(h, 11) * XXH_P1;
+        p++;
+    }
+    h ^= h >> 33;
+    h *= XXH_P2;
+    h ^= h >> 29;
+    h *= XXH_P3;
+    h ^= h >> 32;
+    return h;
+}
+
+/* xxh64_update(state, data) -> None; xxh64_update(state) resets the state. */
+static PyObject *py_xxh64_update(PyObject *self, PyObject *args) {
+    Py_buffer state, data = {0};
+    if (!PyArg_ParseTuple(args, "w*|y*", &state, &data))
+        return NULL;
+    if (state.len != (Py_ssize_t)sizeof(xxh_state)) {
+        PyBuffer_Release(&state);
+        if (data.obj != NULL)
+            PyBuffer_Release(&data);
+        PyErr_SetString(PyExc_ValueError, "xxh64 state of the wrong size");
+        return NULL;
+    }
+    if (data.obj == NULL) {
+        xxh_reset((xxh_state *)state.buf);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        xxh_update((xxh_state *)state.buf, (const unsigned char *)data.buf, (size_t)data.len);
+        Py_END_ALLOW_THREADS
+        PyBuffer_Release(&data);
+    }
+    PyBuffer_Release(&state);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_xxh64_digest(PyObject *self, PyObject *args) {
+    Py_buffer state;
+    uint64_t h;
+    if (!PyArg_ParseTuple(args, "y*", &state))
+        return NULL;
+    if (state.len != (Py_ssize_t)sizeof(xxh_state)) {
+        PyBuffer_Release(&state);
+        PyErr_SetString(PyExc_ValueError, "xxh64 state of the wrong size");
+        return NULL;
+    }
+    h = xxh_digest((const xxh_state *)state.buf);
+    PyBuffer_Release(&state);
+    return PyLong_FromUnsignedLongLong(h);
+}
+
 static PyMethodDef methods[] = {
     {"band_count", band_count, METH_VARARGS, "Count |h - b| bit patterns against a band (see the C source)."},
     {"band_collect", band_collect, METH_VARARGS, "band_count that also records in-band values (see the C source)."},
     {"apply", apply, METH_VARARGS, "t - scale * shrink(h - b), rounded to the output kind (see the C source)."},
+    {"xxh64_update", py_xxh64_update, METH_VARARGS, "Feed bytes to an XXH64 state; no bytes: reset it."},
+    {"xxh64_digest", py_xxh64_digest, METH_VARARGS, "The XXH64 of the bytes fed to a state."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fused", "Fused HDR chunk loops.", -1, methods};
 
-PyMODINIT_FUNC PyInit__fused(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__fused(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "XXH64_STATE", (long)sizeof(xxh_state)) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -27,6 +27,7 @@ from ckptops.hdr.drift import DriftSums, group_key
 from ckptops.hdr.chunks import Chunk, WorkerBuffers, WorkerPool, split
 from ckptops.hdr.nonfinite import nonfinite_error, raw_all_finite
 from ckptops.hdr.plan import Plan, TensorTask
+from ckptops.hdr.shard_log import ShardLog, ShardTally
 
 
 def kernels():
@@ -225,15 +226,6 @@ def _count_low_kernel(models: Models, top_bits: int):
     return models.kernels.low_kernel(models, top_bits)
 
 
-@dataclass
-class ApplyCounts:
-    """Per-worker tallies: how many chunks of each HDR tensor changed at least one value, and
-    (when asked) the drift sums per layer group."""
-
-    kept: dict[str, int] = field(default_factory=dict)
-    drift: DriftSums = field(default_factory=DriftSums)
-
-
 def apply_all(
     plan: Plan,
     models: Models,
@@ -243,42 +235,51 @@ def apply_all(
     scale: float,
     progress: Callable[[int], None] | None = None,
     drift: DriftSums | None = None,
+    log: ShardLog | None = None,
 ) -> dict[str, int]:
     """Write every output tensor; returns, per HDR tensor, how many of its chunks changed.
     ``drift``, when given, gets the five drift sums of every HDR chunk added per layer group
-    (:mod:`ckptops.hdr.drift`), computed in the same loop as the update."""
+    (:mod:`ckptops.hdr.drift`), computed in the same loop as the update. With ``log`` (a
+    :class:`ckptops.hdr.shard_log.ShardLog`) both go to the log, per output shard, instead, and
+    {} is returned: ``log.results(drift)`` gives them once every shard is finished."""
 
-    def work(chunk: Chunk, buf: WorkerBuffers, counts: ApplyCounts) -> None:
+    def work(chunk: Chunk, buf: WorkerBuffers, state) -> None:
         if isinstance(chunk.task, tuple):
             task = chunk.task[1]
             _copy_chunk(Chunk(task, chunk.start, chunk.stop), buf, models, writer, path)
             read = chunk.size * itemsize(task.target.dtype)
         else:
             task = chunk.task
+            tally = log.part(state, task.name) if log is not None else state
             changed = selections[task.group].changed
             sums = None
             if drift is not None:
                 key = group_key(task.name)
-                sums = counts.drift.chunk_slot(key, task.name, chunk.start)
-                counts.drift.add_count(key, chunk.size)
-            counts.kept[task.name] = counts.kept.get(task.name, 0) + path.hdr_chunk(
+                per_group = tally.sums(task.group)
+                sums = per_group.chunk_slot(key, task.name, chunk.start)
+                per_group.add_count(key, chunk.size)
+            tally.kept[task.name] = tally.kept.get(task.name, 0) + path.hdr_chunk(
                 chunk, buf, models, writer, shrink[task.group], scale,
                 None if changed is None else task.name in changed, sums,
             )
             read = chunk.size * sum(itemsize(i.dtype) for i in (task.target, task.base, task.harmful))
         if progress:
             progress(read)
+        if log is not None:
+            log.chunk_done(task.name, chunk.size)
 
     shrink = {group: shrink_of(s) for group, s in selections.items()}
     path = models.kernels
-    states = pool.run(apply_chunks(plan, pool.chunk), work, ApplyCounts)
-    kept: dict[str, int] = {}
+    states = pool.run(apply_chunks(plan, pool.chunk), work, log.new_state if log is not None else ShardTally)
+    if log is not None:
+        return {}
+    total = ShardTally()
     for state in states:
-        for name, value in state.kept.items():
-            kept[name] = kept.get(name, 0) + value
-        if drift is not None:
-            drift.merge(state.drift)
-    return kept
+        total.merge(state)
+    if drift is not None:
+        for group in sorted(total.drift):
+            drift.merge(total.drift[group])
+    return total.kept
 
 
 def apply_chunks(plan: Plan, chunk: int):

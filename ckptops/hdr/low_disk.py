@@ -99,12 +99,13 @@ def _select_global_low_disk(plan: Plan, models: Models, pool: WorkerPool, top_k:
 
 
 def run_low_disk(plan: Plan, models: Models, pool: WorkerPool, writer: ShardWriter, top_k: float, scale: float,
-                  scope: str, tick, drift=None) -> tuple[dict, dict[str, int]]:
+                  scope: str, tick, drift=None, log=None) -> tuple[dict, dict[str, int]]:
     """Select and apply unit by unit (see the module docstring), releasing input shards early.
 
     A unit ends after a task that is the last reader of some input file, and never inside a
     selection group whose thresholds it computes. Returns (selections, changed chunks per tensor); ``drift`` (a
-    :class:`ckptops.hdr.drift.DriftSums`), when given, gets the apply passes' drift sums."""
+    :class:`ckptops.hdr.drift.DriftSums`), when given, gets the apply passes' drift sums. With
+    ``log`` (see :func:`ckptops.hdr.engine.apply_all`) those go to the log instead."""
     roles = {"base": models.base, "harmful": models.harmful, "target": models.target}
     preselect = scope == "global" and top_k < 1
     selections = _select_global_low_disk(plan, models, pool, top_k, tick, roles) if preselect else {}
@@ -120,7 +121,8 @@ def run_low_disk(plan: Plan, models: Models, pool: WorkerPool, writer: ShardWrit
         unit = Plan(plan.tasks[start:i + 1], plan.groups)
         if not preselect:
             selections.update(select_thresholds(unit, models, pool, top_k, tick))
-        for name, value in apply_all(unit, models, pool, writer, selections, scale, tick, drift=drift).items():
+        for name, value in apply_all(unit, models, pool, writer, selections, scale, tick, drift=drift,
+                                     log=log).items():
             kept[name] = kept.get(name, 0) + value
         _release(models, roles, _finished(last_use, holders, start, i))
         start = i + 1

@@ -9,8 +9,9 @@ reads base and harmful twice: once to select t, once to apply it. Here one pass 
 2. The pass writes every output value against the estimate ``w`` (selected when |tau| >= w),
    counts exactly how many |tau| lie below the band, above it and at each pattern inside it,
    and records every in-band value (tensor, element, tau, target value) in a
-   :class:`Corrections` store, which spills to a file in the staging folder beyond its memory
-   budget.
+   :class:`Corrections` store, per output shard: in memory up to its budget, and in the run's
+   journal (:mod:`ckptops.hdr.journal`) once the shard is finished, so that ``--resume`` can
+   skip the shard and still correct it.
 3. The counts pin the exact t. Only values whose |tau| lies between w and t were written with
    the wrong decision; they are recomputed from their records, with the same float32
    arithmetic and rounding as the pass, and written over the finished shards.
@@ -32,22 +33,25 @@ from __future__ import annotations
 import math
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from ckptops.checkpoint.checksum import Checksum
 from ckptops.checkpoint.dtypes import itemsize
-from ckptops.checkpoint.writer import ShardWriter
+from ckptops.checkpoint.writer import OutShard, ShardWriter
 from ckptops.errors import TensorValueError
 from ckptops.hdr import engine, select
 from ckptops.hdr.chunks import Chunk, WorkerBuffers, WorkerPool
 from ckptops.hdr.drift import DriftSums, group_key
 from ckptops.hdr.engine import Models, Selection
+from ckptops.hdr.journal import Journal
 from ckptops.hdr.nonfinite import nonfinite_error
 from ckptops.hdr.pause import pause_point
 from ckptops.hdr.plan import Plan, TensorTask
+from ckptops.hdr.shard_log import ShardLog, shard_index
 
 #: resolution of the sampled estimate: the top FINE_BITS bits of |tau| (2**20 bins, 8 MiB)
 FINE_SHIFT = 11
@@ -92,19 +96,24 @@ class Band:
 
 
 class Corrections:
-    """The in-band values of the pass (see the module docstring), in memory up to ``budget``
-    bytes, then appended to ``folder/corrections.bin``. Thread-safe."""
+    """The in-band values of the pass (see the module docstring), per output shard: in memory up
+    to ``budget`` bytes, beyond that appended to the shard's records file in the journal (see
+    :mod:`ckptops.hdr.journal`). A finished shard's records all go to its file
+    (:meth:`close_shard`), so that ``--resume`` reads them instead of the shard's inputs, and
+    stay in memory too while the budget allows (the end of the pass then reads no file); the
+    shards a killed run finished (``finished``: shard -> count, bytes, checksum) are read from
+    theirs. Thread-safe."""
 
-    FILE = "corrections.bin"
-
-    def __init__(self, folder: Path, budget: int) -> None:
-        self.path = Path(folder) / self.FILE
-        self.path.unlink(missing_ok=True)  # a resumed run's folder may hold a killed run's file
+    def __init__(self, journal: Journal, budget: int, shard_of_task: list[int],
+                 finished: dict[int, dict | None]) -> None:
+        self.journal = journal
         self.budget = budget
-        self.count = 0
-        self.spilled_bytes = 0
+        self.shard_of = shard_of_task
+        self.files = {shard: meta for shard, meta in finished.items() if meta}
         self.peak_memory = 0
-        self._memory: list[np.ndarray] = []
+        self._open: dict[int, tuple] = {}  # shard -> (checksum, records, bytes) of a file being written
+        self._memory: dict[int, list[np.ndarray]] = {}  # records of shards not finished
+        self._kept: dict[int, list[np.ndarray]] = {}  # finished shards' records, also in their files
         self._memory_bytes = 0
         self._lock = threading.Lock()
 
@@ -117,49 +126,69 @@ class Corrections:
         records["target"] = targets
         records["base"] = bases
         with self._lock:
-            self._memory.append(records)
+            self._memory.setdefault(self.shard_of[task_index], []).append(records)
             self._memory_bytes += records.nbytes
-            self.count += len(records)
             self.peak_memory = max(self.peak_memory, self._memory_bytes)
             if self._memory_bytes > self.budget:
-                self._spill()
+                self._memory_bytes -= sum(r.nbytes for pieces in self._kept.values() for r in pieces)
+                self._kept.clear()  # they are in their files
+                for shard in list(self._memory):
+                    self._spill(shard)
 
-    def _spill(self) -> None:
-        with open(self.path, "ab") as file:
-            for records in self._memory:
-                file.write(records.tobytes())
-                self.spilled_bytes += records.nbytes
-        self._memory, self._memory_bytes = [], 0
+    def _spill(self, shard: int, keep: bool = False) -> None:
+        pieces = self._memory.pop(shard, [])
+        if not pieces:
+            return
+        check, count, nbytes = self._open.get(shard) or (Checksum(), 0, 0)
+        with open(self.journal.records_path(shard), "ab") as file:
+            for records in pieces:
+                data = records.view(np.uint8)
+                file.write(data)
+                check.update(data)
+                count += len(records)
+                nbytes += records.nbytes
+        if keep:
+            self._kept[shard] = pieces
+        else:
+            self._memory_bytes -= sum(r.nbytes for r in pieces)
+        self._open[shard] = (check, count, nbytes)
+
+    def close_shard(self, shard: int) -> dict | None:
+        """Write the rest of a finished shard's records to its file; its count, bytes, checksum
+        (None: it has none)."""
+        with self._lock:
+            self._spill(shard, keep=shard not in self._open)  # kept only if none went to the file before
+            opened = self._open.pop(shard, None)
+            if opened is None:
+                return None
+            check, count, nbytes = opened
+            meta = self.files[shard] = {"count": count, "bytes": nbytes, "checksum": check.value()}
+            return meta
+
+    @property
+    def count(self) -> int:
+        """Records of the whole pass (also those of shards a killed run finished)."""
+        return (sum(m["count"] for m in self.files.values()) + sum(o[1] for o in self._open.values())
+                + sum(len(r) for pieces in self._memory.values() for r in pieces))
+
+    @property
+    def file_bytes(self) -> int:
+        return sum(m["bytes"] for m in self.files.values()) + sum(o[2] for o in self._open.values())
 
     def batches(self, records_per_batch: int = 1 << 20):
-        """Every record, in batches (spilled ones read back in pieces of bounded size)."""
-        if self.spilled_bytes:
-            with open(self.path, "rb") as file:
+        """Every record, in batches (records files read back in pieces of bounded size)."""
+        for shard in sorted(self.files):
+            if shard in self._kept:
+                yield from self._kept[shard]
+                continue
+            with open(self.journal.records_path(shard), "rb") as file:
                 while True:
                     data = file.read(records_per_batch * RECORD.itemsize)
                     if not data:
                         break
                     yield np.frombuffer(data, dtype=RECORD)
-        yield from self._memory
-
-    def remove(self) -> None:
-        self._memory = []
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-
-
-@dataclass
-class OneReadTally:
-    """One worker's results: per group, its band histogram; per tensor, its peak (band pass)
-    or changed-chunk count (groups selected before the pass)."""
-
-    hists: dict[str, np.ndarray] = field(default_factory=dict)
-    peaks: dict[str, int] = field(default_factory=dict)
-    kept: dict[str, int] = field(default_factory=dict)
-    #: drift sums per selection group (a group whose band missed has its own recomputed)
-    drift: dict[str, DriftSums] = field(default_factory=dict)
+        for pieces in self._memory.values():
+            yield from pieces
 
 
 @dataclass
@@ -241,48 +270,43 @@ def estimate_band(tasks: list[TensorTask], count: int, rank: int, models: Models
     return Band(lo, max(hi - lo, 1), write)
 
 
-def run_one_read(plan: Plan, models: Models, pool: WorkerPool, writer: ShardWriter, folder: Path, top_k: float,
+def run_one_read(plan: Plan, models: Models, pool: WorkerPool, writer: ShardWriter, log: ShardLog, top_k: float,
                  scale: float, tick: Callable[[int], None] | None, correction_budget: int,
                  units: list[tuple[Plan, Callable[[], None]]] | None = None,
                  drift: DriftSums | None = None) -> OneReadResult:
     """Sample, then one pass over every tensor, then the corrections (see the module docstring).
     ``drift``, when given, gets the drift sums (:mod:`ckptops.hdr.drift`) of the exact selection.
 
-    ``units`` (``--low-disk``): the plan cut into consecutive pieces, each with a function to
-    call once its pass is done (it releases the input files no later piece reads)."""
+    ``log`` tallies the pass per output shard and journals every finished shard; the shards a
+    killed run finished (``--resume``) are not read again: their tallies and correction records
+    come from the journal, and so do the bands (no sample is read again either).
+    ``units`` (``--low-disk``): the part of the plan still to compute cut into consecutive
+    pieces, each with a function to call once its pass is done (it releases the input files no
+    later piece reads)."""
     groups: dict[str, list[TensorTask]] = {}
     for task in plan.hdr_tasks:
         groups.setdefault(task.group, []).append(task)
-    bands: dict[str, Band] = {}
-    selections: dict[str, Selection] = {}
-    for group, tasks in groups.items():
-        count = plan.groups[group]
-        if top_k >= 1.0:
-            selections[group] = Selection(None, count, count)
-        elif units is not None or sum(-(-t.numel // pool.chunk) for t in tasks) >= engine.MIN_CHUNKS_FOR_BAND:
-            # (--low-disk: a selection before the pass would hold every shard on disk at once)
-            bands[group] = estimate_band(tasks, count, select.kth_rank(count, top_k), models, pool,
-                                         remote=units is not None)
-        else:
-            selections.update(engine.select_thresholds(Plan(tasks, {group: count}), models, pool, top_k, tick))
+    bands, selections = _bands(plan, groups, models, pool, top_k, tick, log.journal, remote=units is not None)
     pause_point("selection")
     shrink = {g: engine.shrink_of(s) for g, s in selections.items()}
     task_index = {task.name: i for i, task in enumerate(plan.tasks)}
-    corrections = Corrections(folder, correction_budget)
+    corrections = log.records = Corrections(log.journal, correction_budget, [log.shard_of[t.name] for t in plan.tasks],
+                                            {i: t.records for i, t in log.tallies.items()})
     path = models.kernels
 
-    def work(chunk: Chunk, buf: WorkerBuffers, tally: OneReadTally) -> None:
+    def work(chunk: Chunk, buf: WorkerBuffers, state: dict) -> None:
         if isinstance(chunk.task, tuple):
             task = chunk.task[1]
             engine._copy_chunk(Chunk(task, chunk.start, chunk.stop), buf, models, writer, path)
             read = chunk.size * itemsize(task.target.dtype)
         else:
             task = chunk.task
+            tally = log.part(state, task.name)
             band = bands.get(task.group)
             sums = None
             if drift is not None:
                 key = group_key(task.name)
-                per_group = tally.drift.setdefault(task.group, DriftSums())
+                per_group = tally.sums(task.group)
                 sums = per_group.chunk_slot(key, task.name, chunk.start)  # summed in a fixed order
                 per_group.add_count(key, chunk.size)
             if band is None:
@@ -300,25 +324,20 @@ def run_one_read(plan: Plan, models: Models, pool: WorkerPool, writer: ShardWrit
             read = chunk.size * sum(itemsize(i.dtype) for i in (task.target, task.base, task.harmful))
         if tick:
             tick(read)
+        log.chunk_done(task.name, chunk.size)
 
-    states: list[OneReadTally] = []
-    for unit, done in units or [(plan, lambda: None)]:
-        states += pool.run(engine.apply_chunks(unit, pool.chunk), work, OneReadTally)
+    for unit, done in units or [(log.remaining(plan), lambda: None)]:
+        pool.run(engine.apply_chunks(unit, pool.chunk), work, log.new_state)
         done()
     writer.finish()
     pause_point("correction")
 
-    kept: dict[str, int] = {}
-    peaks: dict[str, int] = {}
-    for state in states:
-        for name, value in state.kept.items():
-            kept[name] = kept.get(name, 0) + value
-        for name, value in state.peaks.items():
-            peaks[name] = max(value, peaks.get(name, -1))
+    total = log.total()
+    kept, peaks = dict(total.kept), total.peaks
     missed: list[str] = []
     located: dict[str, tuple[int, int, int]] = {}  # group -> (first pattern of its bin, rank in bin, kept above)
     for group, band in bands.items():
-        hist = sum(state.hists[group] for state in states if group in state.hists)
+        hist = total.hists.get(group, np.zeros(band.counters, dtype=np.int64))
         count = plan.groups[group]
         rank = select.kth_rank(count, top_k)
         below, inside = int(hist[0]), hist[1:-1]
@@ -335,13 +354,13 @@ def run_one_read(plan: Plan, models: Models, pool: WorkerPool, writer: ShardWrit
         for task in groups[group]:
             kept[task.name] = int(peaks.get(task.name, -1) >= reach)
     locations = writer.locations()
-    group_drift: dict[str, DriftSums] = {}
-    for state in states:
-        for group, sums in state.drift.items():
-            group_drift.setdefault(group, DriftSums()).merge(sums)
+    group_drift = total.drift
+    # from here the shards no longer hold what the pass wrote: a resumed run undoes the corrections
+    # (towards these thresholds) before it checks them, or redoes everything after a fallback
+    log.journal.update(phase="correcting", exact={g: bits for g, (bits, _) in exact.items()})
     patched = patch(plan, corrections, bands, selections, missed, scale, locations, group_drift)
-    spilled = corrections.spilled_bytes
-    corrections.remove()
+    if missed:
+        log.journal.update(phase="fallback")
     for group in missed:  # the sample misled: today's passes for this group, written over
         tasks = groups[group]
         sub = Plan(tasks, {group: plan.groups[group]})
@@ -360,10 +379,50 @@ def run_one_read(plan: Plan, models: Models, pool: WorkerPool, writer: ShardWrit
         "band_missed": missed,
         "corrections_recorded": corrections.count,
         "values_corrected": patched,
-        "correction_file_bytes": spilled,
+        "correction_file_bytes": corrections.file_bytes,
         "correction_memory_peak": corrections.peak_memory,
     }
     return OneReadResult(selections, kept, summary)
+
+
+def _bands(plan: Plan, groups: dict[str, list[TensorTask]], models: Models, pool: WorkerPool, top_k: float,
+           tick: Callable[[int], None] | None, journal: Journal,
+           remote: bool) -> tuple[dict[str, Band], dict[str, Selection]]:
+    """Per group, the band its sample predicts, or (groups too small to sample) its exact
+    threshold selected before the pass. Journaled: a resumed run takes them from there, so that
+    its pass writes against the same estimates and reads no sample."""
+    if "bands" in journal.state:
+        return ({g: Band(*v) for g, v in journal.state["bands"].items()},
+                {g: Selection(*v) for g, v in journal.state["preselected"].items()})
+    bands: dict[str, Band] = {}
+    selections: dict[str, Selection] = {}
+    for group, tasks in groups.items():
+        count = plan.groups[group]
+        if top_k >= 1.0:
+            selections[group] = Selection(None, count, count)
+        elif remote or sum(-(-t.numel // pool.chunk) for t in tasks) >= engine.MIN_CHUNKS_FOR_BAND:
+            # (--low-disk: a selection before the pass would hold every shard on disk at once)
+            bands[group] = estimate_band(tasks, count, select.kth_rank(count, top_k), models, pool, remote=remote)
+        else:
+            selections.update(engine.select_thresholds(Plan(tasks, {group: count}), models, pool, top_k, tick))
+    journal.update(bands={g: [b.lo, b.size, b.write, b.shift] for g, b in bands.items()},
+                   preselected={g: [s.threshold, s.count, s.kept] for g, s in selections.items()})
+    return bands, selections
+
+
+def undo_corrections(plan: Plan, journal: Journal, shards: list[OutShard], locations: dict[str, tuple[Path, int, int]],
+                     scale: float, entries: dict[int, dict]) -> None:
+    """``--resume`` after a kill during (or after) the corrections: write back, at every recorded
+    position of the shards in ``entries`` whose decision the corrections changed, the value the
+    pass wrote, so that those shards hash as the pass wrote them and can be checked. Idempotent;
+    the resumed run writes the corrections again."""
+    bands = {g: Band(*v) for g, v in journal.state["bands"].items()}
+    exact = {g: Selection(select.bits_to_float(bits), 0, 0) for g, bits in journal.state.get("exact", {}).items()}
+    present = {i: e["records"] for i, e in entries.items()
+               if e.get("records") and (journal.folder / e["name"]).is_file()}
+    shard_of = shard_index(shards)
+    store = Corrections(journal, 0, [shard_of[t.name] for t in plan.tasks], present)
+    patch(plan, store, bands, exact, [g for g in bands if g not in exact], scale, locations, undo=True)
 
 
 def exact_thresholds(plan: Plan, corrections: Corrections, bands: dict[str, Band],
@@ -408,13 +467,13 @@ def exact_thresholds(plan: Plan, corrections: Corrections, bands: dict[str, Band
 
 def patch(plan: Plan, corrections: Corrections, bands: dict[str, Band], selections: dict[str, Selection],
           missed: list[str], scale: float, locations: dict[str, tuple[Path, int, int]],
-          drift: dict[str, DriftSums] | None = None) -> int:
+          drift: dict[str, DriftSums] | None = None, undo: bool = False) -> int:
     """Write the correct value over every recorded value whose decision the estimate got
     wrong (|tau| between the band's ``write`` pattern and the exact threshold). Same float32
     arithmetic as the passes: s = (selected ? tau : +0) * float32(scale); r = t - s; rounded
     once (bfloat16/float16: nearest even). The drift sums of M tau (``mm``, ``dm``) of each
     rewritten value move from the written selection to the exact one. Returns how many values
-    were rewritten."""
+    were rewritten. ``undo``: write the pass's values back over the corrected ones instead."""
     n_tasks = len(plan.tasks)
     exact = np.full(n_tasks, 0xFFFFFFFF, dtype=np.int64)
     written = np.full(n_tasks, 0xFFFFFFFF, dtype=np.int64)
@@ -424,6 +483,8 @@ def patch(plan: Plan, corrections: Corrections, bands: dict[str, Band], selectio
             continue
         exact[i] = select.float_to_bits(selections[task.group].threshold)
         written[i] = band.write
+    if undo:
+        exact, written = written, exact
     factor = np.float32(scale)
     fds: dict[Path, int] = {}
     moved: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
@@ -459,6 +520,8 @@ def patch(plan: Plan, corrections: Corrections, bands: dict[str, Band], selectio
                 for k in np.argsort(offsets, kind="stable"):
                     os.pwrite(fd, data[k].tobytes(), int(offsets[k]))
                 total += int(mine.sum())
+                if not undo:
+                    pause_point("patch")
         for fd in fds.values():
             os.fsync(fd)
         # drift: the moved values' terms, added in (tensor, element) order (records arrive in

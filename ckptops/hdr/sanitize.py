@@ -35,7 +35,7 @@ from ckptops.hdr.chunks import WorkerPool, single_threaded_torch
 from ckptops.hdr.drift import DriftReport, DriftSums
 from ckptops.hdr.engine import Models, Selection, apply_all, select_thresholds
 from ckptops.hdr.low_disk import release_units, run_low_disk
-from ckptops.hdr import journal, one_read
+from ckptops.hdr import journal, one_read, shard_log
 from ckptops.hdr.pause import pause_point
 from ckptops.hdr.options import BASELINE_RSS, DEFAULT_CHUNK, SanitizeOptions, chunk_for_memory  # noqa: F401
 from ckptops.hdr.plan import Plan, make_plan
@@ -121,8 +121,13 @@ class SanitizeReport:
             lines.append(line)
         lines += drift_lines(self.drift, self.drift_note)
         if self.resumed:
-            lines.append(f"  resumed           reused {len(self.resumed['reused_shards'])} output shard(s) of a killed run "
-                         "(sha256 checked)")
+            r = self.resumed
+            line = (f"  resumed           reused {len(r['reused_shards'])} finished output shard(s) of a killed run "
+                    f"(checksums checked; {r['input_bytes_skipped'] / 1e9:.2f} GB of input not read again)")
+            if r["redone_shards"]:
+                more = " ..." if len(r["redone_shards"]) > 3 else ""
+                line += f"; computed again: {', '.join(r['redone_shards'][:3])}{more}"
+            lines.append(line)
         for folder in self.leftovers.get("removed", []):
             lines.append(f"  removed leftover  {folder} (an interrupted earlier run)")
         for folder in self.leftovers.get("live", []):
@@ -188,7 +193,7 @@ def sanitize(
     The choices are the fields of :class:`SanitizeOptions`, given either as keywords
     (``top_k=0.1, scale=3.0, scope="global", exclude=(), layers=None, edit_area=None,
     dtype="auto", max_memory="1GiB", shard_size=None, workers=None, chunk_elements=None,
-    low_disk=False, hash_inputs=False, progress=None, overwrite=False, force=False, title=None,
+    low_disk=False, resume=False, hash_inputs=False, progress=None, overwrite=False, force=False, title=None,
     push_to_hub=None, private=False, branch=None, commit_message=None``) or as one ``options``
     object.
 
@@ -198,6 +203,9 @@ def sanitize(
     remaining work reads them (see :mod:`ckptops.hdr.low_disk`).
     ``push_to_hub`` uploads the finished folder to that repo (``private``, ``branch``,
     ``commit_message``); if the push fails, ``out`` is complete and the error says how to retry.
+
+    ``resume`` continues a killed run into the same ``out`` with the same choices from where it
+    stopped (see :mod:`ckptops.hdr.journal`); every run journals its progress for that.
 
     ``edit_area="auto"`` (edited models) compares target and base, and restricts selection and
     update to layers l-1, l, l+1 around every layer l where they differ. A target whose model card
@@ -216,19 +224,12 @@ def sanitize(
     run = resolve(base, harmful, target, out, options)
     plan_output(run)
     check_before_work(run)  # harmful settings and silent no-ops, before any tensor data
-    key = resume_key(run) if options.resume else None
-    reuse = journal.find(run.out_path, key) if key else None
+    key = resume_key(run)
+    reuse = journal.find(run.out_path, key) if options.resume else None
     run.leftovers = sweep(run.out_path, keep=reuse)
     with staging_folder(run.out_path, options.overwrite, reuse) as folder, single_threaded_torch():
-        recorded = journal.read(folder) if reuse is not None else None
-        if recorded and recorded.get("shards") and journal.shards_check_out(folder, recorded["shards"]):
-            selections, kept = restore(run, recorded)
-        else:
-            if key:
-                journal.write(folder, {"key": key})
-            selections, kept, _ = select_and_apply(run, folder)
-            if key:
-                record(run, folder, key, selections, kept)
+        run.journal = journal.Journal.start(folder, key)  # every run: --resume may continue it
+        selections, kept, _ = select_and_apply(run, folder, resuming=reuse is not None)
         report = make_report(run, selections, kept)
         check_after_work(report)
         publish(run, folder, report, started)
@@ -257,10 +258,11 @@ class Run:
     #: not read, so theta_t - theta_b is not at hand)
     drift: DriftSums | None = None
     leftovers: Leftovers = field(default_factory=Leftovers)
-    #: bytes into the pass where the ``apply`` test pause point lies (see :mod:`ckptops.hdr.pause`)
-    halfway: int = 0
     #: what ``--resume`` reused (empty when nothing)
     resumed: dict = field(default_factory=dict)
+    #: the journal in the staging folder (see :mod:`ckptops.hdr.journal`)
+    journal: journal.Journal | None = None
+    _identities: dict | None = None
     #: what the one-read pass reports (empty when the run used the passes)
     one_read: dict = field(default_factory=dict)
 
@@ -268,16 +270,15 @@ class Run:
         self.bytes_read += n
         if self.bar is not None:
             self.bar.update(n)
-        if self.halfway and self.bytes_read >= self.halfway:
-            self.halfway = 0
-            pause_point("apply")
 
     def parameters(self) -> dict:
         return self.options.to_parameters(self.layers)
 
     def identities(self) -> dict:
-        return {role: _identity(ckpt, self.options.hash_inputs) for role, ckpt in
-                (("base", self.models.base), ("harmful", self.models.harmful), ("target", self.models.target))}
+        if self._identities is None:  # (--hash-inputs reads every input file for it: once)
+            self._identities = {role: _identity(ckpt, self.options.hash_inputs) for role, ckpt in (
+                ("base", self.models.base), ("harmful", self.models.harmful), ("target", self.models.target))}
+        return self._identities
 
 
 def resolve(base, harmful, target, out, options: SanitizeOptions) -> Run:
@@ -336,31 +337,36 @@ def plan_output(run: Run) -> None:
                   else layout_like_target(out_tensors))
 
 
-def select_and_apply(run: Run, folder: Path) -> tuple[dict[str, Selection], dict[str, int], ShardWriter]:
-    """The streaming work: :func:`select_pass` then :func:`apply_pass` (or, with ``low_disk``,
-    both piece by piece, see :mod:`ckptops.hdr.low_disk`), writing the shards into ``folder``.
-    Returns the selections, the changed-chunk counts per tensor and the (finished) writer."""
+def select_and_apply(run: Run, folder: Path, resuming: bool = False) -> tuple[dict[str, Selection], dict[str, int],
+                                                                           ShardWriter]:
+    """The streaming work: the one-read pass (:mod:`ckptops.hdr.one_read`) or :func:`passes`,
+    writing the shards into ``folder`` and journaling each one finished (see
+    :mod:`ckptops.hdr.shard_log`). ``resuming``: ``folder`` is a killed run's, whose finished
+    shards are reused where they check out. Returns the selections, the changed-chunk counts
+    per tensor and the (finished) writer."""
     options, plan, models = run.options, run.plan, run.models
     workers = options.worker_count
-    run.halfway = max(1, apply_bytes(plan) // 2) if os.environ.get("CKPTOPS_PAUSE_AT") == "apply" else 0
+    one = uses_one_read(run)
+    reused, redone = shard_log.check_finished(run.journal, run.shards, workers, "bands" if one else "selections",
+                                              _undo(run, folder) if one else None) if resuming else ({}, [])
     pool = WorkerPool(workers, options.chunk)
-    writer = ShardWriter(folder, run.shards, {"format": "pt", "producer": f"ckptops {__version__}"})
+    writer = ShardWriter(folder, run.shards, _METADATA, reused=frozenset(run.shards[i].name for i in reused),
+                         hashed=True)
     try:
-        if uses_one_read(run):
-            units = release_units(plan, models) if options.low_disk else None
-            with ByteProgress(apply_bytes(plan), "select + apply (one read)", options.progress) as run.bar:
-                result = one_read.run_one_read(plan, models, pool, writer, folder, options.top_k, options.scale,
+        log = shard_log.ShardLog(run.journal, run.shards, plan, writer, reused)
+        remaining = log.remaining(plan)
+        if resuming:
+            run.resumed = {"reused_shards": sorted(run.shards[i].name for i in reused), "redone_shards": redone,
+                           "input_bytes_skipped": apply_bytes(plan) - apply_bytes(remaining)}
+        units = release_units(remaining, models) if options.low_disk else None
+        if one:
+            with ByteProgress(apply_bytes(remaining), "select + apply (one read)", options.progress) as run.bar:
+                result = one_read.run_one_read(plan, models, pool, writer, log, options.top_k, options.scale,
                                                run.tick, one_read.correction_budget(options.max_memory),
                                                units=units, drift=run.drift)
             selections, kept, run.one_read = result.selections, result.kept, result.summary
-        elif options.low_disk:
-            total = selection_bytes(run) + apply_bytes(plan)
-            with ByteProgress(total, "select + apply (low disk)", options.progress) as run.bar:
-                selections, kept = run_low_disk(plan, models, pool, writer, options.top_k, options.scale,
-                                                options.scope, run.tick, drift=run.drift)
         else:
-            selections = select_pass(run, pool)
-            kept = apply_pass(run, pool, writer, selections)
+            selections, kept = passes(run, pool, writer, log, remaining, units)
         writer.finish()
     finally:
         run.bar = None
@@ -371,11 +377,50 @@ def select_and_apply(run: Run, folder: Path) -> tuple[dict[str, Selection], dict
     return selections, kept, writer
 
 
+_METADATA = {"format": "pt", "producer": f"ckptops {__version__}"}
+
+
+def _undo(run: Run, folder: Path):
+    """What ``--resume`` calls to write the one-read pass's values back over a killed run's
+    corrections (see :func:`ckptops.hdr.one_read.undo_corrections`)."""
+    def undo(entries: dict[int, dict]) -> None:
+        every = frozenset(s.name for s in run.shards)  # nothing opened: the locations only
+        locations = ShardWriter(folder, run.shards, _METADATA, reused=every).locations()
+        one_read.undo_corrections(run.plan, run.journal, run.shards, locations, run.options.scale, entries)
+    return undo
+
+
 def uses_one_read(run: Run) -> bool:
     """Global and layer scope select and apply in one read (:mod:`ckptops.hdr.one_read`);
     ``tensor`` scope, ``top_k=1`` and ``one_read=False`` use the passes below."""
     options = run.options
     return options.one_read and options.scope in ("global", "layer") and options.top_k < 1
+
+
+def passes(run: Run, pool: WorkerPool, writer: ShardWriter, log: shard_log.ShardLog, remaining: Plan,
+           units: list | None) -> tuple[dict[str, Selection], dict[str, int]]:
+    """The exact thresholds (:func:`select_pass`, journaled: a resumed run takes them from
+    there), then :func:`apply_pass` over the shards not finished. ``low_disk`` without journaled
+    thresholds runs both unit by unit (:mod:`ckptops.hdr.low_disk`); a kill then loses the pass."""
+    options, models = run.options, run.models
+    recorded = run.journal.state.get("selections")
+    if recorded is not None:
+        selections = {g: Selection(t, c, k, None if changed is None else frozenset(changed))
+                      for g, (t, c, k, changed) in recorded.items()}
+    elif options.low_disk:
+        total = selection_bytes(run) + apply_bytes(run.plan)
+        with ByteProgress(total, "select + apply (low disk)", options.progress) as run.bar:
+            selections, _ = run_low_disk(run.plan, models, pool, writer, options.top_k, options.scale,
+                                         options.scope, run.tick, drift=run.drift, log=log)
+    else:
+        selections = select_pass(run, pool)
+    if recorded is None:
+        run.journal.update(selections={
+            g: [s.threshold, s.count, s.kept, None if s.changed is None else sorted(s.changed)]
+            for g, s in selections.items()})
+    if recorded is not None or not options.low_disk:
+        apply_pass(run, pool, writer, selections, log, remaining, units)
+    return selections, log.results(run.drift)
 
 
 def select_pass(run: Run, pool: WorkerPool) -> dict[str, Selection]:
@@ -384,10 +429,15 @@ def select_pass(run: Run, pool: WorkerPool) -> dict[str, Selection]:
         return select_thresholds(run.plan, run.models, pool, run.options.top_k, run.tick)
 
 
-def apply_pass(run: Run, pool: WorkerPool, writer: ShardWriter, selections: dict[str, Selection]) -> dict[str, int]:
-    """Pass 2: theta_t - scale * (|tau| >= t) * tau for every tensor, written to the shards."""
-    with ByteProgress(apply_bytes(run.plan), "apply + write", run.options.progress) as run.bar:
-        return apply_all(run.plan, run.models, pool, writer, selections, run.options.scale, run.tick, drift=run.drift)
+def apply_pass(run: Run, pool: WorkerPool, writer: ShardWriter, selections: dict[str, Selection],
+               log: shard_log.ShardLog, remaining: Plan, units: list | None) -> None:
+    """Pass 2: theta_t - scale * (|tau| >= t) * tau for every tensor of ``remaining``, written to
+    the shards and tallied in ``log`` (``units``: ``--low-disk``, releasing input files early)."""
+    with ByteProgress(apply_bytes(remaining), "apply + write", run.options.progress) as run.bar:
+        for unit, done in units or [(remaining, lambda: None)]:
+            apply_all(unit, run.models, pool, writer, selections, run.options.scale, run.tick, drift=run.drift,
+                      log=log)
+            done()
 
 
 def selection_bytes(run: Run) -> int:
@@ -405,35 +455,10 @@ def apply_bytes(plan: Plan) -> int:
 
 
 def resume_key(run: Run) -> str:
-    """What must match for ``--resume`` to continue a killed run: parameters, inputs, layout."""
+    """What must match for ``--resume`` to continue a killed run: parameters, inputs, layout, and
+    whether the pass is the one-read pass."""
     layout = [[s.name, [[t.name, t.dtype, list(t.shape)] for t in s.tensors]] for s in run.shards]
-    return journal.run_key(run.parameters(), run.identities(), layout)
-
-
-def record(run: Run, folder: Path, key: str, selections: dict[str, Selection], kept: dict[str, int]) -> None:
-    """``--resume``: the work is done; record the shards' hashes and what the report needs."""
-    drift = None
-    if run.drift is not None:
-        drift = {"sums": {k: v.tolist() for k, v in run.drift.groups().items()}, "counts": dict(run.drift.counts)}
-    journal.write(folder, {
-        "key": key,
-        "shards": {s.name: journal.file_sha256(folder / s.name) for s in run.shards},
-        "selections": {g: [s.threshold, s.count, s.kept] for g, s in selections.items()},
-        "kept": kept, "one_read": run.one_read, "drift": drift,
-    })
-
-
-def restore(run: Run, recorded: dict) -> tuple[dict[str, Selection], dict[str, int]]:
-    """``--resume`` found the work done and the shards intact: take the results from the journal."""
-    import numpy as np
-
-    run.one_read = recorded.get("one_read") or {}
-    if run.drift is not None and recorded.get("drift"):
-        for k, values in recorded["drift"]["sums"].items():
-            run.drift.slot(k)[:] = np.asarray(values, dtype=np.float64)
-        run.drift.counts = dict(recorded["drift"]["counts"])
-    run.resumed = {"reused_shards": sorted(recorded["shards"])}
-    return ({g: Selection(t, c, k) for g, (t, c, k) in recorded["selections"].items()}, dict(recorded["kept"]))
+    return journal.run_key(run.parameters(), run.identities(), layout, "one read" if uses_one_read(run) else "passes")
 
 
 def make_report(run: Run, selections: dict[str, Selection], kept: dict[str, int]) -> SanitizeReport:
@@ -484,7 +509,6 @@ def publish(run: Run, folder: Path, report: SanitizeReport, started: float) -> N
     provenance record ``ckptops.json`` and the model card (the caller then moves it into place)."""
     write_index(folder, {t.name: s.name for s in run.shards for t in s.tensors}, sum(s.nbytes for s in run.shards))
     pause_point("publish")
-    journal.remove(folder)
     out_code = run.options.out_code
     config_dtype = CONFIG_DTYPE_NAMES.get(out_code) if out_code else None
     copy_side_files(run.models.target.side_files(), folder, config_dtype)
@@ -493,6 +517,7 @@ def publish(run: Run, folder: Path, report: SanitizeReport, started: float) -> N
                   "parameters": report.parameters, "inputs": report.inputs, "report": _summary(report)}
     (folder / "ckptops.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
     (folder / "README.md").write_text(render_card(provenance, hub_repo=run.options.push_to_hub), encoding="utf-8")
+    journal.remove(folder)  # last: a run killed before this is still resumed
 
 
 def push_output(run: Run, report: SanitizeReport) -> None:
