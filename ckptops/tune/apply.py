@@ -91,15 +91,16 @@ class InMemoryHDR:
         modules = getattr(self.models.target.synthetic, "modules", None)
         if not modules or getattr(self.models.target.synthetic, "base", None) is None:
             return
-        for task in self.plan.tasks:
-            if task.name in modules and task.name not in self.tensors:
+        for task in self.plan.tasks:  # tensors the adapter leaves alone are the base's already
+            if task.name not in modules:
+                continue
+            if task.name not in self.tensors:  # adapted but not an HDR tensor (--exclude, --layers)
                 tensor = state.get(task.name)
                 if tensor is None or tuple(tensor.shape) != tuple(task.target.shape) or not tensor.is_contiguous():
                     raise UsageError(f"{task.name}: adapted by the target's adapter but not a matching tensor "
                                      "of the loaded base model")
                 self.tensors[task.name] = tensor
-                self._write_task(task, 0.0, None, hdr=False)
-        self.restore()
+            self._write_task(task, 0.0, None, hdr=False)
 
     # -- thresholds ----------------------------------------------------------------------------
     def selections(self, top_k: float, progress: Callable[[int], None] | None = None) -> dict[str, Selection]:
