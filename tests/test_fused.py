@@ -39,7 +39,11 @@ def _as_kind(x: torch.Tensor, bf16: bool):
     return x.numpy().tobytes(), fused.KIND_F32, x.clone()
 
 
-@pytest.mark.parametrize("kinds", [(1, 1, 1, 1), (0, 0, 0, 0), (1, 1, 1, 0), (1, 0, 1, 1), (0, 1, 0, 1), (0, 0, 1, 0)])
+# (0, 0, 1, 1): tau_H from a LoRA adapter; (1, 1, 0, 1): a "base + adapter" target
+APPLY_KINDS = [(1, 1, 1, 1), (0, 0, 0, 0), (1, 1, 1, 0), (1, 0, 1, 1), (0, 1, 0, 1), (0, 0, 1, 0), (0, 0, 1, 1), (1, 1, 0, 1)]
+
+
+@pytest.mark.parametrize("kinds", APPLY_KINDS)
 @pytest.mark.parametrize("shrink", [None, 0.0, 0.015])
 @pytest.mark.parametrize("scale", [3.0, 0.1])
 def test_apply_matches_torch(kinds, shrink, scale):
@@ -61,6 +65,24 @@ def test_apply_matches_torch(kinds, shrink, scale):
     assert finite is True
     assert changed == bool((selected != 0).any())
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kinds", APPLY_KINDS)
+def test_apply_sums_match_float64_sums(kinds):
+    """The drift sums every loop variant adds: sum d^2, tau^2, d.tau, (M tau)^2, d.(M tau) with
+    d = t - b, in float64 (independent numpy sums; only the summation order differs)."""
+    import numpy as np
+
+    v = _inputs(2)
+    (h, hk, hf), (b, bk, bf), (t, tk, tf) = (_as_kind(v[k], bool(kind)) for k, kind in zip("hbt", kinds))
+    out = bytearray(N * (2 if kinds[3] else 4))
+    sums = np.zeros(5)
+    fused.apply(h, hk, b, bk, t, tk, N, 0.015, 3.0, out, kinds[3], sums)
+    tau = (hf - bf).numpy().astype(np.float64)
+    masked = np.where(np.abs(tau) > np.float32(0.015), tau, 0.0)
+    d = tf.numpy().astype(np.float64) - bf.numpy().astype(np.float64)
+    want = [np.sum(d * d), np.sum(tau * tau), np.sum(d * tau), np.sum(masked * masked), np.sum(d * masked)]
+    np.testing.assert_allclose(sums, want, rtol=1e-9, atol=1e-12)
 
 
 def test_apply_reports_overflow_and_unchanged():

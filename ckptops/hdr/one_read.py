@@ -31,6 +31,7 @@ range requests.
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import threading
 from dataclasses import dataclass
@@ -488,6 +489,7 @@ def patch(plan: Plan, corrections: Corrections, bands: dict[str, Band], selectio
     factor = np.float32(scale)
     fds: dict[Path, int] = {}
     moved: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+    pending: list[tuple[int, np.ndarray, np.ndarray]] = []
     total = 0
     try:
         for records in corrections.batches():
@@ -516,12 +518,12 @@ def patch(plan: Plan, corrections: Corrections, bands: dict[str, Band], selectio
                     fd = fds[file] = os.open(file, os.O_WRONLY)
                 size = itemsize(info.out_dtype)
                 offsets = start + records["element"][mine].astype(np.int64) * size
-                data = raw.view(np.uint8).reshape(-1, size)
-                for k in np.argsort(offsets, kind="stable"):
-                    os.pwrite(fd, data[k].tobytes(), int(offsets[k]))
+                pending.append((fd, offsets, raw.view(np.uint8).reshape(-1, size)))
                 total += int(mine.sum())
-                if not undo:
-                    pause_point("patch")
+            _write_values(pending)
+            pending.clear()
+            if not undo:
+                pause_point("patch")
         for fd in fds.values():
             os.fsync(fd)
         # drift: the moved values' terms, added in (tensor, element) order (records arrive in
@@ -537,6 +539,25 @@ def patch(plan: Plan, corrections: Corrections, bands: dict[str, Band], selectio
         for fd in fds.values():
             os.close(fd)
     return total
+
+
+def _write_values(pending: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
+    """Write single values at their byte offsets, in file order.
+
+    The shards were written with O_DIRECT, so their pages are not in the page cache and each
+    small write would first wait for the disk to read its page back (~65 us each, one at a
+    time: 2.4 s for 37k values on the 1.1B LoRA benchmark). Asking the kernel for every page
+    first (POSIX_FADV_WILLNEED, asynchronous) lets those reads overlap; the writes then find
+    their pages in memory."""
+    page = mmap.PAGESIZE
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is not None:
+        for fd, offsets, _ in pending:
+            for first in np.unique(offsets // page):
+                advise(fd, int(first) * page, page, os.POSIX_FADV_WILLNEED)
+    for fd, offsets, data in pending:
+        for k in np.argsort(offsets, kind="stable"):
+            os.pwrite(fd, data[k].tobytes(), int(offsets[k]))
 
 
 def _move_drift(sums: np.ndarray, records: np.ndarray, selected: np.ndarray) -> None:
