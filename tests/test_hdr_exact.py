@@ -260,13 +260,8 @@ def test_two_pass_fallback_is_exact(triple, tmp_path, monkeypatch, mode):
     if mode == "band disabled":
         monkeypatch.setattr(engine, "MIN_CHUNKS_FOR_BAND", 10**9)
     else:
-        original_locate, seen = select.locate, {"n": 0}
-
-        def wrong_first_guess(hist, rank):
-            seen["n"] += 1
-            return (0, 1) if seen["n"] == 1 else original_locate(hist, rank)
-
-        monkeypatch.setattr(select, "locate", wrong_first_guess)
+        # the sample places the threshold among the smallest |tau|: the band holds no rank
+        monkeypatch.setattr(engine, "band_around", lambda hist, count, rank: (0, 4 << select.TOP_BITS_SHIFT))
     # the two-pass engine's own fallback (one_read=False); the one-read pass's is in test_one_read
     ckptops.sanitize(paths["base"], paths["harmful"], paths["target"], tmp_path / "out", chunk_elements=1000,
                      progress=False, one_read=False)
@@ -297,3 +292,4 @@ def test_fused_path_runs_without_torch(triple, tmp_path):
         result = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True,
                                 env={**os.environ, "CKPTOPS_NO_FUSED": "", **env})
         assert result.stdout.strip().endswith(expected), result.stdout[-500:] + result.stderr[-1000:]
+

@@ -195,3 +195,41 @@ def test_each_input_byte_is_read_once_plus_the_sample(models, tmp_path, monkeypa
                 assert got == data_bytes, (file, got, data_bytes)
             else:
                 assert data_bytes <= got <= data_bytes * (1 + 1 / 64) + 4096 * 2 * 4, (role, file, got, data_bytes)
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_one_selection_pass_serves_several_top_k(models, monkeypatch, scope):
+    """tune's grid asks for several top-k at once: one sample and one band pass (base and
+    harmful read once, plus the sample) give every top-k's exact threshold, equal to the
+    in-memory reference's kth value of |tau| for each."""
+    from ckptops.checkpoint import reader
+    from ckptops.checkpoint.resolve import open_checkpoint
+    from ckptops.hdr import engine
+    from ckptops.hdr.chunks import WorkerPool
+    from ckptops.hdr.plan import make_plan
+
+    paths, states = models
+    read = Counter()
+    original = reader.pread_into
+
+    def counting(fd, view, offset, where):
+        read[Path(where).parent.name] += len(view)
+        return original(fd, view, offset, where)
+
+    monkeypatch.setattr(reader, "pread_into", counting)
+    opened = engine.Models(*(open_checkpoint(paths[k]) for k in ("base", "harmful", "target")))
+    plan = make_plan(opened.base, opened.harmful, opened.target, scope=scope)
+    pool = WorkerPool(2, 4096)
+    top_ks = [0.03, 0.1, 0.25, 1.0]
+    try:
+        found = engine.select_thresholds_many(plan, opened, pool, top_ks)
+    finally:
+        pool.close()
+        opened.files.close()
+    data = sum(2 * task.numel for task in plan.hdr_tasks)  # bfloat16 inputs
+    for part in ("base", "harmful"):
+        assert data <= read[part] <= data * (1 + 2 / engine.SAMPLE_FRACTION), (part, read[part] / data)
+    assert read["target"] == 0
+    for top_k in top_ks:
+        _, thresholds = reference_hdr(states["base"], states["harmful"], states["target"], top_k=top_k, scope=scope)
+        assert {group: s.threshold for group, s in found[top_k].items()} == thresholds, top_k

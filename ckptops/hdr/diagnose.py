@@ -230,7 +230,7 @@ def _diagnose_group(tasks: list[TensorTask], count: int, top_k: float, scale: fl
         selection = finish_selection(hist_top, top, rank_in_bin, hist_low, count)
         passes["band missed: select, then sums"] = passes.get("band missed: select, then sums", 0) + 1
     else:
-        selection = _select_group(tasks, count, rank, models, pool, progress)
+        selection = _select_group(tasks, count, [rank], models, pool, progress)[rank]
         passes["small group: select, then sums"] = passes.get("small group: select, then sums", 0) + 1
     _sums_pass(tasks, selection, models, pool, scale, drift, read_three, real_base)
     return selection

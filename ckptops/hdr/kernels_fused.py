@@ -36,14 +36,17 @@ def _read_pair(chunk: Chunk, buf: WorkerBuffers, models: Models):
     return h, int(h_bf16), b, int(b_bf16)
 
 
-def band_kernel(models: Models, lo: int, size: int):
-    """Count |tau| against a band into a :class:`BandTally` (histogram and per-tensor peaks)."""
-    def kernel(chunk: Chunk, buf: WorkerBuffers, tally: BandTally) -> None:
-        finite, peak = fused.band_count(*_read_pair(chunk, buf, models), chunk.size, lo, size, tally.hist)
-        if not finite:
-            raise nonfinite_error(chunk, models)
+def band_kernel(models: Models, bands: list[tuple[int, int]]):
+    """Count |tau| against each band ``(lo, size)`` into its :class:`BandTally` (histogram and
+    per-tensor peaks); the chunk is read once for all of them."""
+    def kernel(chunk: Chunk, buf: WorkerBuffers, tallies: list[BandTally]) -> None:
+        pair = _read_pair(chunk, buf, models)
         name = chunk.task.name
-        tally.peaks[name] = max(peak, tally.peaks.get(name, -1))
+        for (lo, size), tally in zip(bands, tallies):
+            finite, peak = fused.band_count(*pair, chunk.size, lo, size, tally.hist)
+            if not finite:
+                raise nonfinite_error(chunk, models)
+            tally.peaks[name] = max(peak, tally.peaks.get(name, -1))
     return kernel
 
 

@@ -58,15 +58,17 @@ def _add_band_counts(tau, buf: WorkerBuffers, lo: int, size: int, hist: np.ndarr
     return select.add_band_counts(bits, lo, size, hist, buf.below, buf.inside)
 
 
-def band_kernel(models: Models, lo: int, size: int):
-    """Count |tau| against a band into a :class:`BandTally` (histogram and per-tensor peaks)."""
-    def kernel(chunk: Chunk, buf: WorkerBuffers, tally: BandTally) -> None:
+def band_kernel(models: Models, bands: list[tuple[int, int]]):
+    """Count |tau| against each band ``(lo, size)`` into its :class:`BandTally` (histogram and
+    per-tensor peaks); the chunk is read once for all of them."""
+    def kernel(chunk: Chunk, buf: WorkerBuffers, tallies: list[BandTally]) -> None:
         tau = _tau(chunk, buf, models)
         if not _all_finite(tau):
             raise nonfinite_error(chunk, models)
-        peak = _add_band_counts(tau, buf, lo, size, tally.hist)
         name = chunk.task.name
-        tally.peaks[name] = max(peak, tally.peaks.get(name, -1))
+        for (lo, size), tally in zip(bands, tallies):
+            peak = _add_band_counts(tau, buf, lo, size, tally.hist)
+            tally.peaks[name] = max(peak, tally.peaks.get(name, -1))
     return kernel
 
 

@@ -11,8 +11,9 @@ torch path (:func:`ckptops.hdr.kernels_torch.hdr_chunk`): tau = float32(theta_H)
 float32(theta_b); hardshrink at the float just below the exact top-k threshold t (so
 ``|tau| >= t`` is kept, ties included); multiply by ``scale``; subtract from float32(theta_t);
 round once, to nearest even, to the checkpoint's dtype. The thresholds come from the engine's
-own selection (:func:`ckptops.hdr.engine.select_thresholds` on the plan of
-:func:`ckptops.hdr.plan.make_plan`), once per top-k, and are cached.
+own selection (:func:`ckptops.hdr.engine.select_thresholds_many` on the plan of
+:func:`ckptops.hdr.plan.make_plan`): one pass serves every top-k asked for together, and
+the thresholds are cached.
 
 Every candidate is computed from the original files, never from the previous candidate's
 weights, so switching scale or top-k accumulates no rounding; :meth:`InMemoryHDR.restore` puts
@@ -35,7 +36,7 @@ from ckptops.checkpoint.dtypes import torch_dtype
 from ckptops.checkpoint.lora import open_inputs
 from ckptops.errors import TensorValueError, UsageError
 from ckptops.hdr.chunks import WorkerPool, single_threaded_torch
-from ckptops.hdr.engine import Models, Selection, select_thresholds
+from ckptops.hdr.engine import Models, Selection, select_thresholds_many
 from ckptops.hdr.plan import Plan, TensorTask, make_plan
 from ckptops.hdr.select import float_before
 
@@ -105,18 +106,25 @@ class InMemoryHDR:
     # -- thresholds ----------------------------------------------------------------------------
     def selections(self, top_k: float, progress: Callable[[int], None] | None = None) -> dict[str, Selection]:
         """The exact thresholds of every scope group for ``top_k`` (one streaming pass, cached)."""
-        if not math.isfinite(top_k) or not 0 < top_k <= 1:
-            raise UsageError(f"top-k must be a fraction in (0, 1], got {top_k!r}")
-        found = self._selections.get(top_k)
-        if found is None:
+        return self.prepare([top_k], progress)[top_k]
+
+    def prepare(self, top_ks: list[float], progress: Callable[[int], None] | None = None
+                ) -> dict[float, dict[str, Selection]]:
+        """The thresholds of several top-k, those not cached found together: one selection pass
+        over base and harmful serves every top-k of a grid (see
+        :func:`ckptops.hdr.engine.select_thresholds_many`)."""
+        for top_k in top_ks:
+            if not math.isfinite(top_k) or not 0 < top_k <= 1:
+                raise UsageError(f"top-k must be a fraction in (0, 1], got {top_k!r}")
+        missing = sorted({k for k in top_ks if k not in self._selections})
+        if missing:
             with single_threaded_torch():
                 pool = WorkerPool(self.workers, self.chunk)
                 try:
-                    found = select_thresholds(self.plan, self.models, pool, top_k, progress)
+                    self._selections.update(select_thresholds_many(self.plan, self.models, pool, missing, progress))
                 finally:
                     pool.close()
-            self._selections[top_k] = found
-        return found
+        return {k: self._selections[k] for k in top_ks}
 
     # -- writing weights -------------------------------------------------------------------------
     def apply(self, scale: float, top_k: float) -> None:

@@ -86,6 +86,13 @@ class TuneSession:
         if candidate.alpha > 0:
             self._handle = apply_icv(self.model, self.icv_for(weights), alpha=candidate.alpha)
 
+    def prepare(self, top_ks) -> None:
+        """Find the thresholds of these top-k together (one selection pass serves them all)."""
+        if top_ks:
+            started = time.perf_counter()
+            self.hdr.prepare(sorted(top_ks))
+            self.seconds["select"] += time.perf_counter() - started
+
     def icv_for(self, weights: tuple[float, float]):
         """The ICV of the model with these HDR weights (computed once, on the model as it is now)."""
         from ckptops.icv.compute import compute_icv
@@ -325,7 +332,8 @@ def _search(session: TuneSession, split: PromptSplit, candidates: list[Candidate
     target_m = run_one("tune", TARGET, None)
     target_m.kl = 0.0
 
-    # 4. the candidates
+    # 4. the candidates; the thresholds of every top-k still to be measured first, in one pass
+    session.prepare({c.top_k for c in candidates if c.scale != 0.0 and trial_log.get("tune", c) is None})
     measured: dict[str, Trial] = {}
     total = trials if trials is not None else len(candidates)
     logged = min(total, sum(1 for c in candidates if trial_log.get("tune", c) is not None))
