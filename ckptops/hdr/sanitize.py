@@ -116,6 +116,9 @@ class SanitizeReport:
             o = self.one_read
             line = (f"  one read          {o['values_corrected']:,} of {o['corrections_recorded']:,} in-band values corrected"
                     f" (correction file {o['correction_file_bytes'] / 1e6:.1f} MB)")
+            if o.get("seconds"):
+                t = o["seconds"]
+                line += f"; sample {t['sample']:.1f} s, pass {t['pass']:.1f} s, corrections {t['corrections']:.1f} s"
             if o["band_missed"]:
                 line += f"; sampled band missed for {', '.join(o['band_missed'][:3])}: re-selected with two passes and rewritten"
             lines.append(line)
