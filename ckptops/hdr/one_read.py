@@ -63,8 +63,6 @@ FINE_BINS = 1 << (31 - FINE_SHIFT)
 #: quantile, and at least MIN_MARGIN of the sample (the sample is systematic, not random)
 MARGIN_SIGMAS = 8.0
 MIN_MARGIN = 2e-4
-#: large groups are sampled in every SAMPLE_EVERY-th chunk (see :func:`estimate_band`)
-SAMPLE_EVERY = 4
 
 def correction_budget(max_memory: int) -> int:
     """Bytes of correction records kept in memory before they spill to the staging folder: a
@@ -277,16 +275,14 @@ def _prefetching(sample: list[Chunk], models: Models, enabled: bool = True):
 
 def estimate_band(tasks: list[TensorTask], count: int, rank: int, models: Models, pool: WorkerPool,
                   progress: Callable[[int], None] | None = None, remote: bool = False) -> Band:
-    """The band a group's sample predicts. The sample is 1/64 of the values, taken as the
-    first 1/64 of every chunk, or, in groups of at least 64 * SAMPLE_EVERY chunks, the first
-    1/64 of every SAMPLE_EVERY chunks: tensors of one group differ in scale, so the sample
-    must reach every part of every tensor (a miss costs a whole extra pass), but each piece
-    is one read at a random place of a cold disk, and on the 7B preset 26k pieces of 32 KiB took
-    1.6-2 s where 6.5k pieces of 128 KiB take 0.8 s.
+    """The band a group's sample predicts. The sample is
+    the first 1/64 of every chunk (not every 16th chunk, as the two-pass engine's estimate
+    takes it): tensors of one group differ in scale, and a miss here costs a whole extra pass.
+    (Every 4th chunk in 4x larger pieces halved the sample's time on a cold 7B preset, but
+    biased it: a LoRA tau_H, whose small k/v tensors were sampled or not by position, missed.)
     ``remote`` (``--low-disk``): shards not downloaded yet are sampled by range requests, in
     pieces 64 times larger (one piece per 64 chunks) so that the requests stay few."""
-    chunks = sum(-(-t.numel // pool.chunk) for t in tasks)
-    step = pool.chunk * (64 if remote else SAMPLE_EVERY if chunks >= 64 * SAMPLE_EVERY else 1)
+    step = pool.chunk * (64 if remote else 1)
     piece = max(step // 64, 64)
     sample = [Chunk(c.task, c.start, min(c.start + piece, c.stop)) for c in engine._group_chunks(tasks, step)]
     with _prefetching(sample, models, enabled=not remote):
