@@ -55,3 +55,37 @@ def torch_dtype(code: str) -> "torch.dtype":
     import torch
 
     return getattr(torch, SAFETENSORS_DTYPES[code][1])
+
+
+def widen_to_float32(data, code: str) -> "np.ndarray":
+    """Raw little-endian values of a float code as a new float32 array: float16/bfloat16 widened
+    exactly, float64 rounded to nearest (as torch's ``.float()``)."""
+    import numpy as np
+
+    if code == "BF16":
+        return (np.frombuffer(data, dtype="<u2").astype(np.uint32) << np.uint32(16)).view(np.float32)
+    source = np.frombuffer(data, dtype={"F64": "<f8", "F32": "<f4", "F16": "<f2"}[code])
+    with np.errstate(over="ignore"):  # float64 beyond float32 becomes Inf, as in torch
+        return source.astype(np.float32)
+
+
+def bfloat16_bits(values: "np.ndarray") -> "np.ndarray":
+    """float32 values rounded to bfloat16, nearest even, as uint16 bit patterns (what
+    ``c10::BFloat16`` gives for finite values)."""
+    import numpy as np
+
+    bits = values.view(np.uint32)
+    return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+
+
+def round_float32(values: "np.ndarray", code: str, out: "np.ndarray") -> None:
+    """Write float32 ``values`` rounded once (nearest even) to a float code into the raw bytes
+    ``out`` (uint8, ``len(values) * itemsize(code)`` long)."""
+    import numpy as np
+
+    if code == "BF16":
+        out.view(np.uint16)[:] = bfloat16_bits(values)
+        return
+    target = out.view({"F64": "<f8", "F32": "<f4", "F16": "<f2"}[code])
+    with np.errstate(over="ignore"):
+        np.copyto(target, values, casting="same_kind")

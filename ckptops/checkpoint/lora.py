@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ckptops.checkpoint.dtypes import FLOAT_CODES, itemsize
+from ckptops.checkpoint.dtypes import FLOAT_CODES, itemsize, round_float32, widen_to_float32
 from ckptops.checkpoint.header import TensorInfo, read_header
 from ckptops.checkpoint.resolve import PICKLE_SUFFIXES, Checkpoint, Shard, full_sha256, open_checkpoint
 from ckptops.errors import CheckpointError, MismatchError
@@ -123,8 +123,8 @@ class LoraModule:
     """One adapted linear layer: the base tensor it changes and its float32 factors."""
 
     tensor: str  # the base tensor (``<module>.weight``)
-    a: object  # torch float32 (r, in)
-    b: object  # torch float32 (out, r)
+    a: np.ndarray  # float32 (r, in)
+    b: np.ndarray  # float32 (out, r)
     scaling: float
     fan_in_fan_out: bool
     #: applied after B @ A; 1.0 when ``scaling`` was folded into ``b`` (see :func:`_fold_scaling`)
@@ -133,6 +133,13 @@ class LoraModule:
     @property
     def rank(self) -> int:
         return int(self.a.shape[0])
+
+    def factors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(left, right), C-contiguous float32, with the weight = left @ right: (B, A), or for a
+        ``fan_in_fan_out`` (Conv1D) module, whose weight is (B @ A)^T, (A^T, B^T)."""
+        if self.fan_in_fan_out:
+            return np.ascontiguousarray(self.a.T), np.ascontiguousarray(self.b.T)
+        return np.ascontiguousarray(self.b), np.ascontiguousarray(self.a)
 
 
 @dataclass
@@ -219,9 +226,7 @@ def read_adapter(folder: Path) -> Adapter:
                                   "unpickles untrusted files - save the adapter with safetensors")
         raise CheckpointError(f"{folder}: adapter has no {WEIGHTS_NAME}")
     header = read_header(weights)  # validated like any checkpoint header before loading
-    from safetensors.torch import load_file
-
-    raw = load_file(str(weights))
+    raw = _load_float32(weights, header)
     pairs: dict[str, dict[str, object]] = {}
     unsupported: list[str] = []
     for key in (i.name for i in header.tensors):
@@ -240,8 +245,10 @@ def read_adapter(folder: Path) -> Adapter:
     for module, parts in sorted(pairs.items()):
         if set(parts) != {"A", "B"}:
             raise CheckpointError(f"{weights}: module {module} has lora_{'A' if 'A' in parts else 'B'} only")
-        a, b = parts["A"].float(), parts["B"].float()
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+        a, b = parts["A"], parts["B"]
+        if a is None or b is None:
+            raise CheckpointError(f"{weights}: module {module}: lora_A and lora_B must be float tensors")
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise CheckpointError(f"{weights}: module {module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not form B @ A")
         rank = int(a.shape[0])
         if rank == 0:
@@ -251,11 +258,31 @@ def read_adapter(folder: Path) -> Adapter:
             raise CheckpointError(f"{weights}: module {module} has rank {rank} but {CONFIG_NAME} says r={r}")
         alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        if not all(bool(t.isfinite().all()) for t in (a, b)):
+        if not all(bool(np.isfinite(t).all()) for t in (a, b)):
             raise CheckpointError(f"{weights}: module {module} holds NaN or Inf")
-        modules[f"{module}.weight"] = _fold_scaling(LoraModule(f"{module}.weight", a.contiguous(), b.contiguous(),
-                                                               float(scaling), fan, float(scaling)))
+        modules[f"{module}.weight"] = _fold_scaling(LoraModule(f"{module}.weight", a, b, float(scaling), fan,
+                                                               float(scaling)))
     return Adapter(folder, config, weights, modules)
+
+
+def _load_float32(weights: Path, header) -> dict[str, np.ndarray | None]:
+    """Every tensor of the adapter file as a C-contiguous float32 numpy array (None for a
+    non-float tensor), converted exactly as torch's ``.float()`` would: float16/bfloat16
+    widened, float64 rounded to nearest. Read with numpy, not ``safetensors.torch``: the
+    adapter path needs no torch (its import alone costs over a second)."""
+
+    tensors: dict[str, np.ndarray | None] = {}
+    with open(weights, "rb") as file:
+        for info in header.tensors:
+            if info.dtype not in FLOAT_CODES:
+                tensors[info.name] = None
+                continue
+            file.seek(info.offset)
+            data = file.read(info.nbytes)
+            if len(data) != info.nbytes:
+                raise CheckpointError(f"{weights}: tensor {info.name} is cut short")
+            tensors[info.name] = widen_to_float32(data, info.dtype).reshape(info.shape)
+    return tensors
 
 
 def _fold_scaling(module: LoraModule) -> LoraModule:
@@ -269,10 +296,10 @@ def _fold_scaling(module: LoraModule) -> LoraModule:
     mantissa, _ = math.frexp(s)
     if s < 1.0 or mantissa != 0.5:
         return module
-    bound = float(module.b.abs().max()) * s * float(module.a.abs().max()) * module.rank
+    bound = float(np.abs(module.b).max(initial=0.0)) * s * float(np.abs(module.a).max(initial=0.0)) * module.rank
     if not bound < 1e30:
         return module
-    module.b = module.b * s
+    module.b = module.b * np.float32(s)
     module.post_scale = 1.0
     return module
 
@@ -327,6 +354,8 @@ def _warn_on_base_name(adapter: Adapter, base: Checkpoint) -> None:
 class _Scratch(threading.local):
     buffer = None
     zeros = None
+    delta = None
+    values = None
 
 
 class ZeroSource:
@@ -361,59 +390,47 @@ class LoraSource(ZeroSource):
 
     ``base`` None: the tensor *is* the delta (theta_H as tau); tensors the adapter does not touch
     read as zero. ``base`` given: ``float32(base) + delta``; untouched tensors are the base's own
-    reads (its bytes, same fast path)."""
+    reads (its bytes, same fast path).
+
+    The product: the fused extension's ``lora_rows`` loop (each element summed over the rank in
+    order, no fused multiply-add: the same bits on every machine and thread count), or numpy's
+    matmul when the extension is not built. Neither needs torch."""
 
     def __init__(self, modules: dict[str, LoraModule], base: Checkpoint | None = None) -> None:
         self.modules = modules
         self.base = base
+        self._factors = {name: module.factors() for name, module in modules.items()}
         self._scratch = _Scratch()
 
-    def _delta_into(self, module: LoraModule, shape: tuple[int, ...], start: int, stop: int, out) -> None:
-        """``out[:stop-start]`` (float32 torch) = elements [start, stop) of scaling * (B @ A)."""
-        from ckptops.hdr.chunks import torch_for_workers
-
-        torch = torch_for_workers()
+    def _delta_into(self, name: str, shape: tuple[int, ...], start: int, stop: int, out: np.ndarray) -> None:
+        """``out[:stop-start]`` (float32 numpy) = elements [start, stop) of scaling * (B @ A)."""
+        module = self.modules[name]
+        left, right = self._factors[name]
         cols = shape[1]
         r0, r1 = start // cols, -(-stop // cols)
-        if module.fan_in_fan_out:  # weight (in, out) = (B @ A)^T: its rows are columns of A
-            left, right = module.a[:, r0:r1].t(), module.b.t()
-        else:
-            left, right = module.b[r0:r1], module.a
         n = stop - start
         if start == r0 * cols and stop == r1 * cols:
-            block = out[:n].view(r1 - r0, cols)
-            torch.mm(left, right, out=block)
-        else:
-            need = (r1 - r0) * cols
-            scratch = self._scratch.buffer
-            if scratch is None or scratch.numel() < need:
-                scratch = self._scratch.buffer = torch.empty(need, dtype=torch.float32)
-            torch.mm(left, right, out=scratch[:need].view(r1 - r0, cols))
-            out[:n].copy_(scratch[start - r0 * cols: stop - r0 * cols])
-        if module.post_scale != 1.0:
-            out[:n].mul_(module.post_scale)
+            _product_rows(left, right, r0, r1, out[:n], module.post_scale)
+            return
+        need = (r1 - r0) * cols
+        scratch = self._scratch.buffer
+        if scratch is None or scratch.size < need:
+            scratch = self._scratch.buffer = np.empty(need, dtype=np.float32)
+        _product_rows(left, right, r0, r1, scratch[:need], module.post_scale)
+        out[:n] = scratch[start - r0 * cols: stop - r0 * cols]
 
     def _values(self, stage, files, info: TensorInfo, start: int, stop: int, out) -> None:
-        import torch
-
-        target = torch.from_numpy(out) if isinstance(out, np.ndarray) else out
-        module = self.modules[info.name]
+        target = out if isinstance(out, np.ndarray) else out.numpy()  # a torch buffer (tune's path)
         if self.base is None:
-            self._delta_into(module, info.shape, start, stop, target)
+            self._delta_into(info.name, info.shape, start, stop, target)
             return
-        stage.read_f32(files, self.base, info, start, stop, out)
+        stage.read_f32(files, self.base, info, start, stop, target)
         n = stop - start
-        delta = self._scratch_delta(n)
-        self._delta_into(module, info.shape, start, stop, delta)
-        target[:n].add_(delta[:n])
-
-    def _scratch_delta(self, n: int):
-        import torch
-
-        held = getattr(self._scratch, "delta", None)
-        if held is None or held.numel() < n:
-            held = self._scratch.delta = torch.empty(n, dtype=torch.float32)
-        return held
+        delta = self._scratch.delta
+        if delta is None or delta.size < n:
+            delta = self._scratch.delta = np.empty(n, dtype=np.float32)
+        self._delta_into(info.name, info.shape, start, stop, delta)
+        np.add(target[:n], delta[:n], out=target[:n])
 
     def read_f32(self, stage, files, info, start, stop, out) -> None:
         if info.name in self.modules:
@@ -438,21 +455,29 @@ class LoraSource(ZeroSource):
             if self.base is not None:
                 return stage.read_raw(files, self.base, info, start, stop)
             return super().read_raw(stage, files, info, start, stop)
-        import torch
 
         n = stop - start
-        values = torch.empty(n, dtype=torch.float32)
+        values = self._scratch.values
+        if values is None or values.size < n:
+            values = self._scratch.values = np.empty(n, dtype=np.float32)
         self._values(stage, files, info, start, stop, values)
         size = itemsize(info.dtype)
-        rounded = stage.raw[: n * size].view(_torch_dtype(info.dtype))
-        rounded.copy_(values)  # one rounding, nearest even
+        round_float32(values[:n], info.dtype, stage.raw_np[: n * size])  # one rounding, nearest even
         return stage.view[: n * size]
 
 
-def _torch_dtype(code: str):
-    from ckptops.checkpoint.dtypes import torch_dtype
+def _product_rows(left: np.ndarray, right: np.ndarray, r0: int, r1: int, out: np.ndarray, post_scale: float) -> None:
+    """``out`` (flat float32, (r1 - r0) * cols) = rows [r0, r1) of left @ right, times post_scale."""
+    from ckptops.hdr import fused
 
-    return torch_dtype(code)
+    rows, rank, cols = r1 - r0, right.shape[0], right.shape[1]
+    if fused.built():
+        fused.lora_rows(left[r0:r1], right, rows, rank, cols, out, post_scale)
+        return
+    block = out.reshape(rows, cols)
+    np.matmul(left[r0:r1], right, out=block)
+    if post_scale != 1.0:
+        np.multiply(block, np.float32(post_scale), out=block)
 
 
 # --------------------------------------------------------------------------- checkpoints

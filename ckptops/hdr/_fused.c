@@ -602,7 +602,102 @@ static PyObject *py_xxh64_digest(PyObject *self, PyObject *args) {
     return PyLong_FromUnsignedLongLong(h);
 }
 
+/* ---------------------------------------------------------------- LoRA products */
+
+/* out (rows x cols) = left (rows x rank) @ right (rank x cols), float32, each element summed over
+ * k = 0..rank-1 in order (fl(fl(l0 r0 + l1 r1) + l2 r2) ...; no fused multiply-add), then times
+ * post_scale when it is not 1. Why here: a LoRA tau_H is formed chunk by chunk from its factors;
+ * with this loop the adapter path needs no torch (whose import alone took 1.4 s) and the result
+ * does not depend on a BLAS library's blocking or thread count. The loop runs along a row of
+ * ``right`` for each k, so it vectorises; a row of ``out`` stays in L1. */
+#define LORA_COLS 32
+/* eight float32 lanes (GCC/Clang vector extension: AVX registers in the AVX2 clone, split into
+ * narrower ones elsewhere) */
+typedef float v8f __attribute__((vector_size(32)));
+
+/* one row, columns [j0, j1): the plain loop (the remainder of the blocked one) */
+static inline __attribute__((always_inline)) void lora_row_tail(const float *restrict l, const float *restrict right,
+                                                                  Py_ssize_t rank, Py_ssize_t cols, Py_ssize_t j0,
+                                                                  Py_ssize_t j1, float *restrict o) {
+    for (Py_ssize_t j = j0; j < j1; j++) {
+        float acc = l[0] * right[j];
+        for (Py_ssize_t k = 1; k < rank; k++)
+            acc = acc + l[k] * right[k * cols + j];
+        o[j] = acc;
+    }
+}
+
+MULTIVERSION static void lora_rows_body(const float *restrict left, const float *restrict right, Py_ssize_t rows,
+                                        Py_ssize_t rank, Py_ssize_t cols, float *restrict out, float post_scale) {
+    /* blocks of LORA_COLS columns of two rows, accumulated in vector registers over k (each load
+     * of ``right`` serves both rows); the sum's order per element is the same in every branch */
+    const Py_ssize_t blocked = cols - cols % LORA_COLS;
+    Py_ssize_t i = 0;
+    for (; i + 2 <= rows; i += 2) {
+        const float *l0 = left + i * rank, *l1 = l0 + rank;
+        float *restrict o0 = out + i * cols, *restrict o1 = o0 + cols;
+        for (Py_ssize_t j0 = 0; j0 < blocked; j0 += LORA_COLS) {
+            v8f a0[4], a1[4];
+            const float *r = right + j0;
+            const v8f x0 = {l0[0], l0[0], l0[0], l0[0], l0[0], l0[0], l0[0], l0[0]};
+            const v8f x1 = {l1[0], l1[0], l1[0], l1[0], l1[0], l1[0], l1[0], l1[0]};
+            for (int q = 0; q < 4; q++) {
+                v8f rv;
+                memcpy(&rv, r + 8 * q, sizeof(rv));
+                a0[q] = x0 * rv;
+                a1[q] = x1 * rv;
+            }
+            for (Py_ssize_t k = 1; k < rank; k++) {
+                const float *rk = right + k * cols + j0;
+                const float s0 = l0[k], s1 = l1[k];
+                const v8f y0 = {s0, s0, s0, s0, s0, s0, s0, s0}, y1 = {s1, s1, s1, s1, s1, s1, s1, s1};
+                for (int q = 0; q < 4; q++) {
+                    v8f rv;
+                    memcpy(&rv, rk + 8 * q, sizeof(rv));
+                    a0[q] = a0[q] + y0 * rv;
+                    a1[q] = a1[q] + y1 * rv;
+                }
+            }
+            memcpy(o0 + j0, a0, sizeof(a0));
+            memcpy(o1 + j0, a1, sizeof(a1));
+        }
+        lora_row_tail(l0, right, rank, cols, blocked, cols, o0);
+        lora_row_tail(l1, right, rank, cols, blocked, cols, o1);
+    }
+    for (; i < rows; i++)
+        lora_row_tail(left + i * rank, right, rank, cols, 0, cols, out + i * cols);
+    if (post_scale != 1.0f)
+        for (Py_ssize_t n = 0; n < rows * cols; n++)
+            out[n] = out[n] * post_scale;
+}
+
+/* lora_rows(left, right, rows, rank, cols, out, post_scale) -> None (see lora_rows_body) */
+static PyObject *lora_rows(PyObject *self, PyObject *args) {
+    Py_buffer left, right, out;
+    Py_ssize_t rows, rank, cols;
+    float post_scale;
+    if (!PyArg_ParseTuple(args, "y*y*nnnw*f", &left, &right, &rows, &rank, &cols, &out, &post_scale))
+        return NULL;
+    PyObject *result = NULL;
+    if (rows < 0 || rank < 1 || cols < 0 || left.len < rows * rank * 4 || right.len < rank * cols * 4 ||
+        out.len < rows * cols * 4) {
+        PyErr_SetString(PyExc_ValueError, "lora_rows: buffers too small for rows x rank x cols");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    lora_rows_body((const float *)left.buf, (const float *)right.buf, rows, rank, cols, (float *)out.buf, post_scale);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&left);
+    PyBuffer_Release(&right);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"lora_rows", lora_rows, METH_VARARGS, "Rows of a LoRA product left @ right in float32 (see the C source)."},
     {"band_count", band_count, METH_VARARGS, "Count |h - b| bit patterns against a band (see the C source)."},
     {"band_collect", band_collect, METH_VARARGS, "band_count that also records in-band values (see the C source)."},
     {"apply", apply, METH_VARARGS, "t - scale * shrink(h - b), rounded to the output kind (see the C source)."},

@@ -24,6 +24,17 @@ def enabled() -> bool:
     return _fused is not None and os.environ.get("CKPTOPS_NO_FUSED", "") in ("", "0")
 
 
+def built() -> bool:
+    """True when the extension is built (``CKPTOPS_NO_FUSED`` aside: the LoRA product uses it on
+    both engine paths, so that they give the same bits)."""
+    return _fused is not None
+
+
+def lora_rows(left, right, rows: int, rank: int, cols: int, out, post_scale: float) -> None:
+    """``out`` = (left @ right) * post_scale in float32, summed over the rank in order. See ``_fused.c``."""
+    _fused.lora_rows(left, right, rows, rank, cols, out, post_scale)
+
+
 def band_count(h, h_kind: int, b, b_kind: int, n: int, lo: int, size: int, hist) -> tuple[bool, int]:
     """Add |h - b|'s bit patterns to the band histogram; (all finite, peak). See ``_fused.c``."""
     return _fused.band_count(h, h_kind, b, b_kind, n, lo, size, hist)

@@ -43,7 +43,7 @@ from typing import Callable
 import numpy as np
 
 from ckptops.checkpoint.checksum import Checksum
-from ckptops.checkpoint.dtypes import itemsize
+from ckptops.checkpoint.dtypes import bfloat16_bits, itemsize
 from ckptops.checkpoint.writer import OutShard, ShardWriter
 from ckptops.errors import TensorValueError
 from ckptops.hdr import engine, select
@@ -642,8 +642,7 @@ def _round(values: np.ndarray, task: TensorTask) -> np.ndarray:
     if task.out_dtype == "F32":
         return values
     if task.out_dtype == "BF16":
-        bits = values.view(np.uint32)
-        return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+        return bfloat16_bits(values)
     with np.errstate(over="ignore"):
         half = values.astype(np.float16)
     if not np.isfinite(half).all():
