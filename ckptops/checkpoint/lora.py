@@ -13,7 +13,7 @@ Values, exactly:
 - adapted module with weight W (shape out x in), A (r x in), B (out x r):
   ``delta = float32(B @ A) * scaling`` (``transpose`` first for ``fan_in_fan_out`` Conv1D
   modules), computed in float32 from float32 copies of A and B, a block of rows at a time, as
-  PEFT's ``get_delta_weight`` does. ``scaling = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with
+  PEFT's ``get_delta_weight`` does (the sum over the rank in order: see :func:`_product_rows`). ``scaling = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with
   ``use_rslora``), ``r`` and ``lora_alpha`` taken from ``rank_pattern`` / ``alpha_pattern`` with
   PEFT's own matching rule.
 - as ``--harmful``: tau_H = delta for adapted tensors and exactly 0 for every other tensor; the
