@@ -262,3 +262,22 @@ def test_hub_inputs_are_not_downloaded_again_for_finished_shards(hub, triple, un
     assert report["resumed"]["reused_shards"] == finished
     full = sum(p.stat().st_size for p in triple["target"].glob("*.safetensors"))
     assert 0 < report["io"]["target"]["downloaded"] < full
+
+
+@pytest.mark.parametrize("extra", [("--two-pass",), ("--scope", "tensor")])
+def test_low_disk_passes_resume_mid_pass(triple, tmp_path, extra):
+    """--low-disk outside the one-read pass (the global two-pass select, tensor scope) journals
+    each unit's thresholds before writing: a run killed mid-pass is continued from its finished
+    shards, and the result is the uninterrupted run's, byte for byte."""
+    plain = tmp_path / "plain" / "out"
+    _run(_command(triple, plain, "--low-disk", *extra, resume=False))
+    out = tmp_path / "out"
+    staged = _kill_at(_command(triple, out, "--low-disk", *extra, resume=False), "apply", tmp_path)
+    finished = _finished(staged)
+    assert finished
+    report = _run(_command(triple, out, "--low-disk", *extra))
+    _same(out, _files(plain))
+    assert report["resumed"]["reused_shards"] == finished
+    # the finished shards' target tensors are not read again (base/harmful: the remaining
+    # tensors' selection reads them as well)
+    assert report["io"]["target"]["read"] == _expected_reads(triple, out, finished)["target"]

@@ -99,16 +99,27 @@ def _select_global_low_disk(plan: Plan, models: Models, pool: WorkerPool, top_k:
 
 
 def run_low_disk(plan: Plan, models: Models, pool: WorkerPool, writer: ShardWriter, top_k: float, scale: float,
-                  scope: str, tick, drift=None, log=None) -> tuple[dict, dict[str, int]]:
+                  scope: str, tick, drift=None, log=None, known: dict | None = None,
+                  record=None) -> tuple[dict, dict[str, int]]:
     """Select and apply unit by unit (see the module docstring), releasing input shards early.
 
     A unit ends after a task that is the last reader of some input file, and never inside a
     selection group whose thresholds it computes. Returns (selections, changed chunks per tensor); ``drift`` (a
     :class:`ckptops.hdr.drift.DriftSums`), when given, gets the apply passes' drift sums. With
-    ``log`` (see :func:`ckptops.hdr.engine.apply_all`) those go to the log instead."""
+    ``log`` (see :func:`ckptops.hdr.engine.apply_all`) those go to the log instead.
+
+    ``--resume``: ``record(selections)`` is called whenever new thresholds are known, before any
+    value selected by them is written (the journal keeps them); a resumed run passes them back as
+    ``known`` with ``plan`` the tasks still to compute, and selects only the groups not in it.
+    Every group with a task in a finished shard was selected before that shard was written, so
+    the groups left to select lie wholly in ``plan``."""
     roles = {"base": models.base, "harmful": models.harmful, "target": models.target}
+    selections = dict(known or {})
     preselect = scope == "global" and top_k < 1
-    selections = _select_global_low_disk(plan, models, pool, top_k, tick, roles) if preselect else {}
+    if preselect and "all" not in selections:
+        selections.update(_select_global_low_disk(plan, models, pool, top_k, tick, roles))
+        if record is not None:
+            record(selections)
     keys, last_use, holders = _last_uses(plan.tasks, roles, with_target=True)
     group_end = {} if preselect else {t.group: i for i, t in enumerate(plan.tasks) if t.group is not None}
     kept: dict[str, int] = {}
@@ -119,8 +130,11 @@ def run_low_disk(plan: Plan, models: Models, pool: WorkerPool, writer: ShardWrit
         if not last and (i < open_until or all(last_use[k] != i for k in keys[i])):
             continue
         unit = Plan(plan.tasks[start:i + 1], plan.groups)
-        if not preselect:
-            selections.update(select_thresholds(unit, models, pool, top_k, tick))
+        todo = [t for t in unit.tasks if t.action == "hdr" and t.group not in selections]
+        if not preselect and todo:
+            selections.update(select_thresholds(Plan(todo, plan.groups), models, pool, top_k, tick))
+            if record is not None:
+                record(selections)
         for name, value in apply_all(unit, models, pool, writer, selections, scale, tick, drift=drift,
                                      log=log).items():
             kept[name] = kept.get(name, 0) + value

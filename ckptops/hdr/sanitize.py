@@ -350,7 +350,8 @@ def select_and_apply(run: Run, folder: Path, resuming: bool = False) -> tuple[di
     options, plan, models = run.options, run.plan, run.models
     workers = options.worker_count
     one = uses_one_read(run)
-    reused, redone = shard_log.check_finished(run.journal, run.shards, workers, "bands" if one else "selections",
+    needs = ("bands",) if one else ("selections", "partial_selections")
+    reused, redone = shard_log.check_finished(run.journal, run.shards, workers, needs,
                                               _undo(run, folder) if one else None) if resuming else ({}, [])
     pool = WorkerPool(workers, options.chunk)
     writer = ShardWriter(folder, run.shards, _METADATA, reused=frozenset(run.shards[i].name for i in reused),
@@ -404,26 +405,38 @@ def passes(run: Run, pool: WorkerPool, writer: ShardWriter, log: shard_log.Shard
            units: list | None) -> tuple[dict[str, Selection], dict[str, int]]:
     """The exact thresholds (:func:`select_pass`, journaled: a resumed run takes them from
     there), then :func:`apply_pass` over the shards not finished. ``low_disk`` without journaled
-    thresholds runs both unit by unit (:mod:`ckptops.hdr.low_disk`); a kill then loses the pass."""
+    thresholds runs both unit by unit (:mod:`ckptops.hdr.low_disk`) over the shards not finished,
+    journaling each unit's thresholds before it writes (a resumed run selects only the rest)."""
     options, models = run.options, run.models
     recorded = run.journal.state.get("selections")
     if recorded is not None:
-        selections = {g: Selection(t, c, k, None if changed is None else frozenset(changed))
-                      for g, (t, c, k, changed) in recorded.items()}
+        selections = _decode_selections(recorded)
     elif options.low_disk:
-        total = selection_bytes(run) + apply_bytes(run.plan)
+        # thresholds journaled as they are found, so that a kill loses only the unfinished shards
+        total = selection_bytes(run) + apply_bytes(remaining)
         with ByteProgress(total, "select + apply (low disk)", options.progress) as run.bar:
-            selections, _ = run_low_disk(run.plan, models, pool, writer, options.top_k, options.scale,
-                                         options.scope, run.tick, drift=run.drift, log=log)
+            selections, _ = run_low_disk(remaining, models, pool, writer, options.top_k, options.scale,
+                                         options.scope, run.tick, drift=run.drift, log=log,
+                                         known=_decode_selections(run.journal.state.get("partial_selections") or {}),
+                                         record=lambda found: run.journal.update(
+                                             partial_selections=_encode_selections(found)))
     else:
         selections = select_pass(run, pool)
     if recorded is None:
-        run.journal.update(selections={
-            g: [s.threshold, s.count, s.kept, None if s.changed is None else sorted(s.changed)]
-            for g, s in selections.items()})
+        run.journal.update(selections=_encode_selections(selections))
     if recorded is not None or not options.low_disk:
         apply_pass(run, pool, writer, selections, log, remaining, units)
     return selections, log.results(run.drift)
+
+
+def _encode_selections(selections: dict[str, Selection]) -> dict:
+    return {g: [s.threshold, s.count, s.kept, None if s.changed is None else sorted(s.changed)]
+            for g, s in selections.items()}
+
+
+def _decode_selections(recorded: dict) -> dict[str, Selection]:
+    return {g: Selection(t, c, k, None if changed is None else frozenset(changed))
+            for g, (t, c, k, changed) in recorded.items()}
 
 
 def select_pass(run: Run, pool: WorkerPool) -> dict[str, Selection]:

@@ -187,17 +187,18 @@ def shard_index(shards: list[OutShard]) -> dict[str, int]:
     return {t.name: i for i, s in enumerate(shards) for t in s.tensors}
 
 
-def check_finished(journal: Journal, shards: list[OutShard], workers: int, needs: str,
+def check_finished(journal: Journal, shards: list[OutShard], workers: int, needs: tuple[str, ...],
                    undo=None) -> tuple[dict[int, ShardTally], list[str]]:
     """``--resume``: the shards a killed run finished whose files (and correction records) check
     out, as tallies by shard index, and the names of those that did not (they are computed again).
 
-    Nothing is reused unless the journal holds ``needs`` (what the pass started from: the
-    one-read ``bands``, or the ``selections``) and no fallback was under way. ``undo(entries)``,
+    Nothing is reused unless the journal holds one of ``needs`` (what the pass started from: the
+    one-read ``bands``, the ``selections``, or the ``partial_selections`` that ``--low-disk``
+    journals unit by unit) and no fallback was under way. ``undo(entries)``,
     called first when the journal's phase is ``correcting``, writes back the values the pass
     wrote where the corrections may have changed them (the one-read pass: see
     :func:`ckptops.hdr.one_read.undo_corrections`), so that the shards hash as written."""
-    if needs not in journal.state or journal.phase == "fallback":
+    if not any(need in journal.state for need in needs) or journal.phase == "fallback":
         journal.drop()
         if journal.phase != "pass":
             journal.update(phase="pass")
