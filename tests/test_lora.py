@@ -90,8 +90,14 @@ def tiny(tmp_path_factory):
     return {"root": root, "base": base, "target": target, "adapter": adapter, "patterned": patterned}
 
 
-@pytest.mark.parametrize("which", ["adapter", "patterned"])
-def test_adapter_as_harmful_matches_float64_reference(tiny, tmp_path, which):
+@pytest.mark.parametrize("which", ["adapter", "patterned", "adapter, numpy products"])
+def test_adapter_as_harmful_matches_float64_reference(tiny, tmp_path, which, monkeypatch):
+    """``numpy products``: the products without the C extension's loop (numpy's matmul)."""
+    if which.endswith("numpy products"):
+        from ckptops.hdr import fused
+
+        monkeypatch.setattr(fused, "built", lambda: False)
+        which = "adapter"
     out = tmp_path / "out"
     report = ckptops.sanitize(tiny["base"], tiny[which], tiny["target"], out, top_k=0.05, scale=3.0,
                               chunk_elements=1000, progress=False)
