@@ -209,8 +209,8 @@ def sample_chunks(tasks: list[TensorTask], chunk: int):
 
 def estimate_band(tasks: list[TensorTask], count: int, rank: int, models: Models,
                   pool: WorkerPool) -> tuple[int, int]:
-    """(first bit pattern, width) of the band of BAND_BINS top bins around the threshold that a
-    sample (:func:`sample_chunks`, 1/64 of the values) predicts."""
+    """(first bit pattern, width) of the band around the threshold that a sample
+    (:func:`sample_chunks`, 1/64 of the values) predicts (see :func:`band_around`)."""
     return band_around(sample_histogram(tasks, models, pool), count, rank)
 
 
