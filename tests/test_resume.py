@@ -40,15 +40,25 @@ AT_THE_EDGE = (
 )
 
 
+#: the sample misleads (a band far above the threshold): the pass misses, the group is selected
+#: again with two passes and rewritten in place (the fallback)
+MISLEADING = AT_THE_EDGE.replace(
+    "    return one_read.Band(band.lo, band.size, band.lo)\n",
+    "    far = band.lo + 40 * (1 << 23)\n"
+    "    return one_read.Band(far, band.size, far + band.size // 2)\n")
+
+
 @pytest.fixture(scope="module")
 def triple(tmp_path_factory):
     return write_triple(tmp_path_factory.mktemp("resume"), PRESET, shard_size=800_000)
 
 
-def _command(inputs, out: Path, *extra: str, resume: bool = True, edge: bool = False) -> list[str]:
+def _command(inputs, out: Path, *extra: str, resume: bool = True, edge: bool = False,
+             script: str | None = None) -> list[str]:
     # --max-memory 340MiB: chunks of ~50k values, so the one-read pass samples and corrects;
     # --shard-size 300KB: 8 output shards of about 3 chunks each
-    start = [sys.executable, "-c", AT_THE_EDGE] if edge else [sys.executable, "-m", "ckptops.cli"]
+    script = AT_THE_EDGE if edge else script
+    start = [sys.executable, "-c", script] if script else [sys.executable, "-m", "ckptops.cli"]
     return [*start, "sanitize", "--base", str(inputs["base"]), "--harmful", str(inputs["harmful"]),
             "--target", str(inputs["target"]), "--out", str(out), "-q", "--json", "--max-memory", "340MiB",
             "--shard-size", "300KB", *(["--resume"] if resume else []), *extra]
@@ -281,3 +291,18 @@ def test_low_disk_passes_resume_mid_pass(triple, tmp_path, extra):
     # the finished shards' target tensors are not read again (base/harmful: the remaining
     # tensors' selection reads them as well)
     assert report["io"]["target"]["read"] == _expected_reads(triple, out, finished)["target"]
+
+
+def test_kill_during_the_band_miss_fallback(triple, uninterrupted, tmp_path):
+    """A kill while the fallback rewrites a missed group in place: the resumed run reuses the
+    shards the fallback had not touched yet, computes the others again, runs the fallback again,
+    and gives the uninterrupted bytes."""
+    out = tmp_path / "out"
+    staged = _kill_at(_command(triple, out, resume=False, script=MISLEADING), "fallback", tmp_path)
+    journaled = _finished(staged)
+    assert len(journaled) == 8
+    report = _run(_command(triple, out, script=MISLEADING))
+    _same(out, uninterrupted)
+    assert report["one_read"]["band_missed"] == ["all"]
+    reused = report["resumed"]["reused_shards"]
+    assert reused and len(reused) < 8 and report["resumed"]["redone_shards"]

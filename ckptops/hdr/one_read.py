@@ -671,6 +671,7 @@ class PatchWriter:
         done = 0
         while done < len(view):
             done += os.pwrite(fd, view[done:], start + byte_offset + done)
+        pause_point("fallback")  # a test's kill -9 with the group half rewritten
 
     def __enter__(self) -> "PatchWriter":
         return self

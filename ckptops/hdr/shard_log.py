@@ -194,18 +194,21 @@ def check_finished(journal: Journal, shards: list[OutShard], workers: int, needs
 
     Nothing is reused unless the journal holds one of ``needs`` (what the pass started from: the
     one-read ``bands``, the ``selections``, or the ``partial_selections`` that ``--low-disk``
-    journals unit by unit) and no fallback was under way. ``undo(entries)``,
-    called first when the journal's phase is ``correcting``, writes back the values the pass
+    journals unit by unit). ``undo(entries)``, called first when the journal's phase is
+    ``correcting`` or ``fallback``, writes back the values the pass
     wrote where the corrections may have changed them (the one-read pass: see
     :func:`ckptops.hdr.one_read.undo_corrections`), so that the shards hash as written."""
-    if not any(need in journal.state for need in needs) or journal.phase == "fallback":
+    if not any(need in journal.state for need in needs):
         journal.drop()
         if journal.phase != "pass":
             journal.update(phase="pass")
         return {}, []
     entries = {i: e for i, e in journal.entries().items() if i < len(shards) and e.get("name") == shards[i].name}
     entries = {i: e for i, e in entries.items() if _records_check_out(journal, i, e.get("records"))}
-    if journal.phase == "correcting" and undo is not None:
+    if journal.phase in ("correcting", "fallback") and undo is not None:
+        # (a kill during the band-miss fallback: the corrections are undone here; the shards whose
+        # tensors the fallback had rewritten in place no longer check out and are computed again,
+        # and the resumed run, missing the same band, runs the fallback again over the group)
         undo(entries)
         journal.update(phase="pass")
 
