@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 # code -> (itemsize in bytes, name of the torch dtype). Plain data: header validation (inspect, the

@@ -370,8 +370,6 @@ class ZeroSource:
     def read_native(self, stage, files, info, start, stop, out):
         """A view of one per-thread float32 zero block, never written (the fused kernels only read
         their inputs): no memset of 4 bytes per value on every chunk."""
-        from ckptops.checkpoint.reader import byte_view
-
         n = stop - start
         zeros = ZeroSource._zeros.zeros
         if zeros is None or zeros.size < n:
