@@ -233,3 +233,35 @@ def test_one_selection_pass_serves_several_top_k(models, monkeypatch, scope):
     for top_k in top_ks:
         _, thresholds = reference_hdr(states["base"], states["harmful"], states["target"], top_k=top_k, scope=scope)
         assert {group: s.threshold for group, s in found[top_k].items()} == thresholds, top_k
+
+
+def test_sample_of_a_lora_tau_places_the_band(models, tmp_path):
+    """A LoRA tau_H is zero outside the adapted projections (most of the model's values, with the
+    embeddings) and differs in scale between them: the sampled band must still hold the exact
+    threshold, so that the pass needs no fallback. (A sample of every 4th chunk in larger pieces
+    missed on the 1.1B benchmark; on this small preset it happens to hit, so this guards the
+    LoRA sample in general, not that variant.)"""
+    import json as _json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    paths, states = models
+    rng = np.random.default_rng(3)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    tensors = {}
+    for name, value in states["base"].items():
+        if not name.endswith("proj.weight"):
+            continue
+        module = name[: -len(".weight")]
+        rows, cols = value.shape
+        tensors[f"base_model.model.{module}.lora_A.weight"] = (rng.standard_normal((4, cols)) / cols ** 0.5).astype(np.float32)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = (rng.standard_normal((rows, 4)) * 1e-3).astype(np.float32)
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(_json.dumps({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                          "gate_proj", "up_proj", "down_proj"]}))
+    report = ckptops.sanitize(paths["base"], adapter, paths["target"], tmp_path / "out", chunk_elements=1024,
+                              progress=False)
+    assert report.one_read["band_missed"] == []
