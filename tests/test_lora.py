@@ -335,3 +335,29 @@ def test_tune_accepts_base_plus_adapter_as_target(tiny, tmp_path):
         assert any("down_proj" in n for n in delta)
     finally:
         session.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_adapter_factors_in_any_float_dtype_read_as_torch_float(tmp_path, dtype):
+    """The factors are read without torch: bfloat16/float16 widened, float64 rounded, exactly as
+    torch's ``.float()`` does (checked against safetensors.torch + ``.float()``)."""
+    import json as _json
+
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    from ckptops.checkpoint.lora import read_adapter
+
+    g = torch.Generator().manual_seed(5)
+    tensors = {"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.randn(4, 24, generator=g).to(dtype),
+               "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight": (torch.randn(40, 4, generator=g) * 1e-3).to(dtype)}
+    tensors["base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"][0, 0] = 1e-40  # a subnormal for float16/32
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(_json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 3,
+                                                             "target_modules": ["up_proj"]}))
+    module = read_adapter(folder).modules["model.layers.0.mlp.up_proj.weight"]
+    want = load_file(str(folder / "adapter_model.safetensors"))
+    assert np.array_equal(module.a, want["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"].float().numpy())
+    assert np.array_equal(module.b, want["base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"].float().numpy())
