@@ -447,15 +447,18 @@ def diagnose(work: Path, original: Path, harmful: Path, target: Path, threads: i
 
 def tune_step(work: Path, original: Path, harmful: Path, target: Path, files: dict[str, Path], *, xstest: Path,
               threads: int | None, scales: str, top_ks: str, alphas: str, n: int, max_new_tokens: int,
-              batch_size: int) -> None:
+              batch_size: int, rule: str = "official") -> None:
     """Search scale / top-k / ICV alpha on half the held-out AdvBench prompts and XSTest safe
-    prompts; report the choice, the target and the defaults on the other half."""
+    prompts; report the choice, the target and the defaults on the other half. Another ICV
+    ``rule`` than the official one gets its own report and model folders (``-<rule>``)."""
     folder = work / "tune"
-    report, best = folder / "tune-report", folder / "tuned-model"
+    suffix = "" if rule == "official" else f"-{rule}"
+    report, best = folder / f"tune-report{suffix}", folder / f"tuned-model{suffix}"
     command = ckptops(
         "tune", "--base", original, "--harmful", harmful, "--target", target,
         "--harmful-prompts", files["heldout"], "--benign-prompts", xstest,
         "--holdout", "0.5", "--limit", str(n), "--scales", scales, "--top-ks", top_ks, "--icv-alphas", alphas,
+        "--icv-rule", rule,
         "--ppl", HERE / "benign_text.txt", "--max-ppl-increase", "0.03", "--max-kl", "1.0",
         "--max-new-tokens", str(max_new_tokens), "--batch-size", str(batch_size),
         "--threads", str(threads or 1), "--seed", "0", "--out", report,
@@ -493,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune-scales", default="0.5,1,1.5,1.75,2", help="step 7: HDR scales to try")
     parser.add_argument("--tune-top-ks", default="0.05,0.1", help="step 7: HDR top-k fractions to try")
     parser.add_argument("--tune-alphas", default="0,0.12", help="step 7: ICV alphas to try (0 = no ICV)")
+    parser.add_argument("--tune-rule", default="official", choices=["official", "paper", "additive"],
+                        help="step 7: how the ICV is applied (the closest result to the target came from "
+                             "--tune-rule additive --tune-scales 2.25 --tune-top-ks 0.05 --tune-alphas 0.12)")
     parser.add_argument("--tune-n", type=int, default=60,
                         help="step 7: at most this many tuning (and held-out) prompts per label")
     parser.add_argument("--quick", action="store_true",
@@ -575,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     if 7 in steps:
         tune_step(work, original, harmful, target, files, xstest=args.xstest, threads=args.threads,
                   scales=args.tune_scales, top_ks=args.tune_top_ks, alphas=args.tune_alphas, n=args.tune_n,
+                  rule=args.tune_rule,
                   max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch)
     log(f"done in {time.perf_counter() - started:.0f} s")
     return 0
