@@ -58,16 +58,22 @@ def torch_dtype(code: str) -> "torch.dtype":
     return getattr(torch, SAFETENSORS_DTYPES[code][1])
 
 
-def widen_to_float32(data, code: str) -> "np.ndarray":
-    """Raw little-endian values of a float code as a new float32 array: float16/bfloat16 widened
-    exactly, float64 rounded to nearest (as torch's ``.float()``)."""
+#: numpy dtype of each float code's raw little-endian values (bfloat16: its uint16 bit patterns)
+NUMPY_FLOATS = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+
+
+def widen_into(data, code: str, out: "np.ndarray") -> None:
+    """Raw little-endian values of a float code into the float32 array ``out`` (as long as the
+    values): float16/bfloat16 widened exactly, float64 rounded to nearest (beyond float32: Inf),
+    as torch's ``.float()``. The one conversion the readers share."""
     import numpy as np
 
-    if code == "BF16":
-        return (np.frombuffer(data, dtype="<u2").astype(np.uint32) << np.uint32(16)).view(np.float32)
-    source = np.frombuffer(data, dtype={"F64": "<f8", "F32": "<f4", "F16": "<f2"}[code])
-    with np.errstate(over="ignore"):  # float64 beyond float32 becomes Inf, as in torch
-        return source.astype(np.float32)
+    source = np.frombuffer(data, dtype=NUMPY_FLOATS[code])
+    if code == "BF16":  # bfloat16 is the top half of a float32: widen the bits
+        np.left_shift(source, 16, out=out.view(np.uint32), dtype=np.uint32)
+        return
+    with np.errstate(over="ignore"):
+        np.copyto(out, source, casting="same_kind")
 
 
 def bfloat16_bits(values: "np.ndarray") -> "np.ndarray":
@@ -87,6 +93,6 @@ def round_float32(values: "np.ndarray", code: str, out: "np.ndarray") -> None:
     if code == "BF16":
         out.view(np.uint16)[:] = bfloat16_bits(values)
         return
-    target = out.view({"F64": "<f8", "F32": "<f4", "F16": "<f2"}[code])
+    target = out.view(NUMPY_FLOATS[code])
     with np.errstate(over="ignore"):
         np.copyto(target, values, casting="same_kind")

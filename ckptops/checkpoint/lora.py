@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ckptops.checkpoint.dtypes import FLOAT_CODES, itemsize, round_float32, widen_to_float32
+from ckptops.checkpoint.dtypes import FLOAT_CODES, itemsize, round_float32, widen_into
 from ckptops.checkpoint.header import TensorInfo, read_header
 from ckptops.checkpoint.resolve import PICKLE_SUFFIXES, Checkpoint, Shard, full_sha256, open_checkpoint
 from ckptops.errors import CheckpointError, MismatchError
@@ -281,7 +281,9 @@ def _load_float32(weights: Path, header) -> dict[str, np.ndarray | None]:
             data = file.read(info.nbytes)
             if len(data) != info.nbytes:
                 raise CheckpointError(f"{weights}: tensor {info.name} is cut short")
-            tensors[info.name] = widen_to_float32(data, info.dtype).reshape(info.shape)
+            values = np.empty(info.numel, dtype=np.float32)
+            widen_into(data, info.dtype, values)
+            tensors[info.name] = values.reshape(info.shape)
     return tensors
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ckptops.checkpoint.dtypes import itemsize, torch_dtype
+from ckptops.checkpoint.dtypes import NUMPY_FLOATS, itemsize, torch_dtype, widen_into
 from ckptops.checkpoint.header import TensorInfo
 from ckptops.checkpoint.resolve import Checkpoint
 from ckptops.errors import CheckpointError
@@ -85,10 +85,6 @@ def byte_view(array) -> memoryview:
     return memoryview(array.numpy()).cast("B")
 
 
-#: numpy views of the raw bytes of each float code (bfloat16, which numpy lacks, as its bits)
-_NUMPY_FLOATS = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
-
-
 class Staging:
     """Per-worker raw byte buffer through which non-float32 tensors are read and converted."""
 
@@ -124,12 +120,7 @@ class Staging:
         if not isinstance(out, np.ndarray):
             out[:n].copy_(self.raw[: n * size].view(torch_dtype(info.dtype)))
             return
-        source = self.raw_np[: n * size].view(_NUMPY_FLOATS[info.dtype])
-        if info.dtype == "BF16":  # bfloat16 is the top half of a float32: widen the bits
-            np.left_shift(source, 16, out=out[:n].view(np.uint32), dtype=np.uint32)
-        else:
-            with np.errstate(over="ignore"):  # float64 beyond float32 becomes Inf, as in torch
-                np.copyto(out[:n], source, casting="same_kind")
+        widen_into(self.raw_np[: n * size], info.dtype, out[:n])
 
     def read_native(
         self, files: OpenFiles, checkpoint: Checkpoint, info: TensorInfo, start: int, stop: int, out: np.ndarray
@@ -165,7 +156,7 @@ class Staging:
 
     def raw_np_as(self, dtype_code: str, count: int) -> np.ndarray:
         """The first ``count`` elements as a numpy array of a float code (bfloat16 as uint16 bits)."""
-        return self.raw_np[: count * itemsize(dtype_code)].view(_NUMPY_FLOATS[dtype_code])
+        return self.raw_np[: count * itemsize(dtype_code)].view(NUMPY_FLOATS[dtype_code])
 
 
 __all__ = ["OpenFiles", "Staging", "pread_into", "byte_view"]

@@ -43,7 +43,7 @@ from typing import Callable
 import numpy as np
 
 from ckptops.checkpoint.checksum import Checksum
-from ckptops.checkpoint.dtypes import bfloat16_bits, itemsize
+from ckptops.checkpoint.dtypes import bfloat16_bits, itemsize, widen_into
 from ckptops.checkpoint.writer import OutShard, ShardWriter
 from ckptops.errors import TensorValueError
 from ckptops.hdr import engine, select
@@ -202,9 +202,6 @@ class OneReadResult:
     summary: dict
 
 
-_NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
-
-
 def _read_sample(buf: WorkerBuffers, models: Models, checkpoint, info, start: int, stop: int, out: np.ndarray,
                  remote: bool) -> None:
     """Elements ``[start, stop)`` as float32 into ``out``: from the local file, or, when
@@ -216,12 +213,7 @@ def _read_sample(buf: WorkerBuffers, models: Models, checkpoint, info, start: in
         return
     size = itemsize(info.dtype)
     raw = checkpoint.read_range(info.shard, info.offset + start * size, (stop - start) * size)
-    n = stop - start
-    if info.dtype == "BF16":
-        np.left_shift(np.frombuffer(raw, dtype=np.uint16), 16, out=out[:n].view(np.uint32), dtype=np.uint32)
-    else:
-        with np.errstate(over="ignore"):
-            np.copyto(out[:n], np.frombuffer(raw, dtype=_NUMPY[info.dtype]), casting="same_kind")
+    widen_into(raw, info.dtype, out[: stop - start])
 
 
 def _fine_kernel(models: Models, remote: bool = False):
