@@ -37,6 +37,10 @@ Steps (each one caches its results under ``examples/smollm2/_work/``; ``--force`
    and 60 other XSTest safe prompts, against the unmodified target and the shipped defaults.
    Writes ``_work/tune/tune-report/`` (``heldout.md``, ``pareto.md``, ``recipe.toml``) and the
    chosen model to ``_work/tune/tuned-model/``. A rerun continues from its ``trials.jsonl``.
+8. **Confirm** (``confirm.py``, not in the default steps): the tuned model, unchanged, measured
+   again on prompts no step has used (the 100 AdvBench prompts step 2 left over, 100 XSTest safe
+   prompts tune did not use) beside the original, the target and the defaults; pooled with tune's
+   held-out part. Writes ``_work/confirm/confirm.md``.
 
 The judge is ckptops' offline phrase matcher: compare the rows with each other, never with the
 paper's GPT-4 numbers (see docs/eval.md).
@@ -479,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None,
                         help="where models, data and reports go (default: _work/, or _work/quick with --quick)")
     parser.add_argument("--xstest", type=Path, default=XSTEST, help="XSTest's xstest_prompts.csv (CC-BY-4.0)")
-    parser.add_argument("--steps", default="1,2,3,4,5,6,7", help="comma-separated steps to run (default: all)")
+    parser.add_argument("--steps", default="1,2,3,4,5,6,7", help="comma-separated steps to run (default: 1-7; step 8, confirm.py, after a tune)")
     parser.add_argument("--force", action="store_true", help="redo steps whose results exist")
     parser.add_argument("--harmful-ft", type=int, default=160, help="AdvBench prompts for theta_H")
     parser.add_argument("--sft", type=int, default=160, help="AdvBench prompts mixed into the SFT target")
@@ -583,6 +587,12 @@ def main(argv: list[str] | None = None) -> int:
                   scales=args.tune_scales, top_ks=args.tune_top_ks, alphas=args.tune_alphas, n=args.tune_n,
                   rule=args.tune_rule,
                   max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch)
+    if 8 in steps:
+        import confirm  # examples/smollm2/confirm.py
+
+        suffix = "" if args.tune_rule == "official" else f"-{args.tune_rule}"
+        confirm.confirm(work, args.xstest, work / "tune" / f"tuned-model{suffix}", limit=args.tune_n,
+                        max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch)
     log(f"done in {time.perf_counter() - started:.0f} s")
     return 0
 
