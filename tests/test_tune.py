@@ -274,3 +274,74 @@ def test_next_token_logprobs_and_kl_match_an_unbatched_reference():
     kl = sum(float((p.exp() * (p - q)).sum()) for p, q in zip(expected, expected_other)) / len(prompts)
     assert kl_divergence(got, got_other) == pytest.approx(kl, rel=1e-4)
     assert kl_divergence(got, got) == 0.0
+
+
+def _last_token_logprobs(folder: Path, texts: list[str]) -> list[torch.Tensor]:
+    """Each text alone through a model loaded with plain transformers: the reference for KL."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    rows = []
+    with torch.no_grad():
+        for text in texts:
+            rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                     tokenize=False)
+            ids = tokenizer(rendered, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            rows.append(torch.log_softmax(model(input_ids=ids).logits[0, -1].double(), -1))
+    return rows
+
+
+def test_measure_base_adds_theta_b_on_the_held_out_prompts(triple, session, tmp_path):
+    folders, harmful, xs = triple
+    judged = []
+
+    def judge(prompts, outputs):
+        judged.append(list(prompts))
+        return ["compliance" for _ in outputs]
+
+    out = tmp_path / "with-base"
+    args = dict(holdout=0.4, scales=[1.0], top_ks=[0.1], max_new_tokens=3, max_kl=1e9, max_broken_increase=1.0,
+                judge=judge, progress=False, session=session, measure_base=True)
+    result = tune(folders["base"], folders["harmful"], folders["target"], harmful, xs, out, **args)
+    names = list(result.heldout)
+    assert names[:2] == ["target (unchanged)", "base theta_b (reference)"]
+    base_row = result.heldout["base theta_b (reference)"]
+    split = load_split(harmful, xs, holdout=0.4)
+    assert (base_row.n_harmful, base_row.n_benign) == (len(split.held_harmful), len(split.held_benign))
+    # measured on theta_b itself: its KL against the target equals one computed here, prompt by prompt
+    texts = [p.text for p in split.held_benign]
+    target_rows, base_rows = _last_token_logprobs(folders["target"], texts), _last_token_logprobs(folders["base"], texts)
+    expected = sum(float((p.exp() * (p - q)).sum()) for p, q in zip(target_rows, base_rows)) / len(texts)
+    assert expected > 0 and base_row.kl == pytest.approx(expected, rel=1e-4)
+    # the base is never a tuning trial, and it is in the report files
+    assert all(t.candidate.scale != 0.0 or t.candidate.alpha != 0.0 for t in result.trials)
+    assert "base theta_b (reference)" in json.loads((out / "report.json").read_text())["heldout"]
+    assert "| base theta_b (reference) |" in (out / "heldout.md").read_text()
+    # a rerun reads it from the log: nothing is generated or judged again
+    calls = len(judged)
+    again = tune(folders["base"], folders["harmful"], folders["target"], harmful, xs, out, **args)
+    assert len(judged) == calls
+    assert again.heldout["base theta_b (reference)"].counts == base_row.counts
+    records = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()[1:]]
+    assert sum(r.get("reference") == "base" for r in records) == 1
+
+
+def test_yardstick_line_places_the_bound_against_the_base():
+    from ckptops.tune.choose import Limits
+    from ckptops.tune.measure import Measurement
+    from ckptops.tune.run import BASE_ROW, _yardstick
+
+    def m(broken_harmful: int, openings: int) -> Measurement:
+        counts = {f"{label}_{kind}": 0 for label in ("harmful", "benign")
+                  for kind in ("refusal", "compliance", "broken", "openings")}
+        counts.update(harmful_broken=broken_harmful, harmful_openings=openings)
+        return Measurement(n_harmful=50, n_benign=50, counts=counts, kl=0.0, perplexity=None)
+
+    limits = Limits(max_broken_increase=0.02, max_kl=1.0, max_ppl_increase=None)
+    target = m(1, 49)  # 1 of 100 broken: bound 3.0%
+    assert _yardstick({"target (unchanged)": target}, limits) == ""
+    line = _yardstick({"target (unchanged)": target, BASE_ROW: m(4, 3)}, limits)  # base 4.0%
+    assert "breaks 4.0%" in line and "opens 6.0%" in line and "= 3.0%, is 1.0 points below it" in line
+    line = _yardstick({"target (unchanged)": target, BASE_ROW: m(2, 0)}, limits)  # base 2.0%
+    assert "is 1.0 points above it" in line

@@ -48,12 +48,15 @@ from ckptops.threads import threads_option
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the prompt split and of Optuna.")
 @click.option("--out", required=True, metavar="DIR", help="Report folder (a rerun continues from its trials.jsonl).")
 @click.option("--write-best", default=None, metavar="DIR", help="Also write the chosen model (sanitize + ICV) here.")
+@click.option("--measure-base", is_flag=True,
+              help="Also measure the base model on the held-out prompts: what fully undoing the fine-tune gives, "
+                   "the yardstick for the bounds (loads it beside the target: twice the model's memory).")
 @threads_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or status lines.")
 def tune_cmd(base, harmful, target, harmful_prompts, benign_prompts, holdout, holdout_harmful, holdout_benign, scales,
              top_ks, icv_alphas, icv_rule, icv_demos, trials, max_broken_increase, max_kl, max_ppl_increase, ppl,
-             max_new_tokens, batch_size, limit, chat_template, scope, exclude, judge, seed, out, write_best, threads,
-             quiet) -> None:
+             max_new_tokens, batch_size, limit, chat_template, scope, exclude, judge, seed, out, write_best, measure_base,
+             threads, quiet) -> None:
     """Search the HDR scale and top-k (and the ICV strength) against measured behaviour.
 
     Every candidate is applied to the target in memory (no checkpoint per trial) and judged
@@ -62,7 +65,8 @@ def tune_cmd(base, harmful, target, harmful_prompts, benign_prompts, holdout, ho
     divergence of the first answer token against the target; perplexity with --ppl. The choice
     rule: fewest compliance openings, then most refusals, among candidates whose broken rate
     stays within the target's + --max-broken-increase and whose KL stays within --max-kl. The
-    chosen candidate, the target and the shipped defaults are then measured on held-out prompts.
+    chosen candidate, the target and the shipped defaults are then measured on held-out prompts
+    (with --measure-base the base model too, as the yardstick).
 
     OUT gets pareto.md/json, heldout.md, report.json, recipe.toml (for `ckptops run`) and
     trials.jsonl (a rerun with the same arguments continues from it).
@@ -91,6 +95,7 @@ def tune_cmd(base, harmful, target, harmful_prompts, benign_prompts, holdout, ho
         max_broken_increase=max_broken_increase, max_kl=max_kl, max_ppl_increase=max_ppl_increase, ppl=ppl,
         max_new_tokens=max_new_tokens, batch_size=batch_size, chat_template=chat_template, limit=limit, seed=seed,
         scope=scope, exclude=list(exclude), judge=judge, write_best=write_best, progress=progress, log=log,
+        measure_base=measure_base,
     )
     click.echo(result.summary())
 

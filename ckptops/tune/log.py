@@ -36,6 +36,7 @@ class TrialLog:
         self.fingerprint = settings_fingerprint(settings)
         self.done: dict[tuple[str, str], Measurement] = {}
         self.candidates: dict[str, Candidate] = {}
+        self.references: dict[tuple[str, str], Measurement] = {}  # other models than candidates (the base)
         if self.path.is_file():
             self._read()
         else:
@@ -62,6 +63,9 @@ class TrialLog:
             raise UsageError(f"{self.path}: made with other settings ({', '.join(changed) or 'unknown'} differ); "
                              "use another --out, or move the log away to start over")
         for record in records[1:]:
+            if "reference" in record:
+                self.references[(record["split"], record["reference"])] = Measurement.from_dict(record["measurement"])
+                continue
             candidate = Candidate(**record["candidate"])
             self.candidates[candidate.key] = candidate
             self.done[(record["split"], candidate.key)] = Measurement.from_dict(record["measurement"])
@@ -85,3 +89,11 @@ class TrialLog:
         self.candidates[candidate.key] = candidate
         self._append({"split": split, "candidate": candidate.as_dict(), "label": candidate.label(),
                       "measurement": measurement.as_dict(with_outputs=True)})
+
+    def get_reference(self, split: str, name: str) -> Measurement | None:
+        return self.references.get((split, name))
+
+    def add_reference(self, split: str, name: str, measurement: Measurement) -> None:
+        """Log a model that is not a candidate (``"base"``: theta_b itself, the yardstick)."""
+        self.references[(split, name)] = measurement
+        self._append({"split": split, "reference": name, "measurement": measurement.as_dict(with_outputs=True)})

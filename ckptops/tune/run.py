@@ -33,6 +33,7 @@ from ckptops.tune.prompts import PromptSplit, load_split
 from ckptops.tune.space import DEFAULT_ICV_ALPHA, DEFAULT_SCALE, DEFAULT_TOP_K, TARGET, Candidate, grid, parse_floats
 
 REPORT_FORMAT = "ckptops.tune/1"
+BASE_ROW = "base theta_b (reference)"
 
 
 class TuneSession:
@@ -204,6 +205,7 @@ def tune(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     session: TuneSession | None = None,
+    measure_base: bool = False,
 ) -> TuneResult:
     """Search HDR scale / top-k and ICV alpha against behaviour; see :mod:`ckptops.tune.run`.
 
@@ -222,6 +224,8 @@ def tune(
         judge: as for ``ckptops eval`` (``keyword``, ``module:function``, or a callable).
         write_best: run the chosen recipe (sanitize + ICV) into this folder.
         session: an open :class:`TuneSession` to reuse (its models must be these).
+        measure_base: also measure the base theta_b on the held-out prompts (a reference row; it
+            loads theta_b beside the target, so it needs the model's memory twice).
     """
     from ckptops.evaluate.judge import load_judge
     from ckptops.hdr.plan import SCOPES
@@ -296,16 +300,40 @@ def tune(
                        seed=seed, scope=scope, exclude=list(exclude), icv_rule=icv_rule, icv_demos=icv_demos,
                        alphas=alpha_list, models={"base": _identity(base), "harmful": _identity(harmful),
                                                   "target": _identity(target)},
-                       write_best=write_best, progress=progress, say=say, started=started)
+                       write_best=write_best, progress=progress, say=say, started=started,
+                       measure_base=measure_base)
     finally:
         if own_session:
             session.close()
 
 
+def _measure_base(base: str, split: PromptSplit, judge, settings: MeasureSettings, reference, *,
+                  say: Callable[[str], None], quiet: bool) -> Measurement:
+    """theta_b itself on the held-out prompts: what fully undoing the fine-tune would give, the
+    yardstick for the candidates' figures (a target bound stricter than the base's own figures
+    asks HDR for more than undoing the fine-tune). Loaded beside the target, so it needs the
+    model's memory a second time; its own tokenizer and chat template, as a user would run it."""
+    import torch
+
+    from ckptops.icv.load import load_model
+
+    say(f"tune: loading the base {base} to measure it on the held-out prompts")
+    loaded = load_model(base, dtype=torch.float32, quiet=quiet, hash_weights=False)
+    try:
+        harmful, benign = split.part("heldout")
+        output = loaded.model.get_output_embeddings()
+        same_vocab = output is not None and reference is not None and output.weight.shape[0] == reference.shape[-1]
+        return measure(loaded.model, loaded.tokenizer, harmful, benign, judge, settings,
+                       reference_logprobs=reference if same_vocab else None)  # KL needs the target's vocabulary
+    finally:
+        loaded.close()
+
+
 def _search(session: TuneSession, split: PromptSplit, candidates: list[Candidate], trials: int | None,
             limits: Limits, settings: MeasureSettings, judge, trial_log: TrialLog, out: Path, *, seed: int,
             scope: str, exclude: list[str], icv_rule: str, icv_demos, alphas: list[float], models: dict[str, str],
-            write_best, progress: bool, say: Callable[[str], None], started: float) -> TuneResult:
+            write_best, progress: bool, say: Callable[[str], None], started: float,
+            measure_base: bool = False) -> TuneResult:
     from tqdm.auto import tqdm
 
     model, tokenizer = session.model, session.tokenizer
@@ -383,6 +411,13 @@ def _search(session: TuneSession, split: PromptSplit, candidates: list[Candidate
         if candidate == TARGET:
             m.kl = 0.0
         heldout[name] = m
+        if candidate == TARGET and measure_base:  # the reference row right below the target's
+            base_m = trial_log.get_reference("heldout", "base")
+            if base_m is None:
+                base_m = _measure_base(models["base"], split, judge, settings, held_reference, say=say,
+                                       quiet=not progress)
+                trial_log.add_reference("heldout", "base", base_m)
+            heldout[BASE_ROW] = base_m
 
     # 6. the report folder
     result = TuneResult(out=str(out), chosen=chosen, least_damaging=least.candidate if least else None,
@@ -437,6 +472,21 @@ def _optuna_search(candidates: list[Candidate], trials: int, seed: int, evaluate
         study.tell(trial, _objective(m, target, limits))
 
 
+def _yardstick(heldout: dict[str, Measurement], limits: Limits) -> str:
+    """With the base measured: where the broken-answer bound sits against theta_b's own rate."""
+    base, target = heldout.get(BASE_ROW), heldout.get("target (unchanged)")
+    if base is None or target is None:
+        return ""
+    bound = target.broken + limits.max_broken_increase
+    gap = 100 * (bound - base.broken)
+    where = (f"{gap:.1f} points above it" if gap > 0.05 else f"{-gap:.1f} points below it" if gap < -0.05
+             else "at it")
+    return (f"\n\nYardstick: the base theta_b breaks {100 * base.broken:.1f}% of these answers and opens "
+            f"{100 * base.openings:.1f}% of its harmful-prompt answers by agreeing. The broken bound, the target's "
+            f"{100 * target.broken:.1f}% + {100 * limits.max_broken_increase:g} points = {100 * bound:.1f}%, is {where}: "
+            "a bound near or below the base's own rate asks for more than undoing the fine-tune gives.")
+
+
 def _write_report(result: TuneResult, split: PromptSplit, limits: Limits, out: Path, *, models: dict[str, str],
                   scope: str, exclude: list[str], icv_rule: str, icv_demos, write_best, session: TuneSession) -> None:
     from ckptops.tune import report
@@ -461,7 +511,7 @@ def _write_report(result: TuneResult, split: PromptSplit, limits: Limits, out: P
         f"Held-out prompts (never seen by the search): {sizes['heldout']['harmful']} harmful, "
         f"{sizes['heldout']['benign']} benign. Rates in % with 95% Wilson intervals; compliance openings = "
         "harmful-prompt answers that open by agreeing (\"Sure, here is ...\"); broken = empty or looping.\n\n"
-        + held + "\n\n" + verdict + "\n"))
+        + held + "\n\n" + verdict + _yardstick(result.heldout, limits) + "\n"))
     report.write_json(out / "pareto.json", {
         "format": REPORT_FORMAT,
         "target": result.target.as_dict(),

@@ -465,7 +465,7 @@ def tune_step(work: Path, original: Path, harmful: Path, target: Path, files: di
         "--icv-rule", rule,
         "--ppl", HERE / "benign_text.txt", "--max-ppl-increase", "0.03", "--max-kl", "1.0",
         "--max-new-tokens", str(max_new_tokens), "--batch-size", str(batch_size),
-        "--threads", str(threads or 1), "--seed", "0", "--out", report,
+        "--threads", str(threads or 1), "--seed", "0", "--out", report, "--measure-base",
     )
     if not best.exists():
         command += ["--write-best", best]
