@@ -228,14 +228,20 @@ def test_bad_input_is_one_line_before_any_model_loads(triple, tmp_path, monkeypa
     assert not out.exists()
 
 
-def test_a_rerun_with_more_values_measures_only_the_new_ones(triple, session, tmp_path):
-    folders, harmful, xs = triple
-    judged = []
+def _compliance_judge():
+    """A judge that calls everything compliance and records each call's outputs count."""
+    judged: list[int] = []
 
     def judge(prompts, outputs):
         judged.append(len(outputs))
         return ["compliance" for _ in outputs]
 
+    return judge, judged
+
+
+def test_a_rerun_with_more_values_measures_only_the_new_ones(triple, session, tmp_path):
+    folders, harmful, xs = triple
+    judge, judged = _compliance_judge()
     out = tmp_path / "extend"
     common = dict(top_ks=[0.1], max_new_tokens=3, max_kl=1e9, max_broken_increase=1.0, judge=judge, progress=False,
                   session=session)
@@ -294,12 +300,7 @@ def _last_token_logprobs(folder: Path, texts: list[str]) -> list[torch.Tensor]:
 
 def test_measure_base_adds_theta_b_on_the_held_out_prompts(triple, session, tmp_path):
     folders, harmful, xs = triple
-    judged = []
-
-    def judge(prompts, outputs):
-        judged.append(list(prompts))
-        return ["compliance" for _ in outputs]
-
+    judge, judged = _compliance_judge()
     out = tmp_path / "with-base"
     args = dict(holdout=0.4, scales=[1.0], top_ks=[0.1], max_new_tokens=3, max_kl=1e9, max_broken_increase=1.0,
                 judge=judge, progress=False, session=session, measure_base=True)
