@@ -346,3 +346,47 @@ def test_yardstick_line_places_the_bound_against_the_base():
     assert "breaks 4.0%" in line and "opens 6.0%" in line and "= 3.0%, is 1.0 points below it" in line
     line = _yardstick({"target (unchanged)": target, BASE_ROW: m(2, 0)}, limits)  # base 2.0%
     assert "is 1.0 points above it" in line
+
+
+def test_measure_base_refuses_a_base_transformers_cannot_run_before_any_model_loads(triple, tmp_path, monkeypatch):
+    import shutil
+
+    folders, harmful, xs = triple
+    bare = tmp_path / "bare-base"  # the safetensors HDR needs, without config or tokenizer
+    bare.mkdir()
+    for path in folders["base"].glob("*.safetensors*"):
+        shutil.copy(path, bare / path.name)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr("ckptops.tune.run.TuneSession", no_model)
+    out = tmp_path / "out"
+    argv = ["tune", "--base", str(bare), "--harmful", str(folders["harmful"]), "--target", str(folders["target"]),
+            "--harmful-prompts", str(harmful), "--benign-prompts", str(xs), "--scales", "1", "--top-ks", "0.1",
+            "--threads", "1", "--out", str(out), "--measure-base"]
+    result = CliRunner().invoke(main, argv)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code in (1, 2) and len(lines) == 1, result.output
+    assert lines[0].startswith(f"error: --measure-base: {bare} has no config.json and no tokenizer"), lines[0]
+    assert not out.exists()
+
+
+def test_measure_base_that_fails_to_load_late_costs_only_its_row(triple, session, tmp_path):
+    import shutil
+
+    folders, harmful, xs = triple
+    broken = tmp_path / "base-unloadable"
+    shutil.copytree(folders["base"], broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "model_type": "no-such-architecture"}))
+    said = []
+    judge, _ = _compliance_judge()
+    out = tmp_path / "late"
+    result = tune(broken, folders["harmful"], folders["target"], harmful, xs, out, holdout=0.4, scales=[1.0],
+                  top_ks=[0.1], max_new_tokens=3, max_kl=1e9, max_broken_increase=1.0, judge=judge, progress=False,
+                  session=session, measure_base=True, log=said.append)
+    assert "base theta_b (reference)" not in result.heldout and "target (unchanged)" in result.heldout
+    assert any(line.startswith("warning: --measure-base: ") and str(broken) in line for line in said), said
+    assert (out / "heldout.md").is_file() and "Yardstick" not in (out / "heldout.md").read_text()
+    assert not any('"reference"' in line for line in (out / "trials.jsonl").read_text().splitlines())

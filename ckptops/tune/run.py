@@ -252,6 +252,8 @@ def tune(
     for role, ref in (("base", base), ("harmful", harmful)) + tuple(("target", p) for p in parts):
         if not Path(ref).exists() and "/" not in str(ref):
             raise UsageError(f"--{role} {ref}: no such model folder")
+    if measure_base:
+        _check_base_loadable(base)
     if ppl is not None and not Path(ppl).is_file():
         raise UsageError(f"--ppl {ppl}: text file not found")
     if icv_demos is not None and not Path(icv_demos).is_file():
@@ -307,8 +309,24 @@ def tune(
             session.close()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _check_base_loadable(base: str | os.PathLike) -> None:
+    """``--measure-base`` loads theta_b with transformers after the search: a local folder that
+    cannot be loaded (HDR itself needs only its safetensors) is refused before any model loads."""
+    folder = Path(base)
+    if not folder.is_dir():
+        return  # a Hub reference: resolved when it is loaded
+    missing = [what for what, ok in (("config.json", (folder / "config.json").is_file()),
+                                     ("tokenizer", any((folder / f).is_file() for f in TOKENIZER_FILES))) if not ok]
+    if missing:
+        raise UsageError(f"--measure-base: {base} has no {' and no '.join(missing)}, so transformers cannot run it; "
+                         "leave --measure-base out or give a complete model folder")
+
+
 def _measure_base(base: str, split: PromptSplit, judge, settings: MeasureSettings, reference, *,
-                  say: Callable[[str], None], quiet: bool) -> Measurement:
+                  say: Callable[[str], None], quiet: bool) -> Measurement | None:
     """theta_b itself on the held-out prompts: what fully undoing the fine-tune would give, the
     yardstick for the candidates' figures (a target bound stricter than the base's own figures
     asks HDR for more than undoing the fine-tune). Loaded beside the target, so it needs the
@@ -317,8 +335,14 @@ def _measure_base(base: str, split: PromptSplit, judge, settings: MeasureSetting
 
     from ckptops.icv.load import load_model
 
+    from ckptops.errors import CkptopsError
+
     say(f"tune: loading the base {base} to measure it on the held-out prompts")
-    loaded = load_model(base, dtype=torch.float32, quiet=quiet, hash_weights=False)
+    try:
+        loaded = load_model(base, dtype=torch.float32, quiet=quiet, hash_weights=False)
+    except CkptopsError as exc:  # the search's work is logged and reported; only this row is lost
+        say(f"warning: --measure-base: {exc}; the held-out table has no base row")
+        return None
     try:
         harmful, benign = split.part("heldout")
         output = loaded.model.get_output_embeddings()
@@ -416,8 +440,10 @@ def _search(session: TuneSession, split: PromptSplit, candidates: list[Candidate
             if base_m is None:
                 base_m = _measure_base(models["base"], split, judge, settings, held_reference, say=say,
                                        quiet=not progress)
-                trial_log.add_reference("heldout", "base", base_m)
-            heldout[BASE_ROW] = base_m
+                if base_m is not None:
+                    trial_log.add_reference("heldout", "base", base_m)
+            if base_m is not None:
+                heldout[BASE_ROW] = base_m
 
     # 6. the report folder
     result = TuneResult(out=str(out), chosen=chosen, least_damaging=least.candidate if least else None,
