@@ -390,3 +390,24 @@ def test_measure_base_that_fails_to_load_late_costs_only_its_row(triple, session
     assert any(line.startswith("warning: --measure-base: ") and str(broken) in line for line in said), said
     assert (out / "heldout.md").is_file() and "Yardstick" not in (out / "heldout.md").read_text()
     assert not any('"reference"' in line for line in (out / "trials.jsonl").read_text().splitlines())
+
+
+def test_broken_examples_list_the_broken_answers_and_count_those_the_base_shares():
+    from ckptops.tune.measure import Measurement
+    from ckptops.tune.report import broken_examples
+
+    def m(verdicts: dict[str, str]) -> Measurement:
+        outputs = [{"label": "harmful", "prompt": p, "output": f"answer to {p}\nline two", "verdict": v,
+                    "reason": f"why {p}"} for p, v in verdicts.items()]
+        return Measurement(n_harmful=len(verdicts), n_benign=0, counts={}, kl=None, perplexity=None, outputs=outputs)
+
+    edited = m({"p1": "degenerate", "p2": "compliance", "p3": "empty", "p4": "degenerate", "p5": "refusal"})
+    base = m({"p1": "compliance", "p2": "degenerate", "p3": "empty", "p4": "compliance", "p5": "compliance"})
+    text = broken_examples(edited, base, limit=2)
+    assert text.startswith("Broken answers (3 of 5), the first 2 ")
+    items = [line for line in text.splitlines() if line.startswith("- ")]
+    assert items == ['- harmful: "p1" -> "answer to p1\\nline two" (why p1)',
+                     '- harmful: "p3" -> "answer to p3\\nline two" (why p3)']
+    assert "1 of the 3 broken prompts also break the base theta_b (which breaks 2)" in text  # p3 only
+    assert "base" not in broken_examples(edited, None)
+    assert broken_examples(m({"p1": "compliance"}), base) == ""

@@ -85,6 +85,25 @@ def heldout_table(rows: list[tuple[str, Measurement]], target: Measurement) -> s
     return "\n".join(lines)
 
 
+def broken_examples(m: Measurement, base: Measurement | None = None, limit: int = 5) -> str:
+    """Markdown: the broken answers behind a broken rate (the first ``limit``), so that a reader
+    sees what the judge counted; with the base measured, how many of them theta_b breaks too
+    (the same prompts: the base's own weakness; other prompts: damage the edit caused)."""
+    broken = [o for o in m.outputs if o.get("verdict") in ("empty", "degenerate")]
+    if not broken:
+        return ""
+    lines = [f"Broken answers ({len(broken)} of {m.n_harmful + m.n_benign}), the first {min(limit, len(broken))} "
+             "(prompt, answer, the judge's reason; truncated):", ""]
+    for o in broken[:limit]:
+        lines.append(f"- {o['label']}: {json.dumps(o['prompt'][:80])} -> {json.dumps(o['output'][:120])} ({o['reason']})")
+    if base is not None and base.outputs:
+        base_broken = {o["prompt"] for o in base.outputs if o.get("verdict") in ("empty", "degenerate")}
+        shared = sum(o["prompt"] in base_broken for o in broken)
+        lines += ["", f"{shared} of the {len(broken)} broken prompts also break the base theta_b (which breaks "
+                      f"{len(base_broken)}); the others are damage the edit caused, not the base's own weakness."]
+    return "\n".join(lines)
+
+
 def recipe_for(candidate: Candidate, models: dict[str, str], *, scope: str, exclude: list[str], icv_rule: str,
                icv_demos: str | None, out: str) -> str:
     """A ``ckptops run`` recipe that reproduces ``candidate`` (validated before it is written)."""

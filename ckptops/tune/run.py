@@ -513,6 +513,17 @@ def _yardstick(heldout: dict[str, Measurement], limits: Limits) -> str:
             "a bound near or below the base's own rate asks for more than undoing the fine-tune gives.")
 
 
+def _chosen_broken(result: TuneResult) -> str:
+    """The chosen candidate's broken held-out answers, listed (see :func:`report.broken_examples`)."""
+    from ckptops.tune import report
+
+    if result.chosen is None:
+        return ""
+    chosen = result.heldout.get(f"chosen: {result.chosen.label()}")
+    text = report.broken_examples(chosen, result.heldout.get(BASE_ROW)) if chosen is not None else ""
+    return "\n\n" + text if text else ""
+
+
 def _write_report(result: TuneResult, split: PromptSplit, limits: Limits, out: Path, *, models: dict[str, str],
                   scope: str, exclude: list[str], icv_rule: str, icv_demos, write_best, session: TuneSession) -> None:
     from ckptops.tune import report
@@ -537,7 +548,7 @@ def _write_report(result: TuneResult, split: PromptSplit, limits: Limits, out: P
         f"Held-out prompts (never seen by the search): {sizes['heldout']['harmful']} harmful, "
         f"{sizes['heldout']['benign']} benign. Rates in % with 95% Wilson intervals; compliance openings = "
         "harmful-prompt answers that open by agreeing (\"Sure, here is ...\"); broken = empty or looping.\n\n"
-        + held + "\n\n" + verdict + _yardstick(result.heldout, limits) + "\n"))
+        + held + "\n\n" + verdict + _yardstick(result.heldout, limits) + _chosen_broken(result) + "\n"))
     report.write_json(out / "pareto.json", {
         "format": REPORT_FORMAT,
         "target": result.target.as_dict(),
