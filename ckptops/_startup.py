@@ -36,10 +36,27 @@ def output_named(argv: list[str]) -> str | None:
     return None
 
 
+_published: set[str] = set()
+
+
+def published(path) -> None:
+    """Record that an output was just moved into place, complete (a Ctrl-C after that point
+    must not claim that OUT is unchanged). Touches no signal handler: safe for library users."""
+    _published.add(os.path.abspath(os.fspath(path)))
+
+
+def forget_published() -> None:
+    """A new command starts: outputs an earlier command of this process published are not its own."""
+    _published.clear()
+
+
 def interrupted_message(argv: list[str] | None = None) -> str:
     """``error: interrupted; OUT unchanged``: every output is built under a temporary name and
-    moved into place only when complete, so an interrupt never changes OUT."""
+    moved into place only when complete, so an interrupt never changes OUT -- unless it came
+    after OUT was moved into place (the summary still printing): then OUT is complete and kept."""
     out = output_named(sys.argv[1:] if argv is None else argv)
+    if out and os.path.abspath(out) in _published:
+        return f"error: interrupted after {out} was written complete; it is kept"
     return f"error: interrupted; {out} unchanged" if out else "error: interrupted; nothing was written"
 
 

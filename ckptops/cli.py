@@ -78,6 +78,7 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context):
         _startup.release()  # from here Ctrl-C is a KeyboardInterrupt, turned into one line below
+        _startup.forget_published()
         _quiet_libraries_in_logs()
         try:
             with _warnings_as_lines():

@@ -90,6 +90,10 @@ def test_sigint_at_many_points_ends_promptly_with_130_and_no_leftovers(triple, t
             early += 1  # Python's own start-up (stdlib imports before ckptops' first line): not ours
         elif process.returncode != 130:
             failures.append(f"{delay:.2f}s: exit {process.returncode}, stderr {lines[-3:]}")
+        elif lines == [f"error: interrupted after {out} was written complete; it is kept"]:
+            with safe_open(str(out / "model.safetensors"), "pt") as f:  # after the publish: complete
+                assert len(list(f.keys())) == 75
+            shutil.rmtree(out)
         elif lines != [f"error: interrupted; {out} unchanged"]:
             failures.append(f"{delay:.2f}s: stderr {lines[-3:]}")
         elif out.exists():
@@ -145,3 +149,30 @@ def test_close_wakes_a_worker_blocked_on_a_slow_disk(tmp_path, monkeypatch):
     assert time.perf_counter() - started < 5
     assert isinstance(outcome.get("result"), Exception), outcome
     assert "abandoned" in str(outcome["result"])
+
+
+def test_an_interrupt_after_the_output_is_in_place_says_it_is_kept(tmp_path, monkeypatch):
+    """Ctrl-C while the summary is still being made, after OUT was moved into place: OUT is
+    complete, and the message must not claim it is unchanged (exit 130 all the same)."""
+    from click.testing import CliRunner
+    from safetensors import safe_open
+
+    from ckptops.cli import main
+    from ckptops.synth import PRESETS, write_triple
+
+    folders = write_triple(tmp_path / "models", PRESETS["tiny"])
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("ckptops.hdr.sanitize.push_output", interrupted)  # the step right after the publish
+    out = tmp_path / "out"
+    args = ["sanitize", "--base", str(folders["base"]), "--harmful", str(folders["harmful"]),
+            "--target", str(folders["target"]), "--out", str(out), "-q"]
+    monkeypatch.setattr(sys, "argv", ["ckptops", *args])  # the message names --out from the command line
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 130, result.output
+    assert result.output.strip().splitlines() == [f"error: interrupted after {out} was written complete; it is kept"]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert len(list(f.keys())) > 0
+    assert not [p.name for p in tmp_path.iterdir() if ".ckptops-" in p.name]

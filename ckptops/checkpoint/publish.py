@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from ckptops import _startup
 from ckptops.checkpoint.leftovers import claim, release
 from ckptops.checkpoint.resolve import INDEX_NAME
 from ckptops.errors import OutputError
@@ -71,6 +72,11 @@ def staging_folder(out: Path, overwrite: bool, reuse: Path | None = None) -> Ite
 
 
 def move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    _move_into_place(tmp, out, overwrite)
+    _startup.published(out)  # from here an interrupt leaves a complete OUT behind, and says so
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise OutputError(_taken(out))

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+from ckptops import _startup
 from ckptops.evaluate.stats import Interval, paired_difference_interval, wilson_interval
 
 REPORT_FORMAT = "ckptops.eval/1"
@@ -404,6 +405,7 @@ def write_json(report: EvalReport | CompareReport, path: str | Path) -> Path:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.write(text)
         os.replace(temporary, path)
+        _startup.published(path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from ckptops import _startup
 from ckptops.errors import ICVError, OutputError, UsageError
 
 FORMAT_NAME = "ckptops-icv"
@@ -207,6 +208,7 @@ class ICV:
         try:
             _write_sorted(tmp, tensors, self.metadata())
             os.replace(tmp, target)
+            _startup.published(target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ckptops import _startup
 from ckptops.errors import ICVError, OutputError, UsageError
 from ckptops.icv._extras import require_gguf
 from ckptops.icv.file import ICV, check_alpha, load_icv
@@ -143,6 +144,7 @@ def export_gguf(icv_or_path: ICV | str | os.PathLike, out: str | os.PathLike, *,
         writer.write_tensors_to_file()
         writer.close()
         os.replace(tmp, target)
+        _startup.published(target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
