@@ -86,7 +86,7 @@ def test_sigint_at_many_points_ends_promptly_with_130_and_no_leftovers(triple, t
             with safe_open(str(out / "model.safetensors"), "pt") as f:
                 assert len(list(f.keys())) == 75
             shutil.rmtree(out)
-        elif process.returncode != 130 and _before_ckptops(lines):
+        elif process.returncode != 130 and _before_ckptops(process.returncode, lines):
             early += 1  # Python's own start-up (stdlib imports before ckptops' first line): not ours
         elif process.returncode != 130:
             failures.append(f"{delay:.2f}s: exit {process.returncode}, stderr {lines[-3:]}")
@@ -106,10 +106,24 @@ def test_sigint_at_many_points_ends_promptly_with_130_and_no_leftovers(triple, t
     assert early <= 2, f"{early} of {len(delays)} interrupts landed before ckptops' code ran: the test measured nothing"
 
 
-def _before_ckptops(lines: list[str]) -> bool:
-    """A KeyboardInterrupt traceback none of whose frames is ckptops' code: the signal came while
-    the interpreter was still starting (on a loaded machine start-up can outlast `python -c pass`)."""
-    return bool(lines) and lines[-1] == "KeyboardInterrupt" and not any("ckptops" in line for line in lines)
+def _before_ckptops(returncode: int, lines: list[str]) -> bool:
+    """The signal came before ckptops could handle it (on a loaded machine start-up can outlast
+    `python -c pass`): killed by SIGINT before Python installed its own handler, or a
+    KeyboardInterrupt traceback whose only ckptops frames are the package's ``__init__`` before
+    its start-up guard. (Once the guard is in place a Ctrl-C is one line and exit 130, never a
+    traceback; frames of site-packages files that merely have "ckptops" in their name, such as an
+    editable install's import finder, are Python's start-up too.)"""
+    if returncode == -signal.SIGINT and not any(_ckptops_frame(line) for line in lines):
+        return True
+    frames = [line for line in lines if _ckptops_frame(line)]
+    return (bool(lines) and lines[-1] == "KeyboardInterrupt"
+            and all(line.split('"')[1].endswith(os.path.join("ckptops", "__init__.py")) for line in frames))
+
+
+def _ckptops_frame(line: str) -> bool:
+    """A traceback line ``File ".../ckptops/<module>.py", ...`` of ckptops' own code."""
+    stripped = line.strip()
+    return stripped.startswith('File "') and f"{os.sep}ckptops{os.sep}" in stripped.split('"')[1]
 
 
 def test_close_wakes_a_worker_blocked_on_a_slow_disk(tmp_path, monkeypatch):
@@ -176,3 +190,18 @@ def test_an_interrupt_after_the_output_is_in_place_says_it_is_kept(tmp_path, mon
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert len(list(f.keys())) > 0
     assert not [p.name for p in tmp_path.iterdir() if ".ckptops-" in p.name]
+
+
+def test_start_up_interrupts_are_told_from_ckptops_own():
+    editable = ['Traceback (most recent call last):', '  File "<frozen site>", line 186, in addpackage',
+                '  File "/venv/site-packages/__editable___ckptops_0_1_0_finder.py", line 7, in <module>',
+                '    from pathlib import Path', 'KeyboardInterrupt']
+    package_init = ['Traceback (most recent call last):', '  File "<frozen runpy>", line 112, in _get_module_details',
+                    f'  File "{os.sep}repo{os.sep}ckptops{os.sep}__init__.py", line 12, in <module>',
+                    '    from ckptops import _startup', 'KeyboardInterrupt']
+    ours = package_init[:3] + [f'  File "{os.sep}repo{os.sep}ckptops{os.sep}hdr{os.sep}engine.py", line 9, in run',
+                               'KeyboardInterrupt']
+    assert _before_ckptops(1, editable) and _before_ckptops(1, package_init)
+    assert _before_ckptops(-signal.SIGINT, []) and _before_ckptops(-signal.SIGINT, editable)
+    assert not _before_ckptops(1, ours) and not _before_ckptops(-signal.SIGINT, ours)
+    assert not _before_ckptops(1, ["error: something else"])
