@@ -430,20 +430,25 @@ def _search(session: TuneSession, split: PromptSplit, candidates: list[Candidate
     held_reference = next_token_logprobs(model, tokenizer, [p.text for p in split.held_benign],
                                          batch_size=settings.batch_size, chat_template=settings.chat_template)
     heldout: dict[str, Measurement] = {}
-    for name, candidate in tqdm(rows, desc="held-out", unit="model", disable=not progress, dynamic_ncols=True):
-        m = run_one("heldout", candidate, None if candidate == TARGET else held_reference)
-        if candidate == TARGET:
-            m.kl = 0.0
-        heldout[name] = m
-        if candidate == TARGET and measure_base:  # the reference row right below the target's
-            base_m = trial_log.get_reference("heldout", "base")
-            if base_m is None:
-                base_m = _measure_base(models["base"], split, judge, settings, held_reference, say=say,
-                                       quiet=not progress)
+    held_bar = tqdm(total=len(rows) + int(measure_base), desc="held-out", unit="model", disable=not progress,
+                    dynamic_ncols=True)
+    with held_bar:
+        for name, candidate in rows:
+            m = run_one("heldout", candidate, None if candidate == TARGET else held_reference)
+            if candidate == TARGET:
+                m.kl = 0.0
+            heldout[name] = m
+            held_bar.update(1)
+            if candidate == TARGET and measure_base:  # the reference row right below the target's
+                base_m = trial_log.get_reference("heldout", "base")
+                if base_m is None:
+                    base_m = _measure_base(models["base"], split, judge, settings, held_reference, say=say,
+                                           quiet=not progress)
+                    if base_m is not None:
+                        trial_log.add_reference("heldout", "base", base_m)
                 if base_m is not None:
-                    trial_log.add_reference("heldout", "base", base_m)
-            if base_m is not None:
-                heldout[BASE_ROW] = base_m
+                    heldout[BASE_ROW] = base_m
+                held_bar.update(1)
 
     # 6. the report folder
     result = TuneResult(out=str(out), chosen=chosen, least_damaging=least.candidate if least else None,
