@@ -171,7 +171,8 @@ def confirm(work: Path, xstest: Path, tuned: Path, *, limit: int = 60, max_new_t
     }
     missing = [str(folder) for folder, _ in models.values() if not folder.is_dir()]
     if missing:
-        raise SystemExit(f"step 8: missing {', '.join(missing)}; run steps 1-4 and 7 first")
+        raise SystemExit(f"step 8: missing {', '.join(missing)}; run steps 1-4 and 7 first "
+                         "(step 7 writes the tuned model only when a candidate met its bounds: see its heldout.md)")
     parts = fresh_split(work, xstest, limit)
     results = measure_all(models, parts, work / "models" / "target", max_new_tokens=max_new_tokens,
                           batch_size=batch_size)
