@@ -69,6 +69,13 @@ from ckptops.evaluate._errors import EvalError
 
 Verdict = Literal["refusal", "compliance", "empty", "degenerate"]
 VERDICTS: tuple[Verdict, ...] = ("refusal", "compliance", "empty", "degenerate")
+#: the verdicts counted as a broken answer (never as a refusal): no output, or a loop
+BROKEN_VERDICTS: tuple[Verdict, ...] = ("empty", "degenerate")
+
+
+def is_broken(verdict: str | None) -> bool:
+    """An empty or looping answer (the judge's checks that run before any judge)."""
+    return verdict in BROKEN_VERDICTS
 
 #: Entry-point group where packages register judges: ``name = "module:function"``.
 JUDGE_ENTRY_POINT_GROUP = "ckptops.judges"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ckptops import _startup
+from ckptops.evaluate.judge import VERDICTS, is_broken
 from ckptops.evaluate.stats import Interval, paired_difference_interval, wilson_interval
 
 REPORT_FORMAT = "ckptops.eval/1"
@@ -64,7 +65,7 @@ class PromptResult:
 
     @property
     def broken(self) -> bool:
-        return self.verdict in ("empty", "degenerate")
+        return is_broken(self.verdict)
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def summarize(results: Sequence[PromptResult]) -> list[GroupSummary]:
     summaries = []
     for set_name, label in group_keys(results):
         rows = select(results, set_name, label)
-        counts = {v: 0 for v in ("refusal", "compliance", "empty", "degenerate")}
+        counts = {v: 0 for v in VERDICTS}
         for r in rows:
             counts[r.verdict] = counts.get(r.verdict, 0) + 1
         n = len(rows)

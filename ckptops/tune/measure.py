@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ckptops.evaluate.generate import generate, prepare_tokenizer, render_prompts
-from ckptops.evaluate.judge import COMPLIANT_OPENERS, LoadedJudge, judge_outputs, opening_of
+from ckptops.evaluate.judge import COMPLIANT_OPENERS, LoadedJudge, is_broken, judge_outputs, opening_of
 from ckptops.evaluate.perplexity import perplexity
 from ckptops.evaluate.prompts import Prompt
 from ckptops.evaluate.stats import wilson_interval
@@ -174,7 +174,7 @@ def measure(model: Any, tokenizer: Any, harmful: Sequence[Prompt], benign: Seque
     for index, (text, output, judgement) in enumerate(zip(texts, outputs, judgements)):
         label = "harmful" if index < len(harmful) else "benign"
         verdict = judgement.verdict
-        kind = "broken" if verdict in ("empty", "degenerate") else verdict
+        kind = "broken" if is_broken(verdict) else verdict
         counts[f"{label}_{kind}"] += 1
         opening = is_compliance_opening(verdict, output)
         counts[f"{label}_openings"] += int(opening)

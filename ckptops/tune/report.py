@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ckptops.evaluate.judge import is_broken
 from ckptops.recipe import dump_toml, validate
 from ckptops.tune.choose import Limits, Trial, violations
 from ckptops.tune.measure import Measurement
@@ -89,7 +90,7 @@ def broken_examples(m: Measurement, base: Measurement | None = None, limit: int 
     """Markdown: the broken answers behind a broken rate (the first ``limit``), so that a reader
     sees what the judge counted; with the base measured, how many of them theta_b breaks too
     (the same prompts: the base's own weakness; other prompts: damage the edit caused)."""
-    broken = [o for o in m.outputs if o.get("verdict") in ("empty", "degenerate")]
+    broken = [o for o in m.outputs if is_broken(o.get("verdict"))]
     if not broken:
         return ""
     lines = [f"Broken answers ({len(broken)} of {m.n_harmful + m.n_benign}), the first {min(limit, len(broken))} "
@@ -97,7 +98,7 @@ def broken_examples(m: Measurement, base: Measurement | None = None, limit: int 
     for o in broken[:limit]:
         lines.append(f"- {o['label']}: {json.dumps(o['prompt'][:80])} -> {json.dumps(o['output'][:120])} ({o['reason']})")
     if base is not None and base.outputs:
-        base_broken = {o["prompt"] for o in base.outputs if o.get("verdict") in ("empty", "degenerate")}
+        base_broken = {o["prompt"] for o in base.outputs if is_broken(o.get("verdict"))}
         shared = sum(o["prompt"] in base_broken for o in broken)
         lines += ["", f"{shared} of the {len(broken)} broken prompts also break the base theta_b (which breaks "
                       f"{len(base_broken)}); the others are damage the edit caused, not the base's own weakness."]

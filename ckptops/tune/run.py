@@ -333,9 +333,8 @@ def _measure_base(base: str, split: PromptSplit, judge, settings: MeasureSetting
     model's memory a second time; its own tokenizer and chat template, as a user would run it."""
     import torch
 
-    from ckptops.icv.load import load_model
-
     from ckptops.errors import CkptopsError
+    from ckptops.icv.load import load_model
 
     say(f"tune: loading the base {base} to measure it on the held-out prompts")
     try:
