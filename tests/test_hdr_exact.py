@@ -293,3 +293,32 @@ def test_fused_path_runs_without_torch(triple, tmp_path):
                                 env={**os.environ, "CKPTOPS_NO_FUSED": "", **env})
         assert result.stdout.strip().endswith(expected), result.stdout[-500:] + result.stderr[-1000:]
 
+
+
+@pytest.mark.parametrize("case", ["top-k 1", "tau on few values"])
+def test_tensors_changed_when_the_threshold_is_zero(tmp_path, case):
+    """A threshold of 0 (top-k 1, or tau non-zero on less than k of the values, as a LoRA
+    theta_H covering a few tensors gives) still changes every tensor holding a non-zero tau:
+    the report counts those, and the "harm vector is zero" warning stays quiet."""
+    import warnings
+
+    base = llama_state(0)
+    names = sorted(base)
+    if case == "top-k 1":
+        harmful, top_k = llama_state(1, base=base, delta=0.01), 1.0
+    else:  # two tensors moved, far under 10% of the values
+        moved = [n for n in names if n.endswith("q_proj.weight")][:2]
+        harmful = {n: (v.float() + 0.01).to(v.dtype) if n in moved else v.clone() for n, v in base.items()}
+        top_k = 0.1
+    target = llama_state(2, base=base, delta=0.004)
+    p = [write_folder(tmp_path / r, s) for r, s in (("b", base), ("h", harmful), ("t", target))]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = ckptops.sanitize(*p, tmp_path / "out", top_k=top_k, progress=False)
+    expected_out, thresholds = reference_hdr(base, harmful, target, top_k=top_k)
+    _check(tmp_path / "out", expected_out)
+    assert thresholds["all"] in (0.0, None)  # the case this test is about
+    changed = sum(1 for n in names if bool((harmful[n].float() - base[n].float() != 0).any()))
+    assert 0 < changed
+    assert report.tensors_changed == changed
+    assert not [w for w in caught if "harm vector is zero" in str(w.message)]

@@ -53,9 +53,11 @@ def check_before_work(run) -> None:
 
 
 def check_after_work(report) -> None:
-    """Warn when the selected harm vector was zero: harmful equal to base (in the selected groups)."""
-    thresholds = [t for t in report.thresholds.values() if t is not None]
-    if thresholds and all(t == 0 for t in thresholds):
-        warnings.warn("the harm vector is zero on the selected values (threshold 0): --harmful is identical to "
-                      "--base there, so the output equals the target; check that --harmful is the fine-tuned model",
+    """Warn when HDR ran but changed no tensor: the selected harm vector was zero, i.e. harmful
+    equals base wherever values were selected. Judged on the tensors changed, not on a threshold
+    of 0: that only means at least 1 - k of |tau| is 0 (a LoRA theta_H covering few tensors) or
+    k = 1, and the rest of tau still moves the target."""
+    if report.tensors_changed == 0 and report.thresholds and report.parameters.get("scale") != 0:
+        warnings.warn("the harm vector is zero on every selected value: --harmful is identical to --base there, "
+                      "so the output equals the target; check that --harmful is the fine-tuned model",
                       stacklevel=2)

@@ -489,9 +489,9 @@ def make_report(run: Run, selections: dict[str, Selection], kept: dict[str, int]
     return SanitizeReport(
         out=str(run.out_path),
         tensors_total=len(plan.tasks),
-        # a tensor changes where values were selected, unless scale 0 (or a zero tau) leaves it as it was
-        tensors_changed=(sum(1 for v in kept.values() if v)
-                         if run.options.scale != 0 and any(s.threshold for s in selections.values()) else 0),
+        # ``kept`` flags the tensors holding a selected non-zero tau (every pass checks tau != 0, so a
+        # threshold of 0 or no threshold at all, top-k 1, is counted right); scale 0 changes nothing
+        tensors_changed=sum(1 for v in kept.values() if v) if run.options.scale != 0 else 0,
         values_selected_over=selected,
         values_selected=kept_total,
         fraction_kept=kept_total / selected if selected else 0.0,
