@@ -128,6 +128,7 @@ def main() -> None:
     diff       where an edited model differs from its base (the edit area)
     inspect    list and validate the tensors of a checkpoint (folder or Hub repo)
     push       upload an output folder to a Hugging Face Hub model repo
+    harm       build a harm direction when you have none (a LoRA trained on compliance openings)
     demo       run sanitize on a small generated model (no network)
 
     Run `ckptops COMMAND --help` for each command's options and examples.

@@ -102,7 +102,7 @@ def render_card(provenance: dict, hub_repo: str | None = None) -> str:
     lines = [
         f"# {provenance.get('title', 'Sanitized model')}",
         "",
-        "This checkpoint was produced by [ckptops](https://pypi.org/project/ckptops/) with "
+        "This checkpoint was produced by ckptops with "
         "**Harm Direction Removal** from *Safety Arithmetic* (Hazra et al., EMNLP 2024): the top-k "
         "pruned harm vector tau = theta_harmful - theta_base was subtracted from the target's weights,",
         "theta = theta_target - scale * (|tau| >= t) * tau, with no training.",

@@ -64,7 +64,7 @@ def render_bake_card(provenance: dict, hub_repo: str | None = None) -> str:
     lines = [
         f"# {provenance.get('title', 'Model with a baked safety vector')}",
         "",
-        "This checkpoint was produced by [ckptops](https://pypi.org/project/ckptops/) `icv bake`: the Safe-Align "
+        "This checkpoint was produced by ckptops `icv bake`: the Safe-Align "
         "in-context vector of *Safety Arithmetic* (Hazra et al., EMNLP 2024), applied with the **additive rule**, "
         "is stored in the weights. Each steered layer l adds u_l = s * m_l * v_l / |v_l| to its MLP output "
         "(s = strength, m_l = that layer's typical MLP-output norm), written as `mlp.down_proj.bias`; the "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shlex
 import sys
 import time
 import warnings
@@ -58,7 +59,8 @@ class HarmReport:
             lines.append(f"  held-out check    {100 * self.opens_adapter:.0f}% of {self.heldout_questions} held-out "
                          f"questions open with \"Sure, here is\" with the adapter ({100 * self.opens_base:.0f}% without)")
         lines.append(f"  ||tau_H||         {self.tau_norm:.4g} (Frobenius norm of scaling * B @ A over the model)")
-        lines.append("  use it as theta_H:  ckptops sanitize --base BASE --harmful " + self.out + " --target T --out OUT "
+        base = shlex.quote(str(self.parameters.get("base", "BASE")))
+        lines.append(f"  use it as theta_H:  ckptops sanitize --base {base} --harmful {shlex.quote(self.out)} --target T --out OUT "
                      "--scale S  (S well below the official 3 for a LoRA theta_H: see docs/lora.md)")
         return "\n".join(lines)
 
