@@ -145,10 +145,11 @@ def test_recipe_errors_are_one_line(tiny, tmp_path, content, override, needle):
     assert err.startswith("error: ") and len(err.splitlines()) == 1 and needle in err, err
 
 
-def test_recipe_missing_model_is_named(tiny, tmp_path):
+@pytest.mark.parametrize("check", [False, True])
+def test_recipe_missing_model_is_named(tiny, tmp_path, check):
     recipe = tmp_path / "r.toml"
     recipe.write_text(f'[models]\nbase = "{tiny["base"]}"\nharmful = "./nowhere/at-all"\ntarget = "{tiny["target"]}"\n'
                       '[output]\nout = "o"\n')
-    result = CliRunner().invoke(main, ["run", str(recipe), "--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(main, ["run", str(recipe), "--out", str(tmp_path / "o")] + (["--check"] if check else []))
     assert result.exit_code != 0 and "models.harmful" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()

@@ -39,6 +39,9 @@ def run_cmd(recipe, overrides, out, push_to_hub, force, check, as_json, quiet, t
         extra.append(f"output.push_to_hub={json.dumps(push_to_hub)}")
     resolved = load_recipe(recipe, extra)
     if check:
+        from ckptops.recipe import check_models_exist
+
+        check_models_exist(resolved)  # what --check is run for: a typo in a local path fails here, not later
         click.echo(resolved.to_toml())
         return
     if resolved["icv"]["enabled"]:
