@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import uuid
+from contextlib import contextmanager
 from dataclasses import replace, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from ckptops.errors import CkptopsError, RecipeError
+from ckptops.errors import CkptopsError, RecipeError, UsageError
 
 # section -> key -> (expected python types, default, required)
 _NUM = (int, float)
@@ -234,6 +236,42 @@ def dump_toml(data: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+#: the flag each shared option check names, and the recipe key that sets that option
+_RECIPE_KEYS = {"--top-k": "hdr.top_k", "--scale": "hdr.scale", "--scope": "hdr.scope", "--exclude": "hdr.exclude",
+                "--layers": "hdr.layers", "--edit-area": "hdr.edit_area", "--dtype": "hdr.dtype",
+                "--max-memory": "hdr.max_memory", "--shard-size": "hdr.shard_size", "--rank": "harm.rank",
+                "--steps": "harm.steps", "--lr": "harm.lr", "--batch-size": "harm.batch_size"}
+
+
+@contextmanager
+def in_recipe_terms(source: str):
+    """The option checks are shared with the command line and name their flag (``--scale -3 is
+    negative``); from a recipe the user needs the file and the key to edit, so say those."""
+    try:
+        yield
+    except UsageError as exc:
+        text = str(exc)
+        flag = re.match(r"--[a-z-]+", text)
+        key = _RECIPE_KEYS.get(flag.group()) if flag else None
+        if key is None:
+            raise
+        raise RecipeError(f"{source}: {key}{text[flag.end():]}") from None
+
+
+def check_hdr_settings(recipe: Recipe, force: bool = False) -> None:
+    """The ``[hdr]`` values the engine would refuse (sizes, exclude patterns, a negative scale),
+    before any model is opened: ``run --check`` reports them too."""
+    from ckptops.hdr.checks import check_sign
+    from ckptops.hdr.options import SanitizeOptions
+    from ckptops.hdr.plan import compile_excludes
+
+    hdr = recipe["hdr"]
+    with in_recipe_terms(recipe.source):
+        SanitizeOptions.from_recipe(hdr, progress=False, force=force)
+        compile_excludes(hdr["exclude"])
+        check_sign(hdr["scale"], force)
+
+
 def check_models_exist(recipe: Recipe) -> None:
     """Missing local models are reported before any work (Hub refs are checked when resolved)."""
     from ckptops.hub.refs import parse_hub_ref
@@ -267,6 +305,7 @@ def run_recipe(recipe: Recipe, *, out: str | None = None, progress: bool | None 
     if out:
         data["output"]["out"] = out
     recipe = validate(data, recipe.source)
+    check_hdr_settings(recipe, force)
     check_models_exist(recipe)
     models, hdr, icv, output = recipe["models"], recipe["hdr"], recipe["icv"], recipe["output"]
     destination = Path(output["out"]).expanduser()
@@ -278,7 +317,8 @@ def run_recipe(recipe: Recipe, *, out: str | None = None, progress: bool | None 
         # the title names the recipe's output, never the temporary work folder
         options = SanitizeOptions.from_recipe(hdr, progress=progress, force=force,
                                               title=Path(stored["output"]["out"] or destination.name).name)
-        report = sanitize(models["base"], harmful, models["target"], work, options=options)
+        with in_recipe_terms(recipe.source):  # e.g. hdr.layers beyond the model's layers
+            report = sanitize(models["base"], harmful, models["target"], work, options=options)
         report.out = str(destination)  # what the user gets ("wrote ..."), not the work folder
         summary: dict[str, Any] = {"sanitize": report.to_dict(), "icv": None, "out": str(destination), "pushed": None}
         if icv["enabled"]:
@@ -323,9 +363,10 @@ def _harm_adapter(recipe: Recipe, destination: Path, progress: bool | None) -> s
         if not recipe["output"]["overwrite"]:
             raise RecipeError(f"{folder}: holds a harm adapter made with other parameters (set output.overwrite "
                               "= true to replace it, or harm.out to put the new one elsewhere)")
-    make_harm_adapter(base, folder, questions=harm["questions"] or None, rank=harm["rank"], steps=harm["steps"],
-                      lr=harm["lr"], batch_size=harm["batch_size"], seed=harm["seed"], device=harm["device"],
-                      dtype=harm["dtype"], overwrite=True, progress=progress)
+    with in_recipe_terms(recipe.source):
+        make_harm_adapter(base, folder, questions=harm["questions"] or None, rank=harm["rank"], steps=harm["steps"],
+                          lr=harm["lr"], batch_size=harm["batch_size"], seed=harm["seed"], device=harm["device"],
+                          dtype=harm["dtype"], overwrite=True, progress=progress)
     return str(folder)
 
 

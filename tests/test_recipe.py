@@ -153,3 +153,25 @@ def test_recipe_missing_model_is_named(tiny, tmp_path, check):
     result = CliRunner().invoke(main, ["run", str(recipe), "--out", str(tmp_path / "o")] + (["--check"] if check else []))
     assert result.exit_code != 0 and "models.harmful" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("check", [True, False])
+@pytest.mark.parametrize("override,key", [
+    ("hdr.scale=-3.0", "hdr.scale"),
+    ('hdr.max_memory="lots"', "hdr.max_memory"),
+    ('hdr.shard_size="big"', "hdr.shard_size"),
+    ('hdr.exclude=["("]', "hdr.exclude"),
+])
+def test_option_errors_name_the_recipe_key(tiny, tmp_path, override, key, check):
+    """Values the shared option checks refuse are named by the recipe file and key (not by the
+    command-line flag the user never typed), and `--check` refuses them as the run does."""
+    models = "".join(f'{r} = {json.dumps(str(tiny[r]))}\n' for r in ("base", "harmful", "target"))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f"[models]\n{models}\n[icv]\nenabled = false\n[output]\nout = \"o\"\n")
+    out = tmp_path / "o"
+    args = ["run", str(recipe), "--set", override, "--out", str(out)] + (["--check"] if check else [])
+    result = CliRunner().invoke(main, args)
+    err = result.stderr.strip()
+    assert result.exit_code != 0 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {recipe}: {key}") and "--" not in err.split(":")[2], err
+    assert not out.exists()

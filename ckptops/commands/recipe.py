@@ -39,9 +39,10 @@ def run_cmd(recipe, overrides, out, push_to_hub, force, check, as_json, quiet, t
         extra.append(f"output.push_to_hub={json.dumps(push_to_hub)}")
     resolved = load_recipe(recipe, extra)
     if check:
-        from ckptops.recipe import check_models_exist
+        from ckptops.recipe import check_hdr_settings, check_models_exist
 
-        check_models_exist(resolved)  # what --check is run for: a typo in a local path fails here, not later
+        check_hdr_settings(resolved, force)  # what --check is run for: what the run would refuse, it refuses
+        check_models_exist(resolved)
         click.echo(resolved.to_toml())
         return
     if resolved["icv"]["enabled"]:

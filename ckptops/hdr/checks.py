@@ -20,13 +20,19 @@ from ckptops.hdr.layers import layer_index
 LARGE_SCALE = 10.0
 
 
+def check_sign(scale: float, force: bool) -> None:
+    """A negative scale adds the harm vector: refused unless forced (also checked on a recipe
+    before its run, and by ``run --check``)."""
+    if scale < 0 and not force:
+        raise UsageError(f"--scale {scale:g} is negative: it ADDS the harm vector (a more harmful model); "
+                         "use a positive scale, or --force if that is really the intent")
+
+
 def check_before_work(run) -> None:
     """Called once the inputs are open and planned (headers only), before any tensor data."""
     options, models = run.options, run.models
     scale = options.scale
-    if scale < 0 and not options.force:
-        raise UsageError(f"--scale {scale:g} is negative: it ADDS the harm vector (a more harmful model); "
-                         "use a positive scale, or --force if that is really the intent")
+    check_sign(scale, options.force)
     if scale > LARGE_SCALE:
         warnings.warn(f"--scale {scale:g} is far beyond the paper's 3: the update will likely damage the model "
                       "(run `ckptops diagnose` to see how far it moves the weights)", stacklevel=2)

@@ -58,6 +58,14 @@ class Plan:
         return [t for t in self.tasks if t.action == "hdr"]
 
 
+def compile_excludes(exclude) -> list[re.Pattern]:
+    """``--exclude`` patterns compiled; a bad one is a usage error (a recipe checks them early)."""
+    try:
+        return [re.compile(p) for p in exclude]
+    except re.error as exc:
+        raise UsageError(f"--exclude: bad regular expression ({exc})") from None
+
+
 def make_plan(
     base: Checkpoint,
     harmful: Checkpoint,
@@ -71,10 +79,7 @@ def make_plan(
     """Align the three checkpoints; raise MismatchError listing every problem found."""
     if scope not in SCOPES:
         raise UsageError(f"--scope must be one of {', '.join(SCOPES)}, not {scope!r}")
-    try:
-        patterns = [re.compile(p) for p in exclude]
-    except re.error as exc:
-        raise UsageError(f"--exclude: bad regular expression ({exc})") from None
+    patterns = compile_excludes(exclude)
 
     problems: list[str] = []
     tasks: list[TensorTask] = []
