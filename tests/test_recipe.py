@@ -93,6 +93,25 @@ def test_shipped_recipe_runs_end_to_end_and_repeats(recipe, tiny, tmp_path):
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
+@pytest.mark.parametrize("poisoned", ["base", "edited"])
+def test_diff_names_the_file_holding_nan(tmp_path, poisoned):
+    """A NaN makes the chunk's squared difference NaN whichever side holds it: the error names
+    that side's checkpoint and the tensor, in one line."""
+    from safetensors.torch import load_file, save_file
+
+    paths = _tiny_llama_triple(tmp_path / "m", layers=2)
+    folder = paths["base"] if poisoned == "base" else paths["target"]
+    shard = folder / "model.safetensors"
+    state = load_file(str(shard))
+    name = "model.layers.1.mlp.up_proj.weight"
+    state[name][3, 5] = float("nan")
+    save_file(state, str(shard), metadata={"format": "pt"})
+    result = CliRunner().invoke(main, ["diff", str(paths["base"]), str(paths["target"])])
+    err = result.stderr.strip()
+    assert result.exit_code != 0 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {folder}: ") and name in err, err
+
+
 def test_edited_model_edit_area(tmp_path):
     paths = _tiny_llama_triple(tmp_path / "m", layers=6, edit_layer=3)
     result = CliRunner().invoke(main, ["diff", str(paths["base"]), str(paths["target"]), "--json"])

@@ -114,8 +114,13 @@ def diff_checkpoints(base: str | Checkpoint, edited: str | Checkpoint, *, worker
             buf.stage.read_f32(files, base, b_info, chunk.start, chunk.stop, buf.b)
             delta = buf.a[:n].sub_(buf.b[:n])
             sum_sq = float(torch.dot(delta, delta))
-            if not math.isfinite(sum_sq):
-                raise TensorValueError(f"tensor {name!r}: NaN or Inf in {edited.ref} or {base.ref}")
+            if not math.isfinite(sum_sq):  # name the file that holds it (the delta cannot tell)
+                for ckpt, info in ((edited, a_info), (base, b_info)):
+                    buf.stage.read_f32(files, ckpt, info, chunk.start, chunk.stop, buf.a)
+                    if not bool(torch.isfinite(buf.a[:n]).all()):
+                        raise TensorValueError(f"{ckpt.ref}: tensor {name!r} holds NaN or Inf values")
+                raise TensorValueError(f"tensor {name!r}: the squared difference overflows float32 "
+                                       f"({edited.ref} against {base.ref})")
             differ = int(torch.count_nonzero(delta))
         else:
             raw_a = bytes(buf.stage.read_raw(files, edited, a_info, chunk.start, chunk.stop))
