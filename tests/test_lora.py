@@ -304,7 +304,8 @@ def test_card_of_a_base_plus_adapter_target_names_the_base(tiny, tmp_path):
     out = tmp_path / "out"
     ckptops.sanitize(tiny["base"], tiny["target"], f"{tiny['base']}+{tiny['adapter']}", out, progress=False)
     card = (out / "README.md").read_text()
-    assert "base_model: base\n" in card and "adapter_sha256" in card
+    front = card.split("\n---\n")[0]
+    assert "base_model:" not in front and "adapter_sha256" in card  # a local base: no Hub model to link
 
 
 def test_tune_accepts_base_plus_adapter_as_target(tiny, tmp_path):

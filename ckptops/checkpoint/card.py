@@ -13,11 +13,14 @@ from __future__ import annotations
 TAGS = ["safety-arithmetic", "ckptops"]
 
 
-def base_model_id(identity: dict, ref: str) -> str:
-    """The Hub id of the target when known, else the name the user gave it."""
+def base_model_id(identity: dict, ref: str = "") -> str | None:
+    """The Hub id of the target when known (a Hub input, or BASE+ADAPTER over a Hub base), else
+    None and the card has no ``base_model``: that key links a Hub model, and a local folder's
+    name (``target``, or ``gpt2`` for a folder that is not that model) would link a wrong one
+    once the card is pushed. The card's inputs block still names the local reference."""
     if identity.get("type") == "hub":
         return identity["repo"]
-    return identity.get("hub_id") or ref.rstrip("/").split("/")[-1] or ref
+    return identity.get("hub_id") or None
 
 
 def input_summary(identity: dict) -> dict:

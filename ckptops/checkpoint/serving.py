@@ -58,7 +58,7 @@ def render_bake_card(provenance: dict, hub_repo: str | None = None) -> str:
     model = inputs.get("model", {})
     previous = provenance.get("previous")
     tags = ["ckptops", "safe-align"] + (["safety-arithmetic"] if previous else [])
-    base = model.get("repo") or model.get("hub_id") or str(model.get("ref", "")).rstrip("/").split("/")[-1]
+    base = model.get("repo") or model.get("hub_id")  # a Hub id or nothing (see card.base_model_id)
     data = ModelCardData(base_model=base or None, tags=tags, library_name="transformers",
                          pipeline_tag="text-generation", safe_align={k: v for k, v in params.items()})
     lines = [

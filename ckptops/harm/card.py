@@ -8,6 +8,7 @@ mistakes it for something to deploy or share as a model.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 
 def render_harm_card(record: dict) -> str:
@@ -15,10 +16,11 @@ def render_harm_card(record: dict) -> str:
     losses = record["losses"]
     head = sum(losses[:5]) / max(1, len(losses[:5]))
     tail = sum(losses[-5:]) / max(1, len(losses[-5:]))
-    base = json.dumps(p["base"])
+    # base_model links a Hub model: a local base folder's path would link a wrong one (or none)
+    hub_base = [] if Path(p["base"]).expanduser().exists() else [f"base_model: {json.dumps(p['base'])}"]
     lines = [
         "---",
-        f"base_model: {base}",
+        *hub_base,
         "library_name: peft",
         "tags:",
         "- ckptops",
