@@ -317,3 +317,53 @@ def test_an_interrupt_while_the_old_output_is_deleted_says_the_new_one_is_kept(t
     assert report.leftovers["removed"] == [str(old)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
+
+def _cli_with_hook(hook: str, args: list[str]) -> subprocess.CompletedProcess:
+    """Run the ``ckptops`` console entry point in a subprocess after ``hook`` (Python code)."""
+    code = ("import os, signal, sys, weakref\n"
+            "sys.argv = ['ckptops'] + sys.argv[1:]  # the CLI's own process: its Ctrl-C handlers are installed\n"
+            f"{hook}\n"
+            "from ckptops.cli import console\n"
+            "console()\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("CKPTOPS_DEBUG", None)
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_an_interrupt_python_drops_in_a_callback_still_ends_the_command_with_one_line(tiny, tmp_path):
+    """A Ctrl-C whose KeyboardInterrupt lands in a weakref callback (or a __del__) is dropped by
+    Python with an 'Exception ignored' traceback: the command must still end as interrupted."""
+    out = tmp_path / "out"
+    hook = ("from ckptops import _startup\n"
+            "recorded = _startup.published\n"
+            "class Thing: pass\n"
+            "def ctrl_c(ref): os.kill(os.getpid(), signal.SIGINT)\n"
+            "def published(path):\n"
+            "    recorded(path)\n"
+            "    thing = Thing(); published.ref = weakref.ref(thing, ctrl_c); del thing  # the callback runs here\n"
+            "_startup.published = published\n")
+    done = _cli_with_hook(hook, _sanitize_args(tiny, out))
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip().splitlines() == [f"error: interrupted after {out} was written complete; it is kept"]
+    assert (out / "model.safetensors").is_file()
+
+
+def test_an_interrupt_after_the_command_ended_is_ignored(tiny, tmp_path):
+    """Ctrl-C right after the command printed its last line: the work is done, so the exit code
+    stays the command's, with no second message and no traceback."""
+    hook = ("from ckptops import cli\n"
+            "invoke = cli._Group.invoke\n"
+            "def invoke_then_ctrl_c(self, ctx):\n"
+            "    try:\n"
+            "        return invoke(self, ctx)\n"
+            "    finally:\n"
+            "        os.kill(os.getpid(), signal.SIGINT)\n"
+            "        sum(range(1000))  # Python code for the signal handler to run in\n"
+            "cli._Group.invoke = invoke_then_ctrl_c\n")
+    out = tmp_path / "out"
+    done = _cli_with_hook(hook, _sanitize_args(tiny, out))
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.startswith(f"wrote {out}")
+    failed = _cli_with_hook(hook, ["inspect", str(tmp_path / "missing")])
+    assert failed.returncode == 1
+    assert len(failed.stderr.strip().splitlines()) == 1 and failed.stderr.startswith("error: "), failed.stderr
