@@ -2,9 +2,10 @@
 
 Until the CLI's click group runs, a SIGINT would surface as a KeyboardInterrupt traceback from
 whatever module was importing. :func:`guard` installs a handler that prints the CLI's interrupt
-line and leaves at once; :func:`release` restores Python's default once the CLI can handle the
-interrupt itself. Only the ``ckptops`` executable and ``python -m ckptops...`` install it: a
-library user's signal handlers are never touched.
+line and leaves at once; :func:`release` makes Ctrl-C a KeyboardInterrupt once the CLI can handle
+the interrupt itself, and :func:`finish` ignores it once the command's last line is out. Only the
+``ckptops`` executable and ``python -m ckptops...`` install them: a library user's signal
+handlers are never touched.
 """
 
 from __future__ import annotations
@@ -79,9 +80,55 @@ def guard() -> None:
         pass
 
 
+#: between :func:`release` and :func:`finish`: this CLI process turns Ctrl-C into KeyboardInterrupt
+_raising = False
+#: a Ctrl-C came during the command (see :func:`raise_if_interrupted`)
+_interrupt_seen = False
+
+
+def _raise_interrupt(signum, frame) -> None:
+    global _interrupt_seen
+    _interrupt_seen = True
+    raise KeyboardInterrupt
+
+
+def _drop_recorded_interrupts(previous):
+    """An unraisable-exception hook that keeps quiet about a KeyboardInterrupt Python could not
+    raise (it landed in a weakref callback or a ``__del__``): :func:`raise_if_interrupted`
+    reports it as the one interrupt line instead of a traceback."""
+    def hook(unraisable) -> None:
+        if _interrupt_seen and unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            return
+        previous(unraisable)
+    return hook
+
+
 def release() -> None:
-    """Imports done: Ctrl-C raises KeyboardInterrupt again (the CLI turns it into the same line)."""
-    global _guarding
+    """Imports done: Ctrl-C raises KeyboardInterrupt again (the CLI turns it into the same line).
+
+    The handler also records the interrupt: Python drops an exception raised while a weakref
+    callback or ``__del__`` runs (printing "Exception ignored ... KeyboardInterrupt"), and the
+    command would then carry on and exit 0 as if no Ctrl-C had come."""
+    global _guarding, _raising, _interrupt_seen
     if _guarding:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _interrupt_seen = False
+        signal.signal(signal.SIGINT, _raise_interrupt)
+        sys.unraisablehook = _drop_recorded_interrupts(sys.unraisablehook)
         _guarding = False
+        _raising = True
+
+
+def raise_if_interrupted() -> None:
+    """The command returned: raise the KeyboardInterrupt of a Ctrl-C that Python dropped on the way."""
+    if _raising and _interrupt_seen:
+        raise KeyboardInterrupt
+
+
+def finish() -> None:
+    """The command's last line is being printed: the work is done (or abandoned), so from here a
+    Ctrl-C is ignored. Raised now, it would escape the CLI's handlers, or interrupt Python's
+    teardown with an "Exception ignored" traceback, and change the exit code after the fact."""
+    global _raising
+    if _raising:
+        _raising = False
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -82,22 +82,29 @@ class _Group(click.Group):
         _quiet_libraries_in_logs()
         try:
             with _warnings_as_lines():
-                return super().invoke(ctx)
+                result = super().invoke(ctx)
+            _startup.raise_if_interrupted()  # a Ctrl-C that Python dropped (in a weakref callback, a __del__)
+            _startup.finish()  # the command printed its last line: a later Ctrl-C is ignored
+            return result
         except CkptopsError as exc:
+            _startup.finish()
             if os.environ.get("CKPTOPS_DEBUG"):
                 raise
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
+            _startup.finish()
             click.echo(_startup.interrupted_message(), err=True)
             ctx.exit(130)
         except RecursionError:
+            _startup.finish()
             # deeply nested input that a parser did not catch; never a traceback
             if os.environ.get("CKPTOPS_DEBUG"):
                 raise
             click.echo("error: input nested too deeply to read", err=True)
             ctx.exit(1)
         except OSError as exc:
+            _startup.finish()
             if os.environ.get("CKPTOPS_DEBUG"):
                 raise
             if exc.errno == errno.EPIPE:
@@ -110,6 +117,8 @@ class _Group(click.Group):
             where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
             click.echo(f"error: {exc.strerror or exc}{where}", err=True)
             ctx.exit(1)
+        finally:
+            _startup.finish()  # any other ending (click's own exits, an unexpected error) as well
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

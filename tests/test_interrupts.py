@@ -205,3 +205,165 @@ def test_start_up_interrupts_are_told_from_ckptops_own():
     assert _before_ckptops(-signal.SIGINT, []) and _before_ckptops(-signal.SIGINT, editable)
     assert not _before_ckptops(1, ours) and not _before_ckptops(-signal.SIGINT, ours)
     assert not _before_ckptops(1, ["error: something else"])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from ckptops.synth import PRESETS, write_triple
+
+    return write_triple(tmp_path_factory.mktemp("tiny"), PRESETS["tiny"])
+
+
+def _sanitize_args(tiny, out: Path) -> list[str]:
+    return ["sanitize", "--base", str(tiny["base"]), "--harmful", str(tiny["harmful"]),
+            "--target", str(tiny["target"]), "--out", str(out), "-q"]
+
+
+def _old_output(out: Path) -> None:
+    """An existing OUT the user cares about, told apart from any output ckptops writes."""
+    out.mkdir()
+    (out / "MY_NOTES.txt").write_text("the previous result")
+
+
+def _interrupt_after_rename(monkeypatch, moved: str) -> None:
+    """Ctrl-C arriving during the rename whose destination (or source) names ``moved``: Python
+    raises it as the rename returns, with the rename done."""
+    from ckptops.checkpoint import publish
+
+    real_rename = os.rename
+
+    def rename(src, dst, *args, **kwargs):
+        real_rename(src, dst, *args, **kwargs)
+        if moved in os.fspath(dst) or moved in os.fspath(src):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(publish.os, "rename", rename)
+
+
+def test_an_interrupt_between_the_overwrite_renames_puts_the_old_output_back(tiny, tmp_path, monkeypatch):
+    """Ctrl-C after OUT was renamed aside and before the new folder took its name: the old OUT
+    goes back in place, the message says it is unchanged, and nothing is left beside it."""
+    from click.testing import CliRunner
+
+    from ckptops.cli import main
+
+    out = tmp_path / "out"
+    _old_output(out)
+    _interrupt_after_rename(monkeypatch, ".ckptops-old-")
+    args = _sanitize_args(tiny, out) + ["--overwrite"]
+    monkeypatch.setattr(sys, "argv", ["ckptops", *args])  # the message names --out from the command line
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 130, result.output
+    assert result.output.strip().splitlines() == [f"error: interrupted; {out} unchanged"]
+    assert sorted(p.name for p in out.iterdir()) == ["MY_NOTES.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_interrupt_as_the_new_output_takes_its_name_says_it_is_kept(tiny, tmp_path, monkeypatch):
+    """Ctrl-C during the rename that puts the new folder in place: that rename is done, so OUT is
+    the new, complete output, the message says so, and the old one is deleted all the same."""
+    from click.testing import CliRunner
+    from safetensors import safe_open
+
+    from ckptops.cli import main
+
+    out = tmp_path / "out"
+    _old_output(out)
+    _interrupt_after_rename(monkeypatch, ".ckptops-tmp-")
+    args = _sanitize_args(tiny, out) + ["--overwrite"]
+    monkeypatch.setattr(sys, "argv", ["ckptops", *args])
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 130, result.output
+    assert result.output.strip().splitlines() == [f"error: interrupted after {out} was written complete; it is kept"]
+    assert not (out / "MY_NOTES.txt").exists()
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert len(list(f.keys())) == 39
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_interrupt_while_the_old_output_is_deleted_says_the_new_one_is_kept(tiny, tmp_path, monkeypatch):
+    """Ctrl-C while the replaced OUT is being deleted: the new OUT is in place and complete, the
+    message says it is kept, and a later run removes the old copy that was left."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    import ckptops
+    from ckptops.checkpoint import publish
+    from ckptops.cli import main
+
+    out = tmp_path / "out"
+    _old_output(out)
+    real_rmtree = shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        if ".ckptops-old-" in os.fspath(path):
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(publish.shutil, "rmtree", rmtree)
+    args = _sanitize_args(tiny, out) + ["--overwrite"]
+    monkeypatch.setattr(sys, "argv", ["ckptops", *args])
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 130, result.output
+    assert result.output.strip().splitlines() == [f"error: interrupted after {out} was written complete; it is kept"]
+    assert (out / "model.safetensors").is_file() and not (out / "MY_NOTES.txt").exists()
+    [old] = [p for p in tmp_path.iterdir() if ".ckptops-old-" in p.name]
+    assert (old / "MY_NOTES.txt").is_file()
+    monkeypatch.undo()
+    past = time.time() - 3600  # an earlier run's leftover, not one being deleted right now
+    os.utime(old, (past, past))
+    report = ckptops.sanitize(tiny["base"], tiny["harmful"], tiny["target"], out, progress=False, overwrite=True)
+    assert report.leftovers["removed"] == [str(old)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def _cli_with_hook(hook: str, args: list[str]) -> subprocess.CompletedProcess:
+    """Run the ``ckptops`` console entry point in a subprocess after ``hook`` (Python code)."""
+    code = ("import os, signal, sys, weakref\n"
+            "sys.argv = ['ckptops'] + sys.argv[1:]  # the CLI's own process: its Ctrl-C handlers are installed\n"
+            f"{hook}\n"
+            "from ckptops.cli import console\n"
+            "console()\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("CKPTOPS_DEBUG", None)
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_an_interrupt_python_drops_in_a_callback_still_ends_the_command_with_one_line(tiny, tmp_path):
+    """A Ctrl-C whose KeyboardInterrupt lands in a weakref callback (or a __del__) is dropped by
+    Python with an 'Exception ignored' traceback: the command must still end as interrupted."""
+    out = tmp_path / "out"
+    hook = ("from ckptops import _startup\n"
+            "recorded = _startup.published\n"
+            "class Thing: pass\n"
+            "def ctrl_c(ref): os.kill(os.getpid(), signal.SIGINT)\n"
+            "def published(path):\n"
+            "    recorded(path)\n"
+            "    thing = Thing(); published.ref = weakref.ref(thing, ctrl_c); del thing  # the callback runs here\n"
+            "_startup.published = published\n")
+    done = _cli_with_hook(hook, _sanitize_args(tiny, out))
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip().splitlines() == [f"error: interrupted after {out} was written complete; it is kept"]
+    assert (out / "model.safetensors").is_file()
+
+
+def test_an_interrupt_after_the_command_ended_is_ignored(tiny, tmp_path):
+    """Ctrl-C right after the command printed its last line: the work is done, so the exit code
+    stays the command's, with no second message and no traceback."""
+    hook = ("from ckptops import cli\n"
+            "invoke = cli._Group.invoke\n"
+            "def invoke_then_ctrl_c(self, ctx):\n"
+            "    try:\n"
+            "        return invoke(self, ctx)\n"
+            "    finally:\n"
+            "        os.kill(os.getpid(), signal.SIGINT)\n"
+            "        sum(range(1000))  # Python code for the signal handler to run in\n"
+            "cli._Group.invoke = invoke_then_ctrl_c\n")
+    out = tmp_path / "out"
+    done = _cli_with_hook(hook, _sanitize_args(tiny, out))
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.startswith(f"wrote {out}")
+    failed = _cli_with_hook(hook, ["inspect", str(tmp_path / "missing")])
+    assert failed.returncode == 1
+    assert len(failed.stderr.strip().splitlines()) == 1 and failed.stderr.startswith("error: "), failed.stderr

@@ -72,29 +72,68 @@ def staging_folder(out: Path, overwrite: bool, reuse: Path | None = None) -> Ite
 
 
 def move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    _move_into_place(tmp, out, overwrite)
-    _startup.published(out)  # from here an interrupt leaves a complete OUT behind, and says so
-
-
-def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the complete folder ``tmp`` to ``out``. With ``overwrite`` the old ``out`` is renamed
+    aside first and deleted only once the new one is in place; an exception or Ctrl-C at any
+    point leaves ``out`` either as it was or complete, and :func:`_startup.published` records
+    which, for the interrupt message."""
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise OutputError(_taken(out))
-        trash = out.absolute().parent / f".{out.name}.ckptops-old-{uuid.uuid4().hex[:8]}"
+        _replace(tmp, out)
+        return
+    try:
+        os.rename(tmp, out)  # replaces an empty folder that appeared meanwhile; not a full one
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise OutputError(_taken(out)) from None
+        raise
+    except BaseException:
+        if not os.path.lexists(tmp):  # renamed; the Ctrl-C came as the rename returned
+            _startup.published(out)
+        raise
+    _startup.published(out)  # from here an interrupt leaves a complete OUT behind, and says so
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    trash = out.absolute().parent / f".{out.name}.ckptops-old-{uuid.uuid4().hex[:8]}"
+    # Both renames sit inside the try: a Ctrl-C is raised as a rename returns, so which of them
+    # happened is read from the disk, not from how far this code got.
+    try:
         os.rename(out, trash)
+        os.rename(tmp, out)
+        _startup.published(out)
+    except BaseException:
+        if not os.path.lexists(tmp):  # the new OUT is in place: complete, and kept
+            _startup.published(out)
+            _discard(trash)
+        elif os.path.lexists(trash):  # the old OUT is aside and the new one is not in: put it back
+            _put_back(trash, out)
+        raise
+    _discard(trash)  # an interrupt here leaves the old copy beside a complete OUT: a later run's sweep removes it
+
+
+def _put_back(trash: Path, out: Path) -> None:
+    """Rename the old OUT back into place; a second Ctrl-C meanwhile must not leave it aside
+    (the first one is being raised already)."""
+    while True:
         try:
-            os.rename(tmp, out)
-        except OSError:
             os.rename(trash, out)
-            raise
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
+            return
+        except KeyboardInterrupt:
+            if not os.path.lexists(trash):
+                return
+
+
+def _discard(old: Path) -> None:
+    """Delete the replaced OUT. An OUT that was a symlink to a folder: the link only, never the
+    folder it points to (that folder is not ours)."""
+    if old.is_symlink():
         try:
-            os.rename(tmp, out)  # replaces an empty folder that appeared meanwhile; not a full one
-        except OSError as exc:
-            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
-                raise OutputError(_taken(out)) from None
-            raise
+            old.unlink()
+        except FileNotFoundError:
+            pass
+    else:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _taken(out: Path) -> str:
