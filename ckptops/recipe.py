@@ -311,6 +311,11 @@ def run_recipe(recipe: Recipe, *, out: str | None = None, progress: bool | None 
     destination = Path(output["out"]).expanduser()
     roots = [Path(models[r]) for r in ("base", "harmful", "target") if models[r] and Path(models[r]).exists()]
     check_destination(destination, roots, output["overwrite"])
+    if not models["harmful"]:  # harm make trains for minutes first: check what sanitize would refuse now
+        from ckptops.checkpoint.lora import open_model
+        from ckptops.checkpoint.side_files import check_side_files
+
+        check_side_files(open_model(models["target"]))
     harmful = models["harmful"] or _harm_adapter(recipe, destination, progress)
     work = destination.absolute().parent / f".{destination.name}.recipe-{uuid.uuid4().hex[:8]}"
     try:

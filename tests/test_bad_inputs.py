@@ -190,6 +190,28 @@ def test_empty_folder_and_missing_path(paths, tmp_path):
     assert_one_line_error(run_sanitize(paths, tmp_path / "out"), "nowhere")
 
 
+@pytest.mark.parametrize("content,needle", [
+    ("{bad", "not valid JSON"), ("[1, 2]", "not a JSON object"), ('"llama"', "not a JSON object"), ("", "not valid JSON"),
+])
+def test_target_config_that_is_not_a_json_object_is_refused_before_any_work(paths, tmp_path, content, needle):
+    """The output copies the target's config.json as it is: one that is not a JSON object would
+    give an output that does not load."""
+    config = paths["target"] / "config.json"
+    config.write_text(content)
+    assert_one_line_error(run_sanitize(paths, tmp_path / "out"), str(config), needle)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_target_without_config_runs_with_one_warning(paths, tmp_path):
+    (paths["target"] / "config.json").unlink()
+    out = tmp_path / "out"
+    result = run_sanitize(paths, out)
+    assert result.exit_code == 0, result.output
+    assert f"warning: {paths['target']}: has no config.json, so the output will have none either and " \
+           "transformers' from_pretrained cannot load it as is" in result.stderr.splitlines(), result.stderr
+    assert (out / "model.safetensors").is_file() and not (out / "config.json").exists()
+
+
 @pytest.mark.parametrize("option,value,needle", [
     ("--top-k", "0", "top-k"), ("--top-k", "1.5", "top-k"), ("--top-k", "-0.1", "top-k"),
     ("--top-k", "nan", "top-k"), ("--scale", "inf", "scale"), ("--scale", "nan", "scale"),

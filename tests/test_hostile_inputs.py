@@ -229,3 +229,94 @@ def test_recipe_with_a_mistyped_local_model_says_no_such_folder(tmp_path, monkey
                       '[output]\nout = "o"\n')
     line = _one_line(_run(["run", str(recipe), "--threads", "1"], timeout=10), "demo/targt")
     assert "no such folder" in line
+
+
+# -- side files (config, tokenizer, ...) that are symbolic links ------------------------------------
+
+SECRET = "TOP SECRET: never copy me\n"
+
+
+def _side_triple(tmp_path: Path) -> dict[str, Path]:
+    """base / harmful / target with a config.json each; the target also holds a link inside the
+    folder (``alias.json``), and ``secret.txt`` lies outside every model folder."""
+    from conftest import llama_state, write_folder
+
+    base = llama_state(0)
+    paths = {"base": write_folder(tmp_path / "base", base),
+             "harmful": write_folder(tmp_path / "harmful", llama_state(1, base=base, delta=0.01)),
+             "target": write_folder(tmp_path / "target", llama_state(2, base=base, delta=0.004))}
+    (paths["target"] / "alias.json").symlink_to("generation_config.json")  # inside: copied
+    (tmp_path / "secret.txt").write_text(SECRET)
+    return paths
+
+
+def _sanitize_args(paths: dict[str, Path], out: Path) -> list[str]:
+    return ["sanitize", "--base", str(paths["base"]), "--harmful", str(paths["harmful"]),
+            "--target", str(paths["target"]), "--out", str(out), "-q"]
+
+
+def _holds_secret(folder: Path) -> bool:
+    return any(SECRET.strip() in f.read_text(errors="replace") for f in folder.rglob("*") if f.is_file())
+
+
+@pytest.mark.parametrize("command", ["sanitize", "run"])
+def test_side_file_linking_out_of_the_folder_is_skipped_with_a_warning(tmp_path, command):
+    paths = _side_triple(tmp_path)
+    (paths["target"] / "notes.txt").symlink_to(tmp_path / "secret.txt")
+    out = tmp_path / "out"
+    if command == "sanitize":
+        args = _sanitize_args(paths, out)
+    else:
+        recipe = tmp_path / "r.toml"
+        recipe.write_text(f'[models]\nbase = "{paths["base"]}"\nharmful = "{paths["harmful"]}"\n'
+                          f'target = "{paths["target"]}"\n[icv]\nenabled = false\n[output]\nout = "{out}"\n')
+        args = ["run", str(recipe), "-q", "--threads", "1"]
+    result = _run(args, timeout=120)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning:") and "link" in line]
+    assert warnings == [f"warning: {paths['target'] / 'notes.txt'}: is a symbolic link to {tmp_path / 'secret.txt'}, "
+                        "outside the model folder; it is not copied into the output"], result.output
+    assert not (out / "notes.txt").exists() and not _holds_secret(out)
+    # the link inside the folder and the ordinary side files are copied as before
+    assert (out / "alias.json").read_text() == (paths["target"] / "generation_config.json").read_text()
+    assert (out / "config.json").is_file() and (out / "generation_config.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json"])
+def test_needed_side_file_linking_out_is_refused_before_any_work(tmp_path, name):
+    paths = _side_triple(tmp_path)
+    link = paths["target"] / name
+    if link.exists():
+        link.unlink()
+    link.symlink_to(tmp_path / "secret.txt")
+    out = tmp_path / "out"
+    line = _one_line(_run(_sanitize_args(paths, out)), str(link))
+    assert f"symbolic link to {tmp_path / 'secret.txt'}" in line and "outside the model folder" in line
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_hub_cache_snapshot_links_into_its_blobs_are_copied(tmp_path):
+    """A local path into the Hugging Face cache: every file of a snapshot is a link into the
+    repo's blobs/ folder, which is outside the snapshot folder but inside the same repo folder."""
+    paths = _side_triple(tmp_path)
+    repo = tmp_path / "hub" / "models--org--target"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (paths["target"] / "tokenizer.json").write_text('{"version": "1.0"}')
+    for file in sorted(paths["target"].iterdir()):
+        if file.is_symlink():
+            continue
+        blob = repo / "blobs" / f"blob-{file.name}"
+        blob.write_bytes(file.read_bytes())
+        (snapshot / file.name).symlink_to(Path("..") / ".." / "blobs" / blob.name)  # as huggingface_hub links
+    (snapshot / "notes.txt").symlink_to(tmp_path / "secret.txt")  # out of the repo folder: still skipped
+    out = tmp_path / "out"
+    result = _run(_sanitize_args(dict(paths, target=snapshot), out))
+    assert result.exit_code == 0, result.output
+    assert [line for line in result.output.splitlines() if line.startswith("warning:") and "link" in line] == [
+        f"warning: {snapshot / 'notes.txt'}: is a symbolic link to {tmp_path / 'secret.txt'}, outside the model "
+        "folder; it is not copied into the output"]
+    for name in ("config.json", "generation_config.json", "tokenizer.json"):
+        assert (out / name).read_bytes() == (paths["target"] / name).read_bytes(), name
+    assert not (out / "notes.txt").exists() and not _holds_secret(out)

@@ -215,3 +215,26 @@ def test_bad_inputs_are_one_line_errors_without_output(tmp_path):
     out.mkdir()
     result = CliRunner().invoke(main, ["icv", "bake", "--model", str(folder), "--out", str(out)])
     _one_line_error(result, "already exists")
+
+
+def test_side_files_linking_out_of_the_model_folder_are_never_copied(tmp_path):
+    """A stray file linking out is left out with a warning; config.json linking out is refused
+    (bake reads it and writes its values into the baked config)."""
+    folder = _folder(tmp_path, "llama")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP SECRET\n")
+    (folder / "notes.txt").symlink_to(secret)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["icv", "bake", "--model", str(folder), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"warning: {folder / 'notes.txt'}: is a symbolic link to {secret}, outside the model folder; it is not " \
+           "copied into the output" in result.output.splitlines(), result.output
+    assert not (out / "notes.txt").exists()
+    assert not any("TOP SECRET" in f.read_text(errors="replace") for f in out.iterdir() if f.is_file())
+
+    outside_config = tmp_path / "elsewhere.json"
+    (folder / "config.json").rename(outside_config)
+    (folder / "config.json").symlink_to(outside_config)
+    result = CliRunner().invoke(main, ["icv", "bake", "--model", str(folder), "--out", str(tmp_path / "out2")])
+    _one_line_error(result, str(folder / "config.json"), f"symbolic link to {outside_config}")
+    assert not (tmp_path / "out2").exists()

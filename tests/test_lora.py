@@ -225,6 +225,18 @@ BAD = {
     "embedding": (None, lambda w: dict(w, **{"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 8)}), "embedding adapter"),
     "magnitude": (None, lambda w: dict(w, **{"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(32)}), "DoRA"),
     "pickle": (None, lambda w: None, "never unpickles"),
+    # pattern fields and booleans (PEFT's rank_pattern / alpha_pattern: regular expression -> number)
+    "rank_pattern-bad-regex": (lambda c: c.update(rank_pattern={"(": 4}), None,
+                               "rank_pattern key '(' is not a valid regular expression"),
+    "alpha_pattern-bad-regex": (lambda c: c.update(alpha_pattern={"[": 4}), None,
+                                "alpha_pattern key '[' is not a valid regular expression"),
+    "rank_pattern-list": (lambda c: c.update(rank_pattern=[4]), None, "rank_pattern must be an object"),
+    "alpha_pattern-string": (lambda c: c.update(alpha_pattern="x"), None, "alpha_pattern must be an object"),
+    "rank_pattern-zero": (lambda c: c.update(rank_pattern={"q_proj": 0}), None, "rank_pattern key 'q_proj'"),
+    "rank_pattern-true": (lambda c: c.update(rank_pattern={"q_proj": True}), None, "not true"),
+    "alpha_pattern-string-value": (lambda c: c.update(alpha_pattern={"q_proj": "8"}), None, "alpha_pattern key 'q_proj'"),
+    "r-true": (lambda c: c.update(r=True), None, "r (the LoRA rank) must be a positive integer, not true"),
+    "lora_alpha-true": (lambda c: c.update(lora_alpha=True), None, "lora_alpha must be a finite number, not true"),
 }
 
 
@@ -243,6 +255,10 @@ def test_bad_adapters_one_line_no_output(tiny, tmp_path, case):
         assert len(lines) == 1 and lines[0].startswith("error: "), result.output
         assert words in lines[0], lines[0]
         assert not out.exists()
+    if config_edit is not None:  # a config problem names the config file, in every command that reads it
+        assert str(bad / "adapter_config.json") in lines[0], lines[0]
+        result = _cli("diagnose", "--base", tiny["base"], "--harmful", bad, "--target", tiny["target"])
+        assert result.exit_code == 1 and result.output.strip().splitlines() == [lines[0]], result.output
 
 
 def test_base_name_mismatch_is_a_warning(tiny, tmp_path):

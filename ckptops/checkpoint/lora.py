@@ -199,13 +199,47 @@ def _check_config(folder: Path, config: dict) -> None:
     if config.get("target_parameters"):
         raise _refuse(where, "target_parameters (LoRA on raw parameters) is not supported")
     r = config.get("r", 8)
-    ranks = [r] + list((config.get("rank_pattern") or {}).values())
-    if any(not isinstance(x, int) or x < 1 for x in ranks):
-        raise _refuse(where, f"rank must be a positive integer (r={r}, rank_pattern={config.get('rank_pattern')})")
+    if not _is_rank(r):
+        raise _refuse(where, f"r (the LoRA rank) must be a positive integer, not {_shown(r)}")
     alpha = config.get("lora_alpha", 8)
-    alphas = [alpha] + list((config.get("alpha_pattern") or {}).values())
-    if any(not isinstance(x, (int, float)) or not math.isfinite(x) for x in alphas):
-        raise _refuse(where, f"lora_alpha must be a finite number (lora_alpha={alpha})")
+    if not _is_alpha(alpha):
+        raise _refuse(where, f"lora_alpha must be a finite number, not {_shown(alpha)}")
+    _check_patterns(where, config, "rank_pattern", _is_rank, "a positive integer")
+    _check_patterns(where, config, "alpha_pattern", _is_alpha, "a finite number")
+
+
+def _is_rank(value) -> bool:
+    # bool is an int subclass: JSON ``true`` would otherwise pass as rank 1
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_alpha(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_patterns(where: str, config: dict, key: str, valid, what: str) -> None:
+    """``rank_pattern`` / ``alpha_pattern``: an object of regular expression -> value. Each key is
+    compiled here the way PEFT's ``get_pattern_key`` uses it, so that a bad one is refused in one
+    line before :func:`_pattern_value` would raise ``re.error`` mid-read."""
+    patterns = config.get(key)
+    if patterns is None:
+        return
+    if not isinstance(patterns, dict):
+        raise _refuse(where, f"{key} must be an object of pattern -> {what}, not {_shown(patterns)}")
+    for pattern, value in patterns.items():
+        try:
+            re.compile(rf"(.*\.)?({pattern})$")
+        except (re.error, RecursionError, OverflowError) as exc:
+            reason = getattr(exc, "msg", None) or type(exc).__name__  # (its position would be in PEFT's wrapper)
+            raise _refuse(where, f"{key} key {pattern[:100]!r} is not a valid regular expression ({reason})") from None
+        if not valid(value):
+            raise _refuse(where, f"{key} key {pattern[:100]!r}: the value must be {what}, not {_shown(value)}")
+
+
+def _shown(value) -> str:
+    """A config value as the JSON it was written as (``true``, not Python's ``True``), cut short."""
+    text = json.dumps(value, allow_nan=True, default=str)
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def read_adapter(folder: Path) -> Adapter:

@@ -76,9 +76,12 @@ class Checkpoint:
         return self.shards[name].local_path()
 
     def side_files(self) -> dict[str, Path]:
-        """Small non-weight files (config, tokenizer, generation config, ...) by name."""
+        """Small non-weight files (config, tokenizer, generation config, ...) by name, without
+        those that link out of the folder (see :mod:`ckptops.checkpoint.side_files`)."""
         if self.root is None:
             return {}
+        from ckptops.checkpoint.side_files import collect_side_files
+
         return collect_side_files(self.root)
 
 
@@ -90,15 +93,6 @@ def is_side_file(name: str, size: int | None) -> bool:
     if name.startswith(".") or "/" in name or name.endswith(skip_suffixes) or name.endswith(".index.json"):
         return False
     return name != "README.md" and (size is None or size <= 64 * 1024 * 1024)
-
-
-def collect_side_files(root: Path) -> dict[str, Path]:
-    """Files to copy into an output folder (see :func:`is_side_file`)."""
-    return {
-        entry.name: entry
-        for entry in sorted(root.iterdir())
-        if entry.is_file() and is_side_file(entry.name, entry.stat().st_size)
-    }
 
 
 #: functions ``ref -> Checkpoint | None`` tried, in order, when ``ref`` is not a path

@@ -28,6 +28,7 @@ from ckptops.checkpoint.leftovers import Leftovers, sweep
 from ckptops.checkpoint.lora import Inputs, open_inputs
 from ckptops.checkpoint.publish import check_destination, copy_side_files, staging_folder, write_index
 from ckptops.checkpoint.resolve import Checkpoint, fingerprint, full_sha256
+from ckptops.checkpoint.side_files import check_side_files
 from ckptops.checkpoint.writer import OutShard, OutTensor, ShardWriter, layout_by_size, layout_like_target
 from ckptops.errors import UsageError
 from ckptops.hdr.checks import check_after_work, check_before_work
@@ -296,6 +297,7 @@ def resolve(base, harmful, target, out, options: SanitizeOptions) -> Run:
     models = Models(opened.tau_base, opened.harmful, opened.target)
     if not options.force:
         refuse_if_sanitized(models.target)
+    check_side_files(models.target)  # its config/tokenizer files are copied into the output
     for checkpoint in (models.base, models.harmful, models.target):
         checkpoint.progress = options.progress
     roots = [m.root for m in (models.base, models.harmful, models.target) if m.root is not None]

@@ -130,12 +130,13 @@ class HubCheckpoint(Checkpoint):
         self.fetched.discard(name)
         shard.path = None  # a later read (there should be none) downloads it again
 
+    def side_file(self, name: str) -> Path:
+        """One small file at the pinned commit, downloaded into the cache if needed."""
+        return download(self.repo, self.commit, name, endpoint=self.endpoint, progress=False, token=self.token)
+
     def side_files(self) -> dict[str, Path]:
         """Config, tokenizer and generation files at the pinned commit (small; cached)."""
-        return {
-            name: download(self.repo, self.commit, name, endpoint=self.endpoint, progress=False, token=self.token)
-            for name in self.side_names
-        }
+        return {name: self.side_file(name) for name in self.side_names}
 
 
 def open_hub_checkpoint(ref: str | HubRef, *, token: str | bool | None = None) -> HubCheckpoint:

@@ -225,6 +225,7 @@ def bake_icv(model: str | os.PathLike, out: str | os.PathLike, icv: ICV | str | 
     from ckptops import __version__
     from ckptops.checkpoint.card import render_card
     from ckptops.checkpoint.publish import check_destination, copy_side_files, staging_folder, write_index
+    from ckptops.checkpoint.side_files import check_side_files
     from ckptops.checkpoint.writer import OutTensor, ShardWriter, layout_like_target
     from ckptops.hdr.layers import format_layers
     from ckptops.progress import ByteProgress
@@ -248,6 +249,7 @@ def bake_icv(model: str | os.PathLike, out: str | os.PathLike, icv: ICV | str | 
     if alpha is not None:
         icv = icv.with_application(alpha=alpha)
     icv.require_norms(icv_name)
+    check_side_files(checkpoint, config=False)  # (config.json is read below and written anew)
     config = _read_config(checkpoint)
     new_config, dropped = baked_config(config, where)
     biases = plan_biases(checkpoint, config, icv, where)
