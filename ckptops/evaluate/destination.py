@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ckptops.errors import OutputError
+from ckptops.safeio import same_file
 
 #: how every report :func:`ckptops.evaluate.report.write_json` writes begins (``format`` is its
 #: first key): ``ckptops.eval/N`` or ``ckptops.eval.compare/N``
@@ -37,16 +38,6 @@ def is_eval_report(path: str | os.PathLike) -> bool:
     return _REPORT_START.match(head) is not None
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    """The same file by path after resolving symlinks, or by inode (a hard link)."""
-    if a.resolve() == b.resolve():
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist
-        return False
-
-
 def check_report_destination(out: str | os.PathLike, *, input_files: Iterable[tuple[str, str | os.PathLike | None]],
                              model_folders: Iterable[str | os.PathLike], overwrite: bool) -> Path:
     """Refuse an ``out`` that is an input file (``(option, path)`` pairs), lies inside a model
@@ -54,7 +45,7 @@ def check_report_destination(out: str | os.PathLike, *, input_files: Iterable[tu
     out = Path(out)
     resolved = out.resolve()
     for option, path in input_files:
-        if path is not None and _same_file(out, Path(path)):
+        if path is not None and same_file(out, path):
             raise OutputError(f"--out {out} is the {option} file {path}: the report would replace it; "
                               "write the report to another file")
     for folder in model_folders:
