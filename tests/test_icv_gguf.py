@@ -72,6 +72,15 @@ def test_a_hint_naming_another_model_is_refused(tmp_path):
     export_gguf(_icv(layers=(2, 3)), tmp_path / "c.gguf", model_hint="llama")  # llama.cpp's name for Mistral
 
 
+def test_a_refused_hint_cuts_a_long_recorded_model_type_and_source(tmp_path):
+    icv = _icv(layers=(2, 3))
+    icv = ICV(vectors=icv.vectors, hidden_size=24, num_layers=4, mlp_norms=icv.mlp_norms, model_type="t" * 5000,
+              source="s" * 5000)
+    with pytest.raises(UsageError, match=r"computed on: t{40}\.\.\. \(s{40}\.\.\.\), hidden size 24") as info:
+        export_gguf(icv, tmp_path / "c.gguf", model_hint="qwen2")
+    assert len(str(info.value)) < 400
+
+
 def test_a_file_without_mlp_norms_is_refused(tmp_path):
     with pytest.raises(ICVError, match=r"--rule additive"):
         export_gguf(_icv(layers=(2, 3), mlp_norms={}), tmp_path / "c.gguf")

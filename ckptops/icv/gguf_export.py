@@ -35,7 +35,7 @@ import numpy as np
 from ckptops import _startup
 from ckptops.errors import ICVError, OutputError, UsageError
 from ckptops.icv._extras import require_gguf
-from ckptops.icv.file import ICV, check_alpha, load_icv
+from ckptops.icv.file import ICV, check_alpha, load_icv, shown
 from ckptops.safeio import same_file
 
 ARCHITECTURE = "controlvector"
@@ -85,10 +85,10 @@ def check_model_hint(icv: ICV, model_hint: str | None) -> str:
         return recorded
     given = model_hint.strip().lower()
     if recorded and given not in (recorded.lower(), LLAMA_CPP_ARCH.get(recorded.lower(), recorded.lower())):
-        source = f" ({icv.source})" if icv.source else ""
+        source = f" ({shown(icv.source, quoted=False)})" if icv.source else ""
         raise UsageError(
             f"--model-hint {model_hint!r} does not match the model the ICV was computed on: "
-            f"{recorded}{source}, hidden size {icv.hidden_size}, {icv.num_layers} layers; "
+            f"{shown(recorded, quoted=False)}{source}, hidden size {icv.hidden_size}, {icv.num_layers} layers; "
             "an ICV only fits the model it was computed on"
         )
     return model_hint.strip()
