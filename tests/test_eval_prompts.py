@@ -124,7 +124,7 @@ def test_cli_needs_exactly_one_of_model_and_compare(tmp_path):
 @pytest.fixture
 def no_generation(monkeypatch):
     """Any generation fails the test: a refused --out must be refused before the model runs."""
-    import ckptops.evaluate.run as run
+    from ckptops.evaluate import run
 
     def fail(*args, **kwargs):
         raise AssertionError("eval generated although --out is refused")
