@@ -98,7 +98,7 @@ class Recipe:
         return self.data[section]
 
     def to_toml(self) -> str:
-        return dump_toml(self.data)
+        return dump_toml(self.data, self.source)
 
 
 def _parse_value(text: str) -> Any:
@@ -217,21 +217,50 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     return validate(apply_overrides(data, overrides), str(path))
 
 
-def dump_toml(data: dict[str, dict[str, Any]]) -> str:
-    """Write a two-level recipe dict as TOML (strings, numbers, booleans, lists of strings)."""
-    def value(v: Any) -> str:
+#: TOML's short escapes; every other control character is written as \uXXXX
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def toml_string(text: str, where: str = "<recipe>") -> str:
+    """``text`` as a TOML basic string that parses back to exactly ``text``.
+
+    Not ``json.dumps``: JSON escapes characters outside the BMP (an emoji in a path) as surrogate
+    pairs, which TOML forbids, so the recipe written into OUT could not be run again. Everything
+    except ``"``, ``\\`` and control characters (U+0000-U+001F, U+007F) is written as itself."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: undecodable bytes in a path
+        raise RecipeError(f"{where} holds text that is not valid Unicode (undecodable bytes in a path?), "
+                          "which a TOML recipe cannot hold; rename the file or folder") from None
+    out = []
+    for char in text:
+        if char in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[char])
+        elif char < " " or char == "\x7f":
+            out.append(f"\\u{ord(char):04X}")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
+
+
+def dump_toml(data: dict[str, dict[str, Any]], source: str = "<recipe>") -> str:
+    """Write a two-level recipe dict as TOML (strings, numbers, booleans, lists of strings);
+    ``source`` names the recipe in errors."""
+    def value(v: Any, where: str) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
         if isinstance(v, (int, float)):
             return repr(v)
         if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return json.dumps(v)
+            return "[" + ", ".join(value(x, where) for x in v) + "]"
+        if isinstance(v, str):
+            return toml_string(v, where)
+        raise TypeError(f"{where}: a recipe holds no {type(v).__name__} values")
 
     lines: list[str] = []
     for section, items in data.items():
         lines.append(f"[{section}]")
-        lines += [f"{key} = {value(v)}" for key, v in items.items()]
+        lines += [f"{key} = {value(v, f'{source}: {section}.{key}')}" for key, v in items.items()]
         lines.append("")
     return "\n".join(lines)
 
@@ -307,6 +336,9 @@ def run_recipe(recipe: Recipe, *, out: str | None = None, progress: bool | None 
     recipe = validate(data, recipe.source)
     check_hdr_settings(recipe, force)
     check_models_exist(recipe)
+    # serialised before any work: a value TOML cannot hold (undecodable bytes in a path) is
+    # refused now, not after minutes of sanitizing
+    recipe_text = "# resolved by ckptops; run again with: ckptops run recipe.toml --out NEW_FOLDER\n" + stored.to_toml()
     models, hdr, icv, output = recipe["models"], recipe["hdr"], recipe["icv"], recipe["output"]
     destination = Path(output["out"]).expanduser()
     roots = [Path(models[r]) for r in ("base", "harmful", "target") if models[r] and Path(models[r]).exists()]
@@ -329,10 +361,7 @@ def run_recipe(recipe: Recipe, *, out: str | None = None, progress: bool | None 
         if icv["enabled"]:
             icv_layers = icv["layers"] or (report.parameters.get("layers") if report.parameters.get("layers") != "all" else "")
             summary["icv"] = _compute_icv_into(work, icv, icv_layers, progress)
-        (work / "recipe.toml").write_text(
-            "# resolved by ckptops; run again with: ckptops run recipe.toml --out NEW_FOLDER\n" + stored.to_toml(),
-            encoding="utf-8",
-        )
+        (work / "recipe.toml").write_text(recipe_text, encoding="utf-8")
         _record_in_card(work, summary["icv"], stored)
         move_into_place(work, destination, output["overwrite"])
     except BaseException:

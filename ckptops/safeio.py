@@ -6,6 +6,9 @@ or a device such as ``/dev/zero`` instead of a file, a file over a size cap), an
 a parser can fail on hostile content (deep nesting -> ``RecursionError``, ``NaN``/``Infinity``,
 lone surrogates such as ``\\ud800`` that cannot be printed or tokenized) into one error naming the
 file. Callers pass the :mod:`ckptops.errors` class their command reports.
+
+:func:`same_file` is how a command that writes a single file checks that it never replaces one
+of its own inputs.
 """
 
 from __future__ import annotations
@@ -134,5 +137,15 @@ def check_text(text: str, where: str, error: type[CkptopsError]) -> str:
     return text
 
 
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """The same file: equal paths once symlinks are resolved, or one inode (a hard link)."""
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
 __all__ = ["open_regular", "read_limited", "read_text", "loads_json", "load_json_file", "check_text",
-           "unprintable", "Path"]
+           "unprintable", "same_file", "Path"]

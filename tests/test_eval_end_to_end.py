@@ -131,6 +131,21 @@ def test_compare_reports_paired_deltas(workdir, icv_file):
     assert "B-A refusal [95% CI]" in result.output
 
 
+def test_rerunning_replaces_its_own_report_and_overwrite_replaces_any_file(workdir, tmp_path):
+    out = tmp_path / "report.json"
+    args = ["--model", str(workdir["model"]), "--prompts", str(workdir["harmful"]), "--label", "harmful",
+            "--max-new-tokens", "2", "--limit", "2"]
+    _run([*args, "--out", str(out)])
+    first = json.loads(out.read_text())
+    _run([*args, "--limit", "1", "--out", str(out)])  # the same command again: no --overwrite needed
+    assert len(first["results"]) == 2 and len(json.loads(out.read_text())["results"]) == 1
+    mine = tmp_path / "mine.txt"
+    mine.write_text("my notes\n")
+    _run([*args, "--out", str(mine), "--overwrite"])
+    assert json.loads(mine.read_text())["format"] == "ckptops.eval/1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt", "report.json"]  # no temporary file left
+
+
 def test_icv_that_does_not_fit_is_a_one_line_error(workdir, tmp_path):
     from ckptops.icv.file import ICV
 

@@ -116,3 +116,101 @@ def test_cli_needs_exactly_one_of_model_and_compare(tmp_path):
     result = CliRunner().invoke(main, ["eval", "--prompts", str(path), "--label", "harmful"])
     assert result.exit_code != 0
     assert "give exactly one of --model DIR or --compare" in result.output
+
+
+# --------------------------------------------------------------------------- --out
+
+
+@pytest.fixture
+def no_generation(monkeypatch):
+    """Any generation fails the test: a refused --out must be refused before the model runs."""
+    from ckptops.evaluate import run
+
+    def fail(*args, **kwargs):
+        raise AssertionError("eval generated although --out is refused")
+
+    monkeypatch.setattr(run, "evaluate", fail)
+    monkeypatch.setattr(run, "compare", fail)
+
+
+def _eval_out(args):
+    return CliRunner().invoke(main, ["eval", *args, "--label", "harmful", "--quiet"])
+
+
+def _one_line_error(result, *parts):
+    assert result.exit_code != 0
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for part in parts:
+        assert part in lines[0]
+
+
+def test_out_that_is_an_input_file_is_refused_even_with_overwrite(tmp_path, no_generation):
+    model = tmp_path / "model"
+    model.mkdir()
+    prompts = _jsonl(tmp_path / "p.jsonl", [{"prompt": "x"}])
+    text, icv = tmp_path / "wiki.txt", tmp_path / "icv.safetensors"
+    text.write_text("some text\n")
+    icv.write_bytes(b"not read")
+    before = {p: p.read_bytes() for p in (prompts, text, icv)}
+    base = ["--model", str(model), "--prompts", str(prompts)]
+    _one_line_error(_eval_out([*base, "--out", str(prompts), "--overwrite"]), "is the --prompts file")
+    _one_line_error(_eval_out([*base, "--ppl", str(text), "--out", str(text), "--overwrite"]), "is the --ppl file")
+    _one_line_error(_eval_out([*base, "--icv", str(icv), "--out", str(icv), "--overwrite"]), "is the --icv file")
+    # the same file under another name: a second --prompts file, a symlink, a hard link, a dotted path
+    other = _jsonl(tmp_path / "q.jsonl", [{"prompt": "y"}])
+    link, hard = tmp_path / "link.jsonl", tmp_path / "hard.jsonl"
+    link.symlink_to(other)
+    hard.hardlink_to(other)
+    for alias in (link, hard, tmp_path / "model" / ".." / "q.jsonl"):
+        _one_line_error(_eval_out([*base, "--prompts", str(other), "--label", "benign", "--out", str(alias),
+                                   "--overwrite"]), "is the --prompts file")
+    assert {p: p.read_bytes() for p in (prompts, text, icv)} == before
+
+
+def test_out_inside_a_model_folder_is_refused(tmp_path, no_generation):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b):
+        (folder / "sub").mkdir(parents=True)
+        (folder / "config.json").write_text('{"model_type": "llama"}')
+    prompts = _jsonl(tmp_path / "p.jsonl", [{"prompt": "x"}])
+    for out in (a / "config.json", a / "report.json", a / "sub" / "new" / "r.json"):
+        _one_line_error(_eval_out(["--model", str(a), "--prompts", str(prompts), "--out", str(out), "--overwrite"]),
+                        "inside the model folder")
+    _one_line_error(_eval_out(["--compare", str(a), str(b), "--prompts", str(prompts), "--out", str(b / "r.json")]),
+                    "inside the model folder")
+    assert (a / "config.json").read_text() == '{"model_type": "llama"}'
+    assert sorted(p.name for p in a.iterdir()) == ["config.json", "sub"]
+
+
+def test_an_existing_file_that_is_not_a_report_needs_overwrite(tmp_path, no_generation):
+    model = tmp_path / "model"
+    model.mkdir()
+    prompts = _jsonl(tmp_path / "p.jsonl", [{"prompt": "x"}])
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"format": "something else", "mine": true}\n')
+    result = _eval_out(["--model", str(model), "--prompts", str(prompts), "--out", str(notes)])
+    _one_line_error(result, "notes.json: already exists and is not a ckptops eval report", "--overwrite")
+    assert notes.read_text() == '{"format": "something else", "mine": true}\n'
+    parent_is_a_file = notes / "r.json"
+    _one_line_error(_eval_out(["--model", str(model), "--prompts", str(prompts), "--out", str(parent_is_a_file)]),
+                    "is not a folder")
+
+
+def test_an_earlier_eval_report_is_recognised(tmp_path):
+    from ckptops.evaluate.destination import is_eval_report
+
+    cases = {
+        "report.json": ('{\n  "format": "ckptops.eval/1",\n  "ckptops_version": "0.1.0"\n}\n', True),
+        "compare.json": ('{"format": "ckptops.eval.compare/1"}', True),
+        "later.json": ('{"format": "ckptops.eval/2"}', True),
+        "tune.json": ('{"format": "ckptops.tune/1"}', False),
+        "prompts.jsonl": ('{"prompt": "x", "format": "ckptops.eval/1"}\n', False),
+        "empty.json": ("", False),
+        "binary.bin": ("\x00\x01garbage", False),
+    }
+    for name, (content, expected) in cases.items():
+        (tmp_path / name).write_text(content)
+        assert is_eval_report(tmp_path / name) is expected, name
+    assert not is_eval_report(tmp_path / "missing.json")
+    assert not is_eval_report(tmp_path)

@@ -99,6 +99,34 @@ def test_bad_files_are_refused_with_the_file_named(tmp_path, tensors, meta, mess
     assert str(path) in text and "\n" not in text
 
 
+LONG = 5000
+
+
+@pytest.mark.parametrize("tensors,meta,start", [
+    (GOOD, {"hidden_size": "9" * LONG}, "metadata hidden_size='99999"),         # over int()'s digit limit
+    (GOOD, {"hidden_size": "9" * 1000}, "metadata hidden_size=99999"),          # parses, absurdly large
+    (GOOD, {"num_layers": "7" * 1000}, "metadata num_layers=77777"),
+    (GOOD, {"num_demos": "1" * 1000}, "metadata num_demos=11111"),
+    (GOOD, {"alpha": "x" * LONG}, "metadata alpha='xxxxx"),
+    (GOOD, {"rule": "r" * LONG}, "unknown rule 'rrrrr"),
+    (GOOD, {"site": "s" * LONG}, "site 'sssss"),
+    (GOOD, {"method": "m" * LONG}, "unknown method 'mmmmm"),
+    (GOOD, {"positions": "p" * LONG}, "unknown positions 'ppppp"),
+    (GOOD, {"format_version": "7" * LONG}, "unknown ICV format version '77777"),
+    (GOOD, {"format": "f" * LONG}, "not a ckptops ICV file (metadata 'format' is 'fffff"),
+    (GOOD, {"mlp_output_norms": json.dumps({"9" * 1000: -1.0})}, "mlp_output_norms holds a negative"),
+    ({"icv.layers.1": torch.zeros(16), "n" * LONG: torch.zeros(16)}, {}, "unexpected tensor 'nnnnn"),
+])
+def test_long_metadata_values_are_cut_short_in_the_error(tmp_path, tensors, meta, start):
+    path = _write(tmp_path / "bad.safetensors", tensors, **meta)
+    with pytest.raises(ICVError) as info:
+        load_icv(path)
+    text = str(info.value)
+    assert text.startswith(f"{path}: ") and start in text and "\n" not in text
+    assert len(text) < len(str(path)) + 200, text  # the value is cut to a few dozen characters
+    assert "..." in text
+
+
 def test_not_safetensors_and_missing_files(tmp_path):
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00\x01 definitely not safetensors")

@@ -72,6 +72,15 @@ def test_a_hint_naming_another_model_is_refused(tmp_path):
     export_gguf(_icv(layers=(2, 3)), tmp_path / "c.gguf", model_hint="llama")  # llama.cpp's name for Mistral
 
 
+def test_a_refused_hint_cuts_a_long_recorded_model_type_and_source(tmp_path):
+    icv = _icv(layers=(2, 3))
+    icv = ICV(vectors=icv.vectors, hidden_size=24, num_layers=4, mlp_norms=icv.mlp_norms, model_type="t" * 5000,
+              source="s" * 5000)
+    with pytest.raises(UsageError, match=r"computed on: t{40}\.\.\. \(s{40}\.\.\.\), hidden size 24") as info:
+        export_gguf(icv, tmp_path / "c.gguf", model_hint="qwen2")
+    assert len(str(info.value)) < 400
+
+
 def test_a_file_without_mlp_norms_is_refused(tmp_path):
     with pytest.raises(ICVError, match=r"--rule additive"):
         export_gguf(_icv(layers=(2, 3), mlp_norms={}), tmp_path / "c.gguf")
@@ -104,3 +113,50 @@ def test_missing_gguf_package_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` raise ImportError
     with pytest.raises(MissingExtraError, match=r"pip install -e '\.\[icv\]'"):
         export_gguf(_icv(layers=(1,)), tmp_path / "c.gguf")
+
+
+def _one_line_error(result, *fragments):
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_the_input_icv_is_never_replaced_even_with_overwrite(tmp_path):
+    from click.testing import CliRunner
+
+    from ckptops.cli import main
+
+    source = _icv().save(tmp_path / "icv.safetensors")
+    original = source.read_bytes()
+    (tmp_path / "link.safetensors").symlink_to(source)
+    (tmp_path / "hard.safetensors").hardlink_to(source)
+    for out in (source, tmp_path / "sub" / ".." / "icv.safetensors", tmp_path / "link.safetensors",
+                tmp_path / "hard.safetensors"):
+        result = CliRunner().invoke(main, ["icv", "export-gguf", str(source), str(out), "--overwrite"])
+        _one_line_error(result, "is the input ICV file")
+    result = CliRunner().invoke(main, ["icv", "export-gguf", str(tmp_path / "link.safetensors"), str(source),
+                                       "--overwrite"])
+    _one_line_error(result, "is the input ICV file")
+    assert source.read_bytes() == original
+    with pytest.raises(OutputError, match="is the input ICV file"):
+        export_gguf(source, source, overwrite=True)
+    assert source.read_bytes() == original
+
+
+def test_an_existing_out_is_refused_before_any_work_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from ckptops.cli import main
+
+    source = _icv().save(tmp_path / "icv.safetensors")  # holds layer 0: exporting would warn
+    existing = tmp_path / "c.gguf"
+    existing.write_bytes(b"keep me")
+    result = CliRunner().invoke(main, ["icv", "export-gguf", str(source), str(existing)])
+    _one_line_error(result, "c.gguf: already exists", "--overwrite")
+    assert existing.read_bytes() == b"keep me"
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not an ICV")
+    with pytest.raises(OutputError, match="already exists"):  # OUT is checked before the ICV is read
+        export_gguf(garbage, existing)

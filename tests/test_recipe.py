@@ -194,3 +194,70 @@ def test_option_errors_name_the_recipe_key(tiny, tmp_path, override, key, check)
     assert result.exit_code != 0 and len(err.splitlines()) == 1, err
     assert err.startswith(f"error: {recipe}: {key}") and "--" not in err.split(":")[2], err
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- recipe.toml as TOML
+
+
+AWKWARD_TEXTS = [
+    "/models/m \U0001F600/base",                        # outside the BMP: JSON would write a surrogate pair
+    'say "hi" \\ C:\\path\\ \\u0041 \\n',               # quotes, backslashes, escape-looking text
+    "line 1\nline 2\r\n\ttabbed\b\f",                   # TOML's short escapes
+    "nul \x00 bell \x07 esc \x1b unit sep \x1f del \x7f",  # other control characters
+    "\u00e9\u4e2d\u2028\u2029\ufeff\U0010FFFF",         # non-ASCII that TOML takes as itself
+    "",
+]
+
+
+@pytest.mark.parametrize("text", AWKWARD_TEXTS, ids=range(len(AWKWARD_TEXTS)))
+def test_recipe_strings_round_trip_through_tomllib(text):
+    import tomllib
+
+    from ckptops.recipe import dump_toml
+
+    written = dump_toml({"models": {"base": text}, "hdr": {"exclude": [text, "x"]}})
+    parsed = tomllib.loads(written)
+    assert parsed == {"models": {"base": text}, "hdr": {"exclude": [text, "x"]}}
+    if "\U0001F600" in text:
+        assert "\U0001F600" in written  # written as itself, never as a surrogate-pair escape
+
+
+def test_a_lone_surrogate_is_a_one_line_recipe_error():
+    from ckptops.errors import RecipeError
+    from ckptops.recipe import dump_toml
+
+    with pytest.raises(RecipeError, match=r"r\.toml: models\.base holds text that is not valid Unicode") as caught:
+        dump_toml({"models": {"base": "/data/bad\udcff/base"}}, "r.toml")
+    assert "\n" not in str(caught.value)
+
+
+def test_the_written_recipe_reruns_with_an_emoji_quote_and_backslash_in_the_paths(tiny, tmp_path):
+    models = tmp_path / "models \U0001F600"
+    models.symlink_to(tiny["base"].parent, target_is_directory=True)
+    out = tmp_path / 'out \U0001F600 "q" \\ x'
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[models]\n" + "".join(f"{role} = '{models / role}'\n" for role in ("base", "harmful", "target"))
+                      + f"[icv]\nenabled = false\n[output]\nout = '{out}'\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["run", str(recipe), "-q"])
+    assert result.exit_code == 0, result.output
+    written = (out / "recipe.toml").read_text(encoding="utf-8")
+    assert load_recipe(out / "recipe.toml")["output"]["out"] == str(out)
+    assert load_recipe(out / "recipe.toml")["models"]["base"] == str(models / "base")
+    again = tmp_path / "again"
+    result = CliRunner().invoke(main, ["run", str(out / "recipe.toml"), "--out", str(again), "-q"])
+    assert result.exit_code == 0, result.output
+    assert (again / "recipe.toml").read_text(encoding="utf-8") == written
+    for shard in out.glob("model*.safetensors"):
+        assert shard.read_bytes() == (again / shard.name).read_bytes()
+
+
+def test_a_path_toml_cannot_hold_is_refused_before_any_work(tiny, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[models]\n" + "".join(f"{role} = '{tiny[role]}'\n" for role in ("base", "harmful", "target"))
+                      + f"[icv]\nenabled = false\n[output]\nout = '{tmp_path / 'o'}'\n", encoding="utf-8")
+    undecodable = str(tmp_path / "bad\udcff")  # what Python makes of the byte 0xFF in a file name
+    result = CliRunner().invoke(main, ["run", str(recipe), "--set", f"output.out={undecodable}", "-q"])
+    assert result.exit_code != 0
+    err = result.stderr.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and "output.out" in err and "not valid Unicode" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.toml"]  # nothing written, not even a work folder

@@ -89,8 +89,22 @@ def test_harmful_identical_copy_of_base_warns_after_the_run(triple, tmp_path):
     result = _sanitize(triple, tmp_path / "out", "--json", harmful=copy)
     assert result.exit_code == 0, result.output
     assert "identical to --base" in result.output
+    assert "the harmful model equals the base in every counted tensor (tau = 0)" in result.output
     report = json.loads(result.output[result.output.index("{"):])
     assert report["tensors_changed"] == 0
+
+
+@pytest.mark.parametrize("pattern", [".*", ""])
+def test_excluding_every_tensor_is_named_as_the_cause_not_tau_zero(triple, tmp_path, pattern):
+    out = tmp_path / "out"
+    result = _sanitize(triple, out, "--exclude", pattern)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning: ")]
+    total = len(load_file(str(triple["target"] / "model.safetensors")))
+    assert len(warnings) == 1 and f"--exclude excludes every tensor HDR could change ({total} of {total})" in warnings[0]
+    assert "tau = 0" not in result.output and "equals the base" not in result.output
+    written, original = load_file(str(out / "model.safetensors")), load_file(str(triple["target"] / "model.safetensors"))
+    assert all(torch.equal(written[name], original[name]) for name in original)  # the output copies the target
 
 
 def test_late_validation_happens_before_any_model_loads(triple, tmp_path, monkeypatch):

@@ -55,14 +55,17 @@ _LABELS = ["harmful", "benign", "unsafe", "safe", AUTO_LABEL]
     help="Compute dtype; the ICV is specified in float32.",
 )
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda, cuda:1.")
-@click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Write the JSON report (every prompt, output and verdict).")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False),
+              help="Write the JSON report (every prompt, output and verdict). An existing file is replaced only "
+                   "if it is an earlier eval report, or with --overwrite; never an input file or a file in a model folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file that is not an eval report.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or status lines.")
 @threads_option
 def eval_cmd(
     model_dir, compare_dirs, icv, icv_alpha, icv_rule, prompt_files, labels, judge, max_new_tokens, batch_size, limit,
-    chat_template, ppl_file, ppl_window, ppl_stride, ppl_max_tokens, dtype, device, out_file, as_json, quiet,
-    threads,
+    chat_template, ppl_file, ppl_window, ppl_stride, ppl_max_tokens, dtype, device, out_file, overwrite, as_json,
+    quiet, threads,
 ) -> None:
     """Measure how often a model refuses harmful prompts and over-refuses benign ones.
 
@@ -83,6 +86,7 @@ def eval_cmd(
       ckptops eval --model safe/ --prompts p.jsonl --label harmful --judge mypkg.judges:classify
     """
     from ckptops.errors import UsageError
+    from ckptops.evaluate.destination import check_report_destination
     from ckptops.evaluate.report import to_json, write_json
     from ckptops.evaluate.run import compare, evaluate
 
@@ -90,6 +94,10 @@ def eval_cmd(
         raise UsageError("give exactly one of --model DIR or --compare ORIGINAL SANITIZED")
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be at least 1, got {limit}")
+    if out_file:  # before any generation: a refused --out must not cost the run
+        inputs = [("--prompts", path) for path in prompt_files] + [("--ppl", ppl_file), ("--icv", icv)]
+        check_report_destination(out_file, input_files=inputs, model_folders=[model_dir] if model_dir else compare_dirs,
+                                 overwrite=overwrite)
     progress = not quiet
     use_threads(threads)
 

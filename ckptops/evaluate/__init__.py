@@ -9,6 +9,7 @@ and :func:`ckptops.evaluate.run.compare`. One module per job:
 - :mod:`~ckptops.evaluate.stats`      Wilson and Newcombe 95% intervals
 - :mod:`~ckptops.evaluate.perplexity` streamed, strided perplexity on a text file
 - :mod:`~ckptops.evaluate.report`     terminal tables and the JSON report
+- :mod:`~ckptops.evaluate.destination` where ``--out`` may write that report (never over an input)
 - :mod:`~ckptops.evaluate.run`        the library functions tying these together
 
 Nothing here imports transformers at import time.

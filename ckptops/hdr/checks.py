@@ -1,9 +1,9 @@
 """Settings that make ``sanitize`` do nothing, or harm: refused or warned about before any work.
 
-A careful user wants to hear, before minutes of streaming, that ``--exclude`` matched no tensor,
-that ``--layers`` names layers the model does not have, that a negative ``--scale`` *adds* the harm
-vector, that the harmful model is the base itself (tau = 0: nothing would change), and, after the
-run, when the harm vector turned out to be zero where it was selected. Warnings go through
+A careful user wants to hear, before minutes of streaming, that ``--exclude`` matched no tensor
+(or every one), that ``--layers`` names layers the model does not have, that a negative ``--scale``
+*adds* the harm vector, that the harmful model is the base itself (tau = 0: nothing would change),
+and, after the run, when the harm vector turned out to be zero where it was selected. Warnings go through
 :mod:`warnings` (the CLI prints each as one ``warning:`` line).
 """
 
@@ -56,6 +56,23 @@ def check_before_work(run) -> None:
             beyond = sorted(i for i in run.layers if i >= count)
             if beyond:
                 raise UsageError(f"--layers {beyond[0]}: {models.target.ref} has {count} decoder layers (0-{count - 1})")
+    _warn_if_nothing_takes_part(run)
+
+
+def _warn_if_nothing_takes_part(run) -> None:
+    """Say why no tensor takes part in HDR (the output then copies the target), naming the cause:
+    without this, the run's drift figures would only show tau = 0 over zero values."""
+    if run.plan is None or run.plan.hdr_tasks:
+        return
+    reasons = [task.reason for task in run.plan.tasks]
+    total = len(reasons)
+    if "excluded" in reasons:
+        cause = f"--exclude excludes every tensor HDR could change ({reasons.count('excluded')} of {total})"
+    elif "outside --layers" in reasons:
+        cause = f"--layers leaves out every tensor HDR could change ({reasons.count('outside --layers')} of {total})"
+    else:
+        cause = "no tensor is floating point and shared by base, harmful and target"
+    warnings.warn(f"{cause}: nothing takes part in HDR, so the output copies the target", stacklevel=3)
 
 
 def check_after_work(report) -> None:

@@ -157,7 +157,8 @@ class DriftFigures:
 @dataclass
 class Verdict:
     """``kind``: ``aligned``, ``partial``, ``weak`` (a warning), ``unchanged`` (theta_t = theta_b:
-    the paper's base-model setting) or ``no-harm-vector`` (tau = 0); ``message``: plain words."""
+    the paper's base-model setting), ``no-harm-vector`` (tau = 0) or ``nothing-counted`` (no tensor
+    took part); ``message``: plain words."""
 
     kind: str
     warning: bool
@@ -170,6 +171,9 @@ def _fmt(x: float | None, digits: int = 2) -> str:
 
 def verdict(overall: DriftFigures, scale: float) -> Verdict:
     """What the whole-model figures say about HDR at ``scale`` on this target (see the README)."""
+    if overall.values == 0:  # not tau = 0: no value was counted (sanitize warned why before the run)
+        return Verdict("nothing-counted", False, "no tensor took part in HDR (all excluded, outside --layers, "
+                       "not floating point or only in the target): HDR changed nothing")
     if overall.norm_tau == 0.0:
         return Verdict("no-harm-vector", True, "the harmful model equals the base in every counted tensor "
                        "(tau = 0): HDR changes nothing")

@@ -41,6 +41,18 @@ READABLE_VERSIONS = ("1", "2")
 TENSOR_PREFIX = "icv.layers."
 SIGN_CONVENTION = "toward_safe: stored = -(direction of h(unsafe) - h(safe))"
 _TENSOR_NAME = re.compile(r"icv\.layers\.(0|[1-9][0-9]{0,5})")
+#: the most characters of a file's own value an error echoes: enough to recognise it, while a
+#: hostile file (a 5000-digit hidden_size) cannot turn the one-line error into a page
+SHOWN_CHARS = 40
+#: integer metadata (hidden size, layer and demonstration counts) above this is not a real model's
+MAX_META_INT = 2**31 - 1
+
+
+def shown(value: object, quoted: bool = True) -> str:
+    """``repr(value)`` (or ``str`` when not ``quoted``) cut to :data:`SHOWN_CHARS` characters, for
+    echoing a file's contents in an error."""
+    text = repr(value) if quoted else str(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "..."
 
 
 @dataclass(frozen=True)
@@ -292,9 +304,11 @@ def _meta_int(meta: dict, key: str, where: str) -> int:
     except KeyError:
         raise ICVError(f"{where}: metadata lacks {key!r}") from None
     except ValueError:
-        raise ICVError(f"{where}: metadata {key}={meta[key]!r} is not an integer") from None
+        raise ICVError(f"{where}: metadata {key}={shown(meta[key])} is not an integer") from None
     if value < 0:
-        raise ICVError(f"{where}: metadata {key}={value} is negative")
+        raise ICVError(f"{where}: metadata {key}={shown(value)} is negative")
+    if value > MAX_META_INT:
+        raise ICVError(f"{where}: metadata {key}={shown(value)} is implausibly large (over {MAX_META_INT})")
     return value
 
 
@@ -304,9 +318,9 @@ def _meta_float(meta: dict, key: str, where: str) -> float:
     except KeyError:
         raise ICVError(f"{where}: metadata lacks {key!r}") from None
     except ValueError:
-        raise ICVError(f"{where}: metadata {key}={meta[key]!r} is not a number") from None
+        raise ICVError(f"{where}: metadata {key}={shown(meta[key])} is not a number") from None
     if not math.isfinite(value) or value < 0:
-        raise ICVError(f"{where}: metadata {key}={meta[key]!r} must be a finite number >= 0")
+        raise ICVError(f"{where}: metadata {key}={shown(meta[key])} must be a finite number >= 0")
     return value
 
 
@@ -331,7 +345,7 @@ def _read_norms(meta: dict, where: str) -> dict[int, float]:
         raise ICVError(f"{where}: metadata {NORMS_KEY} is not a JSON object of layer -> number") from None
     bad = [i for i, v in norms.items() if not math.isfinite(v) or v < 0]
     if bad:
-        raise ICVError(f"{where}: metadata {NORMS_KEY} holds a negative or non-finite norm for layer {bad[0]}")
+        raise ICVError(f"{where}: metadata {NORMS_KEY} holds a negative or non-finite norm for layer {shown(bad[0])}")
     return norms
 
 
@@ -356,16 +370,16 @@ def load_icv(path: str | os.PathLike) -> ICV:
             meta = dict(handle.metadata() or {})
             names = list(handle.keys())
             if meta.get("format") != FORMAT_NAME:
-                raise ICVError(f"{where}: not a ckptops ICV file (metadata 'format' is {meta.get('format')!r}, expected {FORMAT_NAME!r})")
+                raise ICVError(f"{where}: not a ckptops ICV file (metadata 'format' is {shown(meta.get('format'))}, expected {FORMAT_NAME!r})")
             version = meta.get("format_version")
             if version not in READABLE_VERSIONS:
-                raise ICVError(f"{where}: unknown ICV format version {version!r}; this ckptops reads versions "
+                raise ICVError(f"{where}: unknown ICV format version {shown(version)}; this ckptops reads versions "
                                f"{', '.join(READABLE_VERSIONS)} (upgrade ckptops)")
             vectors: dict[int, torch.Tensor] = {}
             for name in names:
                 match = _TENSOR_NAME.fullmatch(name)
                 if match is None:
-                    raise ICVError(f"{where}: unexpected tensor {name!r} (an ICV file holds only icv.layers.<i>)")
+                    raise ICVError(f"{where}: unexpected tensor {shown(name)} (an ICV file holds only icv.layers.<i>)")
                 vectors[int(match.group(1))] = handle.get_tensor(name)
     except SafetensorError as exc:
         raise ICVError(f"{where}: not a readable safetensors file ({exc})") from None
@@ -374,16 +388,16 @@ def load_icv(path: str | os.PathLike) -> ICV:
 
     rule_name = meta.get("rule", "")
     if rule_name not in RULES:
-        raise ICVError(f"{where}: unknown rule {rule_name!r} (known: {', '.join(RULES)})")
+        raise ICVError(f"{where}: unknown rule {shown(rule_name)} (known: {', '.join(RULES)})")
     rule = RULES[rule_name]
     if meta.get("site", rule.site) != rule.site:
-        raise ICVError(f"{where}: site {meta.get('site')!r} does not match rule {rule_name!r} (expected {rule.site!r})")
+        raise ICVError(f"{where}: site {shown(meta.get('site'))} does not match rule {rule_name!r} (expected {rule.site!r})")
     method = meta.get("method", "")
     if method not in METHODS:
-        raise ICVError(f"{where}: unknown method {method!r} (known: {', '.join(METHODS)})")
+        raise ICVError(f"{where}: unknown method {shown(method)} (known: {', '.join(METHODS)})")
     positions = meta.get("positions", "")
     if positions not in POSITIONS:
-        raise ICVError(f"{where}: unknown positions {positions!r} (known: {', '.join(POSITIONS)})")
+        raise ICVError(f"{where}: unknown positions {shown(positions)} (known: {', '.join(POSITIONS)})")
     hidden = _meta_int(meta, "hidden_size", where)
     num_layers = _meta_int(meta, "num_layers", where)
     if hidden == 0 or num_layers == 0:

@@ -35,7 +35,8 @@ import numpy as np
 from ckptops import _startup
 from ckptops.errors import ICVError, OutputError, UsageError
 from ckptops.icv._extras import require_gguf
-from ckptops.icv.file import ICV, check_alpha, load_icv
+from ckptops.icv.file import ICV, check_alpha, load_icv, shown
+from ckptops.safeio import same_file
 
 ARCHITECTURE = "controlvector"
 #: llama.cpp architecture names that transformers model types convert to, accepted as hints too
@@ -84,13 +85,26 @@ def check_model_hint(icv: ICV, model_hint: str | None) -> str:
         return recorded
     given = model_hint.strip().lower()
     if recorded and given not in (recorded.lower(), LLAMA_CPP_ARCH.get(recorded.lower(), recorded.lower())):
-        source = f" ({icv.source})" if icv.source else ""
+        source = f" ({shown(icv.source, quoted=False)})" if icv.source else ""
         raise UsageError(
             f"--model-hint {model_hint!r} does not match the model the ICV was computed on: "
-            f"{recorded}{source}, hidden size {icv.hidden_size}, {icv.num_layers} layers; "
+            f"{shown(recorded, quoted=False)}{source}, hidden size {icv.hidden_size}, {icv.num_layers} layers; "
             "an ICV only fits the model it was computed on"
         )
     return model_hint.strip()
+
+
+def _check_target(target: Path, source: str | os.PathLike | None, overwrite: bool) -> Path:
+    """Refuse an OUT that is the input ICV file (even with ``overwrite``: the export would destroy
+    its own source), a folder, or an existing file without ``overwrite``; checked before the ICV is
+    read, so that a refusal is the only thing printed."""
+    if source is not None and same_file(target, source):
+        raise OutputError(f"{target}: is the input ICV file; write the GGUF to another file, e.g. control.gguf")
+    if target.is_dir():
+        raise OutputError(f"{target}: is a folder, expected a file name such as control.gguf")
+    if (target.exists() or target.is_symlink()) and not overwrite:
+        raise OutputError(f"{target}: already exists (use --overwrite to replace it)")
+    return target
 
 
 def export_gguf(icv_or_path: ICV | str | os.PathLike, out: str | os.PathLike, *, model_hint: str | None = None,
@@ -106,6 +120,7 @@ def export_gguf(icv_or_path: ICV | str | os.PathLike, out: str | os.PathLike, *,
         result = ckptops.icv.gguf_export.export_gguf("icv.safetensors", "safety.gguf")
         print(result.commands("model.gguf")["llama-server"])
     """
+    target = _check_target(Path(out), None if isinstance(icv_or_path, ICV) else icv_or_path, overwrite)
     gguf = require_gguf()
     where = "ICV" if isinstance(icv_or_path, ICV) else str(icv_or_path)
     icv = icv_or_path if isinstance(icv_or_path, ICV) else load_icv(icv_or_path)
@@ -124,11 +139,6 @@ def export_gguf(icv_or_path: ICV | str | os.PathLike, out: str | os.PathLike, *,
                       stacklevel=2)
     if not layers:
         raise ICVError(f"{where}: nothing to export: llama.cpp cannot steer layer 0, and the ICV holds no other layer")
-    target = Path(out)
-    if target.exists() and not overwrite:
-        raise OutputError(f"{target}: already exists (use --overwrite to replace it)")
-    if target.is_dir():
-        raise OutputError(f"{target}: is a folder, expected a file name such as control.gguf")
     parent = target.parent if str(target.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)

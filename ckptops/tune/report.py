@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptops.evaluate.judge import is_broken
-from ckptops.recipe import dump_toml, validate
+from ckptops.recipe import validate
 from ckptops.tune.choose import Limits, Trial, violations
 from ckptops.tune.measure import Measurement
 from ckptops.tune.space import Candidate
@@ -118,7 +118,7 @@ def recipe_for(candidate: Candidate, models: dict[str, str], *, scope: str, excl
     recipe = validate(data, "tune recipe")
     header = (f"# chosen by ckptops tune: {candidate.label()}\n"
               "# reproduce the chosen model with: ckptops run recipe.toml --out FOLDER\n")
-    return header + dump_toml(recipe.data)
+    return header + recipe.to_toml()
 
 
 def write_json(path: Path, data: Any) -> None:
