@@ -76,6 +76,21 @@ def _quiet_libraries_in_logs() -> None:
 class _Group(click.Group):
     """A click group that turns library errors into one-line messages."""
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Refuse an argument holding bytes that are not UTF-8 (Python reads them as lone
+        surrogates): ckptops writes the paths it was given into model cards, recipes and
+        reports, UTF-8 text that cannot hold them, and would fail only when writing them, at
+        the end of the work."""
+        for arg in args:
+            try:
+                arg.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                click.echo(f"error: argument '{shown}' is not valid Unicode (it holds bytes that are not UTF-8); "
+                           "ckptops records its paths in text files: rename the file or folder", err=True)
+                ctx.exit(2)
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context):
         _startup.release()  # from here Ctrl-C is a KeyboardInterrupt, turned into one line below
         _startup.forget_published()

@@ -320,3 +320,22 @@ def test_hub_cache_snapshot_links_into_its_blobs_are_copied(tmp_path):
     for name in ("config.json", "generation_config.json", "tokenizer.json"):
         assert (out / name).read_bytes() == (paths["target"] / name).read_bytes(), name
     assert not (out / "notes.txt").exists() and not _holds_secret(out)
+
+
+@pytest.mark.parametrize("role", ["--out", "--target"])
+def test_a_path_that_is_not_utf8_is_refused_before_any_work(tmp_path, role):
+    """Bytes that are not UTF-8 in a file name reach Python as lone surrogates, which no UTF-8
+    text file (model card, recipe, report) can hold: refused at once, in one line, not as a
+    traceback after the whole run."""
+    from conftest import llama_state, write_folder
+
+    paths = {r: write_folder(tmp_path / r, llama_state(i)) for i, r in enumerate(("base", "harmful", "target"))}
+    bad = str(tmp_path / "model\udcff")  # how Python names the byte 0xFF in a path
+    args = {"--base": str(paths["base"]), "--harmful": str(paths["harmful"]), "--target": str(paths["target"]),
+            "--out": str(tmp_path / "out")}
+    args[role] = bad
+    result = CliRunner().invoke(main, ["sanitize", *[x for kv in args.items() for x in kv], "-q"])
+    err = result.stderr.strip()
+    assert result.exit_code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: argument '") and "model\\xff" in err and "not valid Unicode" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "harmful", "target"]
