@@ -73,6 +73,15 @@ def _quiet_libraries_in_logs() -> None:
                 pass
 
 
+def _printable(arg: str) -> str:
+    """An argument with lone surrogates, as text a terminal can show: the bytes a file name held
+    (surrogateescape, e.g. ``\\xff``), else the code point (``\\ud800``)."""
+    try:
+        return arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return arg.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class _Group(click.Group):
     """A click group that turns library errors into one-line messages."""
 
@@ -85,7 +94,7 @@ class _Group(click.Group):
             try:
                 arg.encode("utf-8")
             except UnicodeEncodeError:
-                shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                shown = _printable(arg)
                 click.echo(f"error: argument '{shown}' is not valid Unicode (it holds bytes that are not UTF-8); "
                            "ckptops records its paths in text files: rename the file or folder", err=True)
                 ctx.exit(2)
