@@ -254,6 +254,8 @@ def test_a_rerun_with_more_values_measures_only_the_new_ones(triple, session, tm
     tuned = [r["candidate"]["scale"] for r in records if r["split"] == "tune"]
     assert tuned == [0.0, 1.0, 2.0]  # the target and each candidate measured once
     assert len(judged) - calls <= 2  # at most the new trial and its held-out row
+    assert first.new_trials == 1 and second.new_trials == 1  # the second run measured scale 2 only
+    assert "(1 new, 1 from trials.jsonl)" in second.summary() and "new" not in first.summary().splitlines()[0]
 
 
 def test_next_token_logprobs_and_kl_match_an_unbatched_reference():

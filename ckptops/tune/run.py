@@ -128,9 +128,13 @@ class TuneResult:
     heldout: dict[str, Measurement] = field(default_factory=dict)
     written: str | None = None
     seconds: float = 0.0
+    #: candidates measured by this run; the others were read from ``trials.jsonl``
+    new_trials: int = 0
 
     def summary(self) -> str:
-        lines = [f"tune: {len(self.trials)} candidate(s) measured; report in {self.out}"]
+        logged = len(self.trials) - self.new_trials
+        source = f" ({self.new_trials} new, {logged} from trials.jsonl)" if logged > 0 else ""
+        lines = [f"tune: {len(self.trials)} candidate(s) measured{source}; report in {self.out}"]
         if self.chosen is None:
             lines.append("  no candidate met the damage bounds; nothing chosen"
                          + (f" (least damaging: {self.least_damaging.label()})" if self.least_damaging else ""))
@@ -386,6 +390,7 @@ def _search(session: TuneSession, split: PromptSplit, candidates: list[Candidate
     # 4. the candidates; the thresholds of every top-k still to be measured first, in one pass
     session.prepare({c.top_k for c in candidates if c.scale != 0.0 and trial_log.get("tune", c) is None})
     measured: dict[str, Trial] = {}
+    fresh: set[str] = set()  # measured by this run, not read from the log
     total = trials if trials is not None else len(candidates)
     logged = min(total, sum(1 for c in candidates if trial_log.get("tune", c) is not None))
     # trials read from the log start the bar (initial), so that its rate and ETA count new work only
@@ -397,6 +402,7 @@ def _search(session: TuneSession, split: PromptSplit, candidates: list[Candidate
         m = run_one("tune", candidate, reference)
         measured[candidate.key] = Trial(candidate, m)
         if not cached:
+            fresh.add(candidate.key)
             bar.update(1)
         return m
 
@@ -451,7 +457,8 @@ def _search(session: TuneSession, split: PromptSplit, candidates: list[Candidate
 
     # 6. the report folder
     result = TuneResult(out=str(out), chosen=chosen, least_damaging=least.candidate if least else None,
-                        trials=sorted(trial_list, key=rank_key), target=target_m, heldout=heldout)
+                        trials=sorted(trial_list, key=rank_key), target=target_m, heldout=heldout,
+                        new_trials=len(fresh))
     _write_report(result, split, limits, out, models=models, scope=scope, exclude=exclude, icv_rule=icv_rule,
                   icv_demos=icv_demos, write_best=write_best, session=session)
     if write_best is not None:
