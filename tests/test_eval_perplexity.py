@@ -98,3 +98,37 @@ def test_missing_and_binary_files(model_and_tokenizer, tmp_path):
     binary.write_bytes(b"the sky \xff\xfe is blue\n")
     with pytest.raises(CkptopsError, match="not UTF-8"):
         perplexity(model, tokenizer, binary, progress=False)
+
+
+def test_perplexities_compare_only_over_the_same_tokens(model_and_tokenizer, text_file):
+    """The result carries the SHA-256 of the scored token ids (checked against the test's own
+    tokenization); eval --compare gives a B/A ratio only when both match, since a perplexity
+    is per token and two tokenizers split the text differently."""
+    import hashlib
+
+    from ckptops.evaluate.report import perplexity_ratio
+
+    model, tokenizer = model_and_tokenizer
+
+    class Shifted:
+        """The same words, other ids: what a second tokenizer does to the same text."""
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, text, **kwargs):
+            encoded = tokenizer(text, **kwargs)
+            return {"input_ids": [(i + 1) % len(tokenizer) for i in encoded["input_ids"]]}
+
+    expected = hashlib.sha256(b"".join(i.to_bytes(8, "little", signed=True) for i in _ids(tokenizer))).hexdigest()
+    a = perplexity(model, tokenizer, text_file, window=64, stride=32, progress=False)
+    again = perplexity(make_model(seed=4), tokenizer, text_file, window=64, stride=32, progress=False)
+    other = perplexity(model, Shifted(), text_file, window=64, stride=32, progress=False)
+    assert a.tokens_sha256 == expected and again.tokens_sha256 == expected and other.tokens_sha256 != expected
+    ratio, why = perplexity_ratio(a.as_dict(), again.as_dict())
+    assert why is None and ratio == pytest.approx(again.perplexity / a.perplexity)
+    ratio, why = perplexity_ratio(a.as_dict(), other.as_dict())
+    assert ratio is None and "tokenizers split the file differently" in why
+    wider = perplexity(model, tokenizer, text_file, window=128, stride=32, progress=False)
+    ratio, why = perplexity_ratio(a.as_dict(), wider.as_dict())
+    assert ratio is None and "window" in why

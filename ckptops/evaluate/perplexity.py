@@ -25,6 +25,7 @@ models" guide, with exact token counting):
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
@@ -51,6 +52,9 @@ class PerplexityResult:
     window: int
     stride: int
     seconds: float
+    #: SHA-256 of the scored token ids: two models' perplexities compare only when it matches
+    #: (the same text split by the same tokenizer), see ``report.perplexity_ratio``
+    tokens_sha256: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -60,6 +64,7 @@ class PerplexityResult:
             "tokens_scored": self.tokens_scored,
             "window": self.window,
             "stride": self.stride,
+            "tokens_sha256": self.tokens_sha256,
             "seconds": round(self.seconds, 3),
         }
 
@@ -149,6 +154,8 @@ def perplexity(
     tokens = iter_token_ids(tokenizer, path, chunk_chars=chunk_chars)
     if max_tokens is not None:
         tokens = (t for i, t in zip(range(max_tokens), tokens))
+    digest = hashlib.sha256()
+    tokens = _hashed(tokens, digest)
 
     buffer: deque[int] = deque()  # tokens from global index `offset` on
     offset = 0
@@ -199,4 +206,12 @@ def perplexity(
         window=window,
         stride=stride,
         seconds=time.perf_counter() - started,
+        tokens_sha256=digest.hexdigest(),
     )
+
+
+def _hashed(tokens: Iterator[int], digest) -> Iterator[int]:
+    """Pass the token ids through, adding each to ``digest`` (8 bytes, little-endian)."""
+    for token in tokens:
+        digest.update(int(token).to_bytes(8, "little", signed=True))
+        yield token

@@ -235,9 +235,7 @@ class CompareReport:
         return paired_deltas(self.a.results, self.b.results)
 
     def as_dict(self) -> dict[str, Any]:
-        ppl_ratio = None
-        if self.a.perplexity and self.b.perplexity:
-            ppl_ratio = self.b.perplexity["perplexity"] / self.a.perplexity["perplexity"]
+        ppl_ratio, _ = perplexity_ratio(self.a.perplexity, self.b.perplexity)
         return {
             "format": COMPARE_FORMAT,
             **_provenance(),
@@ -328,6 +326,21 @@ def render_table(evaluation: ModelEvaluation) -> str:
     return "\n".join(lines)
 
 
+def perplexity_ratio(a: dict | None, b: dict | None) -> tuple[float | None, str | None]:
+    """B's perplexity over A's, or None and why not. A perplexity is per token: it compares only
+    over the same tokens (same text, same tokenizer) and the same window and stride; two
+    tokenizers split the file differently, and a ratio of their perplexities means nothing."""
+    if not a or not b:
+        return None, "perplexity of one model is missing"
+    if (a.get("window"), a.get("stride")) != (b.get("window"), b.get("stride")):
+        return None, (f"different windows: A {a.get('window')}/{a.get('stride')}, "
+                      f"B {b.get('window')}/{b.get('stride')} (window/stride)")
+    if a.get("tokens_sha256") != b.get("tokens_sha256"):
+        return None, (f"the two tokenizers split the file differently: A {a.get('tokens_scored')} tokens, "
+                      f"B {b.get('tokens_scored')}")
+    return b["perplexity"] / a["perplexity"], None
+
+
 def render_compare_table(a: ModelEvaluation, b: ModelEvaluation, deltas: Sequence[GroupDelta]) -> str:
     """The terminal table for ``--compare``: both rates and the paired difference B - A."""
     header = ["set", "label", "n", "A refusal", "B refusal", "B-A refusal [95% CI]", "A broken", "B broken", "B-A broken [95% CI]"]
@@ -355,8 +368,9 @@ def render_compare_table(a: ModelEvaluation, b: ModelEvaluation, deltas: Sequenc
         if ppl:
             lines.append(f"{name} {ppl}")
     if a.perplexity and b.perplexity:
-        ratio = b.perplexity["perplexity"] / a.perplexity["perplexity"]
-        lines.append(f"perplexity B/A: {ratio:.3f} ({100 * (ratio - 1):+.1f}%)")
+        ratio, why_not = perplexity_ratio(a.perplexity, b.perplexity)
+        lines.append(f"perplexity B/A: {ratio:.3f} ({100 * (ratio - 1):+.1f}%)" if ratio is not None
+                     else f"perplexity B/A: not compared ({why_not})")
     for name, evaluation in (("A", a), ("B", b)):
         lines.extend(f"note ({name}): {n}" for n in evaluation.notes)
     lines.append(LEGEND)
