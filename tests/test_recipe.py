@@ -112,6 +112,55 @@ def test_diff_names_the_file_holding_nan(tmp_path, poisoned):
     assert err.startswith(f"error: {folder}: ") and name in err, err
 
 
+def test_edit_area_with_a_resized_vocabulary_and_an_extra_tensor(tmp_path):
+    """A target with 8 added vocabulary rows and a tensor the base lacks (plain sanitize copies
+    those): diff lists them as not compared instead of refusing, finds the edited layer from the
+    tensors both hold, and sanitize --edit-area auto equals the in-memory reference."""
+    from safetensors.torch import load_file, save_file
+
+    paths = _tiny_llama_triple(tmp_path / "m", layers=6, edit_layer=3)
+    shard = paths["target"] / "model.safetensors"
+    state = load_file(str(shard))
+    g = torch.Generator().manual_seed(5)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        state[name] = torch.cat([state[name], torch.randn(8, state[name].shape[1], generator=g).to(state[name].dtype)])
+    state["score.weight"] = torch.randn(2, 32, generator=g).to(torch.bfloat16)
+    save_file(state, str(shard), metadata={"format": "pt"})
+    config = json.loads((paths["target"] / "config.json").read_text())
+    config["vocab_size"] += 8
+    (paths["target"] / "config.json").write_text(json.dumps(config))
+
+    result = CliRunner().invoke(main, ["diff", str(paths["base"]), str(paths["target"]), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["differing_layers"] == [3] and report["edit_area"] == "2-4"
+    assert set(report["not_compared"]) == {"model.embed_tokens.weight", "lm_head.weight", "score.weight"}
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["sanitize", "--base", str(paths["base"]), "--harmful", str(paths["harmful"]),
+                                       "--target", str(paths["target"]), "--out", str(out), "--edit-area", "auto", "-q"])
+    assert result.exit_code == 0, result.output
+    states = {r: load_folder(p) for r, p in paths.items()}
+    expected, _ = reference_hdr(states["base"], states["harmful"], states["target"], layers={2, 3, 4})
+    got = load_folder(out)
+    assert set(got) == set(expected)
+    assert all(bits_equal(got[name], expected[name]) for name in expected)
+
+
+def test_diff_of_a_lora_adapter_folder_says_so(tmp_path):
+    paths = _tiny_llama_triple(tmp_path / "m", layers=2)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8}')
+    from safetensors.torch import save_file
+
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 32)},
+              str(adapter / "adapter_model.safetensors"))
+    result = CliRunner().invoke(main, ["diff", str(paths["base"]), str(adapter)])
+    err = result.stderr.strip()
+    assert result.exit_code != 0 and len(err.splitlines()) == 1 and "is a LoRA adapter, not a model" in err, err
+
+
 def test_edited_model_edit_area(tmp_path):
     paths = _tiny_llama_triple(tmp_path / "m", layers=6, edit_layer=3)
     result = CliRunner().invoke(main, ["diff", str(paths["base"]), str(paths["target"]), "--json"])

@@ -40,6 +40,9 @@ class DiffReport:
     differing_layers: list[int] = field(default_factory=list)
     edit_area: list[int] = field(default_factory=list)
     other_tensors_differ: list[str] = field(default_factory=list)
+    #: tensors in one model only, or with other shapes (a resized vocabulary, an added head):
+    #: name -> why; a decoder layer holding one counts as differing
+    not_compared: dict[str, str] = field(default_factory=dict)
 
     def by_layer(self) -> dict[int, tuple[int, int, float]]:
         """layer -> (values that differ, values, L2 norm of the difference)."""
@@ -59,6 +62,7 @@ class DiffReport:
             "differing_layers": self.differing_layers,
             "edit_area": format_layers(self.edit_area) if self.edit_area else "",
             "other_tensors_differ": self.other_tensors_differ,
+            "not_compared": self.not_compared,
             "layers": {str(l): {"values_differ": d, "values": n, "norm": nrm} for l, (d, n, nrm) in self.by_layer().items()},
             "tensors": {t.name: {"values_differ": t.differ, "norm": t.norm} for t in self.tensors if t.differ},
         }
@@ -69,6 +73,10 @@ class DiffReport:
             lines.append(f"{layer:>5}  {differ:>15,}  {values:>12,}  {norm:>22.6g}")
         if self.other_tensors_differ:
             lines.append(f"outside the layers: {', '.join(self.other_tensors_differ)} differ")
+        if self.not_compared:
+            shown = [f"{name} ({why})" for name, why in list(self.not_compared.items())[:5]]
+            more = f" and {len(self.not_compared) - 5} more" if len(self.not_compared) > 5 else ""
+            lines.append(f"not compared (in one model only, or other shapes): {', '.join(shown)}{more}")
         if self.differing_layers:
             lines.append(f"edited layers: {format_layers(self.differing_layers)}; edit area (l-1..l+1): {format_layers(self.edit_area)}")
         else:
@@ -89,20 +97,22 @@ def diff_checkpoints(base: str | Checkpoint, edited: str | Checkpoint, *, worker
     """Stream both checkpoints and count, per tensor, the values that differ (bitwise)."""
     base = base if isinstance(base, Checkpoint) else open_checkpoint(base)
     edited = edited if isinstance(edited, Checkpoint) else open_checkpoint(edited)
-    problems = []
-    for name, info in edited.tensors.items():
-        other = base.tensors.get(name)
-        if other is None:
-            problems.append(f"{name} is missing from {base.ref}")
-        elif other.shape != info.shape:
-            problems.append(f"{name} has shapes {list(other.shape)} / {list(info.shape)}")
-    missing = [n for n in base.tensors if n not in edited.tensors]
-    if missing:
-        problems.append(f"{len(missing)} tensor(s) missing from {edited.ref}: {', '.join(missing[:5])}")
-    if problems:
-        raise MismatchError(f"cannot compare: {'; '.join(problems[:8])}")
+    for ckpt in (base, edited):
+        if ckpt.root is not None and (ckpt.root / "adapter_config.json").is_file():
+            raise MismatchError(f"{ckpt.ref}: is a LoRA adapter, not a model; diff compares two full checkpoints "
+                                "of one architecture (merge the adapter into its base first)")
+    # Only tensors both models hold with one shape are compared value by value; the others (a
+    # resized vocabulary, an added head) are listed, as sanitize copies them, instead of refused.
+    not_compared = {name: f"only in {edited.ref}" for name in edited.tensors if name not in base.tensors}
+    not_compared.update({name: f"only in {base.ref}" for name in base.tensors if name not in edited.tensors})
+    not_compared.update({name: f"shapes {list(base.tensors[name].shape)} / {list(info.shape)}"
+                         for name, info in edited.tensors.items()
+                         if name in base.tensors and base.tensors[name].shape != info.shape})
+    compared = {name: info for name, info in edited.tensors.items() if name not in not_compared}
+    if not compared:
+        raise MismatchError(f"{edited.ref} and {base.ref} share no tensor of the same name and shape: nothing to compare")
 
-    diffs = {n: TensorDiff(n, layer_index(n), info.numel) for n, info in edited.tensors.items()}
+    diffs = {n: TensorDiff(n, layer_index(n), info.numel) for n, info in compared.items()}
     files = OpenFiles()
 
     def work(chunk: Chunk, buf: WorkerBuffers, acc: dict) -> None:
@@ -130,7 +140,7 @@ def diff_checkpoints(base: str | Checkpoint, edited: str | Checkpoint, *, worker
         entry[0] += differ
         entry[1] += sum_sq
 
-    chunks = (c for name, info in edited.tensors.items() for c in split(name, 0, info.numel, chunk))
+    chunks = (c for name, info in compared.items() for c in split(name, 0, info.numel, chunk))
     with single_threaded_torch():
         pool = WorkerPool(workers, chunk)
         try:
@@ -142,8 +152,12 @@ def diff_checkpoints(base: str | Checkpoint, edited: str | Checkpoint, *, worker
         for name, (differ, sum_sq) in state.items():
             diffs[name].differ += differ
             diffs[name].sum_sq += sum_sq
-    layers = [d.layer for d in diffs.values() if d.layer is not None]
+    layers = [i for i in map(layer_index, [*edited.tensors, *base.tensors]) if i is not None]
     num_layers = max(layers) + 1 if layers else 0
-    differing = sorted({d.layer for d in diffs.values() if d.layer is not None and d.differ})
+    changed_layers = {d.layer for d in diffs.values() if d.layer is not None and d.differ}
+    changed_layers |= {i for i in map(layer_index, not_compared) if i is not None}  # a layer changed in shape
+    differing = sorted(changed_layers)
     others = [d.name for d in diffs.values() if d.layer is None and d.differ]
-    return DiffReport(list(diffs.values()), num_layers, differing, edit_area(differing, num_layers), others)
+    others += [name for name in not_compared if layer_index(name) is None]
+    return DiffReport(list(diffs.values()), num_layers, differing, edit_area(differing, num_layers), others,
+                      not_compared)
