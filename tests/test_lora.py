@@ -378,3 +378,18 @@ def test_adapter_factors_in_any_float_dtype_read_as_torch_float(tmp_path, dtype)
     want = load_file(str(folder / "adapter_model.safetensors"))
     assert np.array_equal(module.a, want["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"].float().numpy())
     assert np.array_equal(module.b, want["base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"].float().numpy())
+
+
+def test_a_mistyped_adapter_after_plus_is_no_such_folder_without_the_hub(tiny, tmp_path, monkeypatch):
+    """BASE+ADAPTER where ADAPTER is a missing local folder: named as missing at once (with the
+    nearest name), never looked up on the Hub as a repo id."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("asked the Hub"))
+    typo = str(tiny["adapter"]) + "x"
+    result = CliRunner().invoke(main, ["sanitize", "--base", str(tiny["base"]), "--harmful", str(tiny["target"]),
+                                       "--target", f"{tiny['base']}+{typo}", "--out", str(tmp_path / "o"), "-q"])
+    err = result.stderr.strip()
+    assert result.exit_code != 0 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {typo}: no such adapter folder"), err
+    assert not (tmp_path / "o").exists()

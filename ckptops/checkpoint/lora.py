@@ -102,7 +102,8 @@ def split_base_plus_adapter(ref: str) -> tuple[str, str] | None:
 
     A local path that exists is always one model, even with a '+' in its name. Otherwise the
     text is split at the first '+' whose right side is an adapter (a local adapter folder, or a
-    Hub repo id - Hub ids cannot contain '+') and whose left side exists or is a Hub repo id."""
+    Hub repo id - Hub ids cannot contain '+'; or a local path that does not exist, reported as
+    a missing adapter) and whose left side exists or is a Hub repo id."""
     if "+" not in ref or Path(ref).expanduser().exists():
         return None
     from ckptops.hub.refs import parse_hub_ref
@@ -110,9 +111,13 @@ def split_base_plus_adapter(ref: str) -> tuple[str, str] | None:
     def names_model(text: str) -> bool:
         return bool(text) and (Path(text).expanduser().exists() or parse_hub_ref(text) is not None)
 
+    from ckptops.checkpoint.resolve import looks_local
+
     for i, char in enumerate(ref):
-        if char == "+" and names_model(ref[:i]) and names_model(ref[i + 1:]):
-            return ref[:i], ref[i + 1:]
+        right = ref[i + 1:]
+        # a missing local right side still splits, so that the error names the missing adapter
+        if char == "+" and names_model(ref[:i]) and (names_model(right) or (right and looks_local(right))):
+            return ref[:i], right
     return None
 
 
@@ -574,6 +579,10 @@ def open_model(ref: str | os.PathLike, base: Checkpoint | None = None) -> Checkp
     if parts is None:
         return open_checkpoint(text)
     base_ref, adapter_ref = parts
+    from ckptops.checkpoint.resolve import looks_local, missing_local
+
+    if not Path(adapter_ref).expanduser().exists() and looks_local(adapter_ref):  # a typo: never the Hub
+        raise missing_local(adapter_ref, CheckpointError, "adapter folder")
     folder = locate_adapter(adapter_ref)
     if folder is None:
         raise CheckpointError(f"{adapter_ref}: not a PEFT adapter (no {CONFIG_NAME}) - in BASE+ADAPTER the part after '+' must be an adapter")
