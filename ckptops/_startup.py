@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from typing import Callable
 
 _guarding = False
 
@@ -38,6 +39,8 @@ def output_named(argv: list[str]) -> str | None:
 
 
 _published: set[str] = set()
+#: folders a rerun continues (``tune``'s report folder), with what an interrupt leaves in them
+_notes: dict[str, Callable[[], str]] = {}
 
 
 def published(path) -> None:
@@ -46,18 +49,30 @@ def published(path) -> None:
     _published.add(os.path.abspath(os.fspath(path)))
 
 
+def interrupt_note(path, note: Callable[[], str]) -> None:
+    """Record that ``path`` is a folder the command changes as it goes, by design, and that a
+    rerun continues (``tune`` appends each trial to OUT/trials.jsonl): an interrupt must not claim
+    that it is unchanged, but say what it holds, ``note()`` (asked when the interrupt comes).
+    Touches no signal handler: safe for library users."""
+    _notes[os.path.abspath(os.fspath(path))] = note
+
+
 def forget_published() -> None:
     """A new command starts: outputs an earlier command of this process published are not its own."""
     _published.clear()
+    _notes.clear()
 
 
 def interrupted_message(argv: list[str] | None = None) -> str:
     """``error: interrupted; OUT unchanged``: every output is built under a temporary name and
     moved into place only when complete, so an interrupt never changes OUT -- unless it came
-    after OUT was moved into place (the summary still printing): then OUT is complete and kept."""
+    after OUT was moved into place (the summary still printing): then OUT is complete and kept;
+    or OUT is a folder a rerun continues (:func:`interrupt_note`): then the message says what it holds."""
     out = output_named(sys.argv[1:] if argv is None else argv)
     if out and os.path.abspath(out) in _published:
         return f"error: interrupted after {out} was written complete; it is kept"
+    if out and os.path.abspath(out) in _notes:
+        return f"error: interrupted; {out} {_notes[os.path.abspath(out)]()}"
     return f"error: interrupted; {out} unchanged" if out else "error: interrupted; nothing was written"
 
 

@@ -413,3 +413,237 @@ def test_broken_examples_list_the_broken_answers_and_count_those_the_base_shares
     assert "1 of the 3 broken prompts also break the base theta_b (which breaks 2)" in text  # p3 only
     assert "base" not in broken_examples(edited, None)
     assert broken_examples(m({"p1": "compliance"}), base) == ""
+
+
+# --- input checks before any model loads, and the log's identity of its inputs ---------------------------
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("a model was loaded before the input was checked")
+
+
+def _cli_argv(folders, harmful, xs, out, *extra) -> list[str]:
+    """The ``tune`` command line that matches :data:`LOGGED` (the same settings, so the same log)."""
+    return ["tune", "--base", str(folders["base"]), "--harmful", str(folders["harmful"]), "--target",
+            str(folders["target"]), "--harmful-prompts", str(harmful), "--benign-prompts", str(xs), "--scales", "1",
+            "--top-ks", "0.1", "--max-new-tokens", "3", "--max-kl", "1e9", "--max-broken-increase", "1",
+            "--threads", "1", "-q", "--out", str(out), *extra]
+
+
+LOGGED = dict(scales=[1.0], top_ks=[0.1], max_new_tokens=3, max_kl=1e9, max_broken_increase=1.0, judge="keyword",
+              progress=False)
+
+
+@pytest.fixture(scope="module")
+def finished_log(triple, session, tmp_path_factory) -> bytes:
+    """The trials.jsonl of a finished run with the settings of :func:`_cli_argv`."""
+    folders, harmful, xs = triple
+    out = tmp_path_factory.mktemp("logged") / "report"
+    tune(folders["base"], folders["harmful"], folders["target"], harmful, xs, out, session=session, **LOGGED)
+    return (out / "trials.jsonl").read_bytes()
+
+
+def _edit_line(data: bytes, number: int, edit) -> bytes:
+    lines = data.split(b"\n")
+    lines[number - 1] = edit(lines[number - 1])
+    return b"\n".join(lines)
+
+
+def _json_edit(change):
+    def edit(line: bytes) -> bytes:
+        record = json.loads(line)
+        change(record)
+        return json.dumps(record).encode()
+    return edit
+
+
+@pytest.mark.parametrize("edit,number,message", [
+    (_json_edit(lambda r: r["candidate"].update(bogus=1)), 3, "candidate must hold exactly scale, top_k and alpha"),
+    (_json_edit(lambda r: r["candidate"].pop("alpha")), 3, "candidate must hold exactly scale, top_k and alpha"),
+    (_json_edit(lambda r: r.update(measurement={})), 3, "measurement n_harmful is None, not a count"),
+    (lambda line: b"[1, 2, 3]", 3, "a list, not a trial record"),
+    (_json_edit(lambda r: r["candidate"].update(scale="0.5")), 3, "candidate scale is '0.5', not a finite number"),
+    (_json_edit(lambda r: r["candidate"].update(scale=-1.0)), 3, "candidate scale -1 is negative"),
+    (_json_edit(lambda r: r["measurement"]["counts"].update(harmful_refusal="1")), 2,
+     "measurement counts harmful_refusal is '1', not a count"),
+    (_json_edit(lambda r: r["measurement"]["outputs"][0].update(prompt=None)), 2, "measurement outputs[0] lacks one"),
+    (_json_edit(lambda r: r.update(split="other")), 3, "split is 'other'"),
+    (lambda line: b"null", 1, "not a ckptops tune log"),
+    (lambda line: b'{"format": "ckptops.tune.trials/1"}', 1, "the format record lacks its settings"),
+    (lambda line: b"\xff\xfe", 2, "not a line of JSON text"),
+])
+def test_a_damaged_log_is_one_line_before_any_model_loads(triple, finished_log, tmp_path, monkeypatch, edit, number,
+                                                          message):
+    folders, harmful, xs = triple
+    out = tmp_path / "report"
+    out.mkdir()
+    damaged = _edit_line(finished_log, number, edit)
+    (out / "trials.jsonl").write_bytes(damaged)
+    monkeypatch.setattr("ckptops.tune.run.TuneSession", _no_model)
+    result = CliRunner().invoke(main, _cli_argv(folders, harmful, xs, out))
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code in (1, 2) and len(lines) == 1, result.output
+    assert lines[0].startswith(f"error: {out / 'trials.jsonl'}:{number}: {message}"), lines[0]
+    assert lines[0].endswith("move the file away to start over"), lines[0]
+    assert (out / "trials.jsonl").read_bytes() == damaged  # the log is left as it was
+
+
+@pytest.mark.parametrize("tail", [b'{"split": "tune", "candidate": {"sca', b"\xff\xfe", b'{"split": "\xc3'])
+def test_a_torn_last_line_is_cut_off_and_the_run_continues(triple, session, finished_log, tmp_path, tail):
+    """A killed run leaves a cut last line (broken JSON, or bytes that are no UTF-8 yet): that
+    trial simply runs again; the complete lines are kept byte for byte."""
+    folders, harmful, xs = triple
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "trials.jsonl").write_bytes(finished_log + tail)
+    result = tune(folders["base"], folders["harmful"], folders["target"], harmful, xs, out, session=session, **LOGGED)
+    assert result.new_trials == 0
+    assert (out / "trials.jsonl").read_bytes() == finished_log
+
+
+def test_the_log_identifies_models_and_files_by_content(triple, session, tmp_path):
+    """The same paths holding other files are other inputs: a rerun is refused before any
+    work (it would report the old model's figures); with nothing changed it continues."""
+    import shutil
+
+    folders, harmful, xs = triple
+    models = {role: tmp_path / role for role in ("base", "harmful", "target")}
+    for role, folder in models.items():
+        shutil.copytree(folders[role], folder)
+    text = tmp_path / "ppl.txt"
+    text.write_text("how do i bake bread . explain why the sky is blue because of air .\n")
+    judge, judged = _compliance_judge()
+    out = tmp_path / "report"
+    args = dict(scales=[1.0], top_ks=[0.1], max_new_tokens=3, max_kl=1e9, max_broken_increase=1.0, judge=judge,
+                progress=False, session=session, ppl=text)
+    tune(models["base"], models["harmful"], models["target"], harmful, xs, out, **args)
+    logged = (out / "trials.jsonl").read_bytes()
+    calls = len(judged)
+    again = tune(models["base"], models["harmful"], models["target"], harmful, xs, out, **args)
+    assert again.new_trials == 0 and len(judged) == calls  # nothing changed: continued, nothing measured
+
+    weights = models["target"] / "model.safetensors"
+    original = weights.read_bytes()
+    shutil.copy(models["harmful"] / "model.safetensors", weights)  # another model under the same path
+    with pytest.raises(UsageError, match=r"made with other settings \(target differ\)"):
+        tune(models["base"], models["harmful"], models["target"], harmful, xs, out, **args)
+    weights.write_bytes(original)
+    text.write_text("a different text .\n")
+    with pytest.raises(UsageError, match=r"made with other settings \(ppl differ\)"):
+        tune(models["base"], models["harmful"], models["target"], harmful, xs, out, **args)
+    assert len(judged) == calls and (out / "trials.jsonl").read_bytes() == logged
+
+
+def test_negative_scales_are_refused_and_scale_0_is_the_target():
+    from ckptops.tune.space import grid
+
+    with pytest.raises(UsageError, match=r"--scales: -0.5 is negative: HDR would ADD the harm vector"):
+        grid([1.0, -0.5], [0.1], [0.0])
+    assert grid([0.0], [0.1], [0.0])[0].is_target
+
+
+def test_prompts_shared_between_labels_are_refused(tmp_path):
+    def write(name: str, texts: list[str]) -> Path:
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+        return path
+
+    harmful = write("h.jsonl", [f"harmful {i}" for i in range(4)])
+    benign = write("b.jsonl", [f"benign {i}" for i in range(4)])
+    mixed = write("m.jsonl", ["benign 9", "harmful 2", "harmful 3"])
+    with pytest.raises(UsageError) as caught:
+        load_split(harmful, mixed)
+    assert str(caught.value) == (f"--benign-prompts {mixed}: 2 prompt(s) also in --harmful-prompts {harmful} "
+                                 "(e.g. 'harmful 2'); a prompt cannot be both harmful and benign")
+    # held-out prompts the search saw under the other label
+    held_h, held_b = write("hh.jsonl", ["new harmful"]), write("hb.jsonl", ["new benign", "harmful 1"])
+    with pytest.raises(UsageError) as caught:
+        load_split(harmful, benign, holdout_harmful=held_h, holdout_benign=held_b)
+    assert str(caught.value) == (f"--holdout-benign {held_b}: 1 prompt(s) also in --harmful-prompts {harmful} "
+                                 "(e.g. 'harmful 1'); held-out prompts must be new to the search")
+    with pytest.raises(UsageError, match="cannot be both harmful and benign"):
+        load_split(harmful, benign, holdout_harmful=held_b, holdout_benign=held_b)
+    long = "x" * 100
+    with pytest.raises(UsageError, match=r"\(e.g. 'x{60}'\)"):
+        load_split(write("l1.jsonl", [long, "a"]), write("l2.jsonl", [long, "b"]))
+    # --holdout and separate held-out files exclude each other (docs: [--holdout F | --holdout-harmful ...])
+    with pytest.raises(UsageError, match="--holdout splits the prompt files"):
+        load_split(harmful, benign, holdout=0.3, holdout_harmful=held_h, holdout_benign=write("ok.jsonl", ["fine"]))
+    assert len(load_split(harmful, benign).held_harmful) == 2  # no --holdout: half
+
+
+class _Stop(UsageError):
+    pass
+
+
+def test_options_that_would_do_nothing_are_warned_about(triple, tmp_path, monkeypatch):
+    folders, harmful, xs = triple
+
+    def stop(*args, **kwargs):  # the checks ran; stop where the model would load
+        raise _Stop("stopped before the model")
+
+    monkeypatch.setattr("ckptops.tune.run.TuneSession", stop)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, _cli_argv(folders, harmful, xs, out, "--max-ppl-increase", "0.03",
+                                                "--exclude", "no_such_tensor", "--exclude", ".*"))
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    n_tensors = len(load_file(str(folders["target"] / "model.safetensors")))
+    assert lines == [
+        "warning: --max-ppl-increase 0.03 has no effect without --ppl (no perplexity is measured); it is ignored",
+        f"warning: --exclude 'no_such_tensor' matches no tensor of {folders['target']}; nothing is excluded by it",
+        (f"warning: --exclude excludes every tensor HDR could change ({n_tensors} of {n_tensors}): nothing takes "
+         "part in HDR, so every candidate equals the target"),
+        "error: stopped before the model",
+    ], result.output
+    result = CliRunner().invoke(main, _cli_argv(folders, harmful, xs, out, "--exclude", "embed"))
+    assert [line for line in result.output.splitlines() if line.strip()] == ["error: stopped before the model"]
+
+
+def test_write_best_is_checked_before_any_model_loads(triple, tmp_path, monkeypatch):
+    folders, harmful, xs = triple
+    monkeypatch.setattr("ckptops.tune.run.TuneSession", _no_model)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").mkdir()
+    out = tmp_path / "out"
+    cases = [
+        ("taken", out, "--write-best taken: already exists; choose a new folder"),
+        (str(out), out, f"--write-best {out} is --out {out} or inside it (the report folder); choose a folder outside it"),
+        (str(out / "m"), out, f"--write-best {out / 'm'} is --out {out} or inside it"),
+        ("model", tmp_path / "model" / "report", f"--out {tmp_path / 'model' / 'report'} is inside --write-best model"),
+        (str(folders["target"] / "best"), out,
+         f"--write-best {folders['target'] / 'best'} is inside the input folder {folders['target']}"),
+    ]
+    for write_best, report, message in cases:
+        result = CliRunner().invoke(main, _cli_argv(folders, harmful, xs, report, "--write-best", write_best))
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code in (1, 2) and len(lines) == 1, result.output
+        assert lines[0].startswith(f"error: {message}"), lines[0]
+        assert "--overwrite" not in lines[0] and not report.exists()
+
+
+def test_ctrl_c_during_the_search_says_what_the_log_keeps(triple, tmp_path, monkeypatch):
+    """tune's OUT is a log a rerun continues: an interrupt leaves the trials measured so far, and
+    the message must say so (not "OUT unchanged")."""
+    import sys
+
+    import ckptops.tune.run as run_module
+
+    folders, harmful, xs = triple
+    real_measure, calls = run_module.measure, []
+
+    def measure_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the target and the first candidate are measured and logged
+            raise KeyboardInterrupt
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "measure", measure_then_interrupt)
+    out = tmp_path / "report"
+    argv = _cli_argv(folders, harmful, xs, out, "--scales", "1,2")
+    monkeypatch.setattr(sys, "argv", ["ckptops", *argv])  # the message names --out from the command line
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 130, result.output
+    records = (out / "trials.jsonl").read_text().splitlines()[1:]
+    assert len(records) == 2
+    assert result.output.strip().splitlines() == [
+        (f"error: interrupted; {out} keeps the 2 trial(s) measured so far in trials.jsonl; "
+         "rerun the same command to continue")]

@@ -19,20 +19,21 @@ from ckptops.checkpoint.resolve import INDEX_NAME
 from ckptops.errors import OutputError
 
 
-def check_destination(out: Path, inputs: list[Path], overwrite: bool) -> Path:
-    """Refuse an output that exists (without --overwrite), is an input, or contains one."""
+def check_destination(out: Path, inputs: list[Path], overwrite: bool, option: str = "--out") -> Path:
+    """Refuse an output that exists (without --overwrite), is an input, or contains one.
+    ``option``: the option that named it (``tune --write-best``), for the messages."""
     out = Path(out).expanduser()
     resolved = out.resolve()
     here = Path.cwd().resolve()
     if resolved == here or resolved in here.parents or resolved == Path.home().resolve() or resolved.parent == resolved:
-        raise OutputError(f"--out {out} is the current folder, one holding it, your home or the root folder; "
-                          "name a new folder for the output, e.g. --out ./model-safe")
+        raise OutputError(f"{option} {out} is the current folder, one holding it, your home or the root folder; "
+                          f"name a new folder for the output, e.g. {option} ./model-safe")
     for path in inputs:
         source = Path(path).resolve()
         if resolved == source or resolved in source.parents:
-            raise OutputError(f"--out {out} is an input folder (or holds one); choose another output folder")
+            raise OutputError(f"{option} {out} is an input folder (or holds one); choose another output folder")
         if source in resolved.parents:
-            raise OutputError(f"--out {out} is inside the input folder {path}; choose a folder outside it")
+            raise OutputError(f"{option} {out} is inside the input folder {path}; choose a folder outside it")
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise OutputError(f"{out}: already exists (use --overwrite to replace it)")

@@ -16,8 +16,9 @@ from ckptops.threads import threads_option
               help="Prompts a safe model refuses (JSON lines / CSV; a label column keeps only harmful/unsafe rows).")
 @click.option("--benign-prompts", required=True, metavar="FILE",
               help="Prompts a safe model answers (a label column keeps only benign/safe rows, e.g. XSTest).")
-@click.option("--holdout", default=0.5, show_default=True, type=float,
-              help="Fraction of each prompt file held out (seeded split) for the final report.")
+@click.option("--holdout", default=None, type=float,
+              help="Fraction of each prompt file held out (seeded split) for the final report [default: 0.5; "
+                   "not with --holdout-harmful/--holdout-benign].")
 @click.option("--holdout-harmful", default=None, metavar="FILE", help="Separate held-out harmful prompts (with --holdout-benign).")
 @click.option("--holdout-benign", default=None, metavar="FILE", help="Separate held-out benign prompts (with --holdout-harmful).")
 @click.option("--scales", default="0.5,1,2,3,4", show_default=True, help="HDR scales (lambda) to try.")

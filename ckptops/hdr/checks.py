@@ -44,11 +44,7 @@ def check_before_work(run) -> None:
         raise UsageError(f"--harmful {models.harmful.ref} is the same checkpoint as --base {models.base.ref}: "
                          "the harm vector tau = theta_H - theta_b is zero and nothing would change")
     names = list(models.target.tensors)
-    for pattern in options.exclude:
-        compiled = re.compile(pattern)
-        if not any(compiled.search(name) for name in names):
-            warnings.warn(f"--exclude {pattern!r} matches no tensor of {models.target.ref}; nothing is excluded by it",
-                          stacklevel=2)
+    warn_unmatched_excludes(options.exclude, models.target)
     if run.layers is not None:
         present = {i for i in (layer_index(n) for n in names) if i is not None}
         if present:
@@ -56,15 +52,28 @@ def check_before_work(run) -> None:
             beyond = sorted(i for i in run.layers if i >= count)
             if beyond:
                 raise UsageError(f"--layers {beyond[0]}: {models.target.ref} has {count} decoder layers (0-{count - 1})")
-    _warn_if_nothing_takes_part(run)
+    if run.plan is not None:
+        warn_if_nothing_takes_part(run.plan)
 
 
-def _warn_if_nothing_takes_part(run) -> None:
-    """Say why no tensor takes part in HDR (the output then copies the target), naming the cause:
-    without this, the run's drift figures would only show tau = 0 over zero values."""
-    if run.plan is None or run.plan.hdr_tasks:
+def warn_unmatched_excludes(patterns, target) -> None:
+    """An ``--exclude`` pattern that matches no tensor of ``target`` (a typo) excludes nothing:
+    say so (``tune`` shares this check)."""
+    names = list(target.tensors)
+    for pattern in patterns:
+        compiled = re.compile(pattern)
+        if not any(compiled.search(name) for name in names):
+            warnings.warn(f"--exclude {pattern!r} matches no tensor of {target.ref}; nothing is excluded by it",
+                          stacklevel=2)
+
+
+def warn_if_nothing_takes_part(plan, outcome: str = "the output copies the target") -> None:
+    """Say why no tensor takes part in HDR (then ``outcome``), naming the cause: without this,
+    the run's drift figures would only show tau = 0 over zero values (``tune``'s candidates would
+    all equal the target)."""
+    if plan.hdr_tasks:
         return
-    reasons = [task.reason for task in run.plan.tasks]
+    reasons = [task.reason for task in plan.tasks]
     total = len(reasons)
     if "excluded" in reasons:
         cause = f"--exclude excludes every tensor HDR could change ({reasons.count('excluded')} of {total})"
@@ -72,7 +81,7 @@ def _warn_if_nothing_takes_part(run) -> None:
         cause = f"--layers leaves out every tensor HDR could change ({reasons.count('outside --layers')} of {total})"
     else:
         cause = "no tensor is floating point and shared by base, harmful and target"
-    warnings.warn(f"{cause}: nothing takes part in HDR, so the output copies the target", stacklevel=3)
+    warnings.warn(f"{cause}: nothing takes part in HDR, so {outcome}", stacklevel=2)
 
 
 def check_after_work(report) -> None:

@@ -155,7 +155,10 @@ def drift_lines(drift: DriftReport | None, note: str = "") -> list[str]:
     ]
 
 
-def _identity(checkpoint: Checkpoint, full_hash: bool) -> dict:
+def input_identity(checkpoint: Checkpoint, full_hash: bool = False) -> dict:
+    """What identifies an input in the report, the card and the resume key: the checkpoint's own
+    identity (path or Hub repo and commit) with a content hash of a local one (sampled, or every
+    byte with ``full_hash``). ``tune`` keys its log on it too."""
     ident = dict(checkpoint.identity)
     ident["ref"] = checkpoint.ref
     if ident.get("type") == "local":
@@ -280,7 +283,7 @@ class Run:
 
     def identities(self) -> dict:
         if self._identities is None:  # (--hash-inputs reads every input file for it: once)
-            self._identities = {role: _identity(ckpt, self.options.hash_inputs) for role, ckpt in (
+            self._identities = {role: input_identity(ckpt, self.options.hash_inputs) for role, ckpt in (
                 ("base", self.models.base), ("harmful", self.models.harmful), ("target", self.models.target))}
         return self._identities
 

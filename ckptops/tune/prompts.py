@@ -3,7 +3,9 @@
 A search that reports the figures it optimised overstates them (the best of nine noisy
 measurements is optimistic). So each prompt file is split, by a seeded shuffle, into a tuning
 part and a held-out part that the search never sees; or the held-out prompts come from separate
-files. Prompts are de-duplicated by text first, so that no prompt can sit on both sides.
+files. Prompts are de-duplicated by text first, so that no prompt can sit on both sides; a prompt
+in both the harmful and the benign files is refused (its verdicts would count for both labels), and
+so is a held-out prompt the search saw under either label.
 
 Files are read with :func:`ckptops.evaluate.prompts.load_prompt_set` (JSON lines or CSV). A file
 with a ``label`` column (XSTest: ``safe`` / ``unsafe``) contributes only its rows of the wanted
@@ -83,11 +85,25 @@ def _limited(prompts: list[Prompt], limit: int | None, seed: int, name: str) -> 
     return [prompts[i] for i in sorted(order[:limit])]
 
 
+def _overlap(first: list[Prompt], second: list[Prompt]) -> tuple[int, str]:
+    """How many prompt texts ``first`` shares with ``second``, and the first shared one (in
+    ``first``'s order)."""
+    seen = {p.text.strip() for p in second}
+    shared = [p.text.strip() for p in first if p.text.strip() in seen]
+    return len(shared), shared[0] if shared else ""
+
+
+def _refuse_shared(first: list[Prompt], first_path, second: list[Prompt], second_path, why: str) -> None:
+    count, example = _overlap(first, second)
+    if count:
+        raise UsageError(f"{first_path}: {count} prompt(s) also in {second_path} (e.g. {example[:60]!r}); {why}")
+
+
 def load_split(
     harmful: str | Path,
     benign: str | Path,
     *,
-    holdout: float = 0.5,
+    holdout: float | None = None,
     holdout_harmful: str | Path | None = None,
     holdout_benign: str | Path | None = None,
     seed: int = 0,
@@ -95,26 +111,41 @@ def load_split(
 ) -> PromptSplit:
     """Read the prompt files and split them (see the module docstring).
 
-    ``limit`` caps every part (tuning and held-out, per label) at that many prompts, sampled
-    by seed. Separate held-out files must share no prompt text with the tuning files."""
+    ``holdout`` (default 0.5) splits the files; separate held-out files replace it (giving both
+    is refused: the split would silently not happen). ``limit`` caps every part (tuning and
+    held-out, per label) at that many prompts, sampled by seed. No prompt may be both harmful
+    and benign, and separate held-out files must share no prompt text with the tuning files,
+    under either label: the search saw those prompts."""
+    separate = holdout_harmful is not None or holdout_benign is not None
+    if holdout is not None and separate:
+        raise UsageError("--holdout splits the prompt files, --holdout-harmful/--holdout-benign replace that split: "
+                         "give one or the other")
+    holdout = 0.5 if holdout is None else holdout
     if not 0 < holdout < 1:
         raise UsageError(f"--holdout must be a fraction in (0, 1), got {holdout!r}")
     if (holdout_harmful is None) != (holdout_benign is None):
         raise UsageError("give both --holdout-harmful and --holdout-benign, or neither (then --holdout splits the files)")
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be at least 1, got {limit}")
+    both = "a prompt cannot be both harmful and benign"
+    tuning = {"harmful": read_labelled(harmful, "harmful"), "benign": read_labelled(benign, "benign")}
+    named = {"harmful": f"--harmful-prompts {harmful}", "benign": f"--benign-prompts {benign}"}
+    _refuse_shared(tuning["benign"], named["benign"], tuning["harmful"], named["harmful"], both)
+    held_out: dict[str, list[Prompt]] = {}
+    if separate:
+        held_out = {"harmful": read_labelled(holdout_harmful, "harmful"), "benign": read_labelled(holdout_benign, "benign")}
+        held_named = {"harmful": f"--holdout-harmful {holdout_harmful}", "benign": f"--holdout-benign {holdout_benign}"}
+        _refuse_shared(held_out["benign"], held_named["benign"], held_out["harmful"], held_named["harmful"], both)
+        for label in ("harmful", "benign"):
+            for seen in ("harmful", "benign"):
+                _refuse_shared(held_out[label], held_named[label], tuning[seen], named[seen],
+                               "held-out prompts must be new to the search")
     parts: dict[str, tuple[list[Prompt], list[Prompt]]] = {}
-    for label, path, held_path in (("harmful", harmful, holdout_harmful), ("benign", benign, holdout_benign)):
-        prompts = read_labelled(path, label)
-        if held_path is None:
-            tune, held = split(prompts, holdout, seed, f"{label}:{Path(path).name}")
+    for label, path in (("harmful", harmful), ("benign", benign)):
+        if separate:
+            tune, held = tuning[label], held_out[label]
         else:
-            tune, held = prompts, read_labelled(held_path, label)
-            shared = {p.text.strip() for p in tune} & {p.text.strip() for p in held}
-            if shared:
-                example = sorted(shared)[0]
-                raise UsageError(f"{held_path}: {len(shared)} prompt(s) also in {path} (e.g. {example[:60]!r}); "
-                                 "held-out prompts must be new to the search")
+            tune, held = split(tuning[label], holdout, seed, f"{label}:{Path(path).name}")
         parts[label] = (_limited(tune, limit, seed, f"tune:{label}"), _limited(held, limit, seed, f"held:{label}"))
     return PromptSplit(
         tune_harmful=tuple(parts["harmful"][0]),

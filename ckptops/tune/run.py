@@ -2,7 +2,9 @@
 
 Order of work (every check that needs no model runs first, so bad input costs nothing):
 
-1. check the options and read the prompt files; split them into tuning and held-out parts;
+1. check the options and read the prompt files; split them into tuning and held-out parts; open
+   the checkpoints' headers (their content identity, the ``--exclude`` and ``--write-best``
+   checks) and read ``OUT/trials.jsonl`` (a damaged log or other settings are refused here);
 2. load the target once (transformers, float32) and plan HDR over the three checkpoints;
 3. measure the unmodified target on the tuning prompts (the reference for the damage bounds and
    for KL);
@@ -21,12 +23,14 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ckptops.errors import UsageError
 from ckptops.tune.choose import Limits, Trial, choose, pareto_front, rank_key, violations
+from ckptops.tune.inputs import check_write_best, file_identity, open_models
 from ckptops.tune.log import LOG_NAME, TrialLog
 from ckptops.tune.measure import MeasureSettings, Measurement, measure, next_token_logprobs
 from ckptops.tune.prompts import PromptSplit, load_split
@@ -184,7 +188,7 @@ def tune(
     benign_prompts: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    holdout: float = 0.5,
+    holdout: float | None = None,
     holdout_harmful: str | os.PathLike | None = None,
     holdout_benign: str | os.PathLike | None = None,
     scales: Sequence[float] | str = (0.5, 1.0, 2.0, 3.0, 4.0),
@@ -218,8 +222,8 @@ def tune(
         harmful_prompts, benign_prompts: prompt files (JSON lines / CSV; a ``label`` column keeps
             only the matching rows).
         out: the report folder (created; a rerun continues from its ``trials.jsonl``).
-        holdout: fraction of each file held out (seeded), unless ``holdout_harmful`` and
-            ``holdout_benign`` name separate held-out files.
+        holdout: fraction of each file held out (seeded; default 0.5), unless ``holdout_harmful``
+            and ``holdout_benign`` name separate held-out files (then it must not be given).
         scales, top_ks, icv_alphas: the grid (lists or comma-separated text); alpha 0 = no ICV.
         trials: run this many Optuna (TPE, seeded) trials over the grid's values instead of the
             whole grid.
@@ -243,6 +247,10 @@ def tune(
     alpha_list = parse_floats(icv_alphas, "--icv-alphas")
     candidates = grid(scale_list, top_k_list, alpha_list)
     limits = _check_limits(max_broken_increase, max_kl, max_ppl_increase)
+    if max_ppl_increase is not None and ppl is None:  # no perplexity is measured: the bound would bound nothing
+        warnings.warn(f"--max-ppl-increase {max_ppl_increase:g} has no effect without --ppl (no perplexity is "
+                      "measured); it is ignored")
+        limits = Limits(max_broken_increase, max_kl, None)
     if scope not in SCOPES:
         raise UsageError(f"--scope must be one of {', '.join(SCOPES)}, not {scope!r}")
     get_rule(icv_rule)
@@ -264,8 +272,9 @@ def tune(
         raise UsageError(f"--icv-demos {icv_demos}: file not found")
     out_path = Path(out)
     _check_out(out_path)
-    if write_best is not None and Path(write_best).exists():
-        raise UsageError(f"--write-best {write_best}: already exists; choose a new folder")
+    identities, roots = open_models(base, harmful, target, scope=scope, exclude=exclude)  # headers only
+    if write_best is not None:
+        check_write_best(write_best, out_path, roots)
     split = load_split(harmful_prompts, benign_prompts, holdout=holdout, holdout_harmful=holdout_harmful,
                        holdout_benign=holdout_benign, seed=seed, limit=limit)
     loaded_judge = load_judge(judge)
@@ -281,15 +290,16 @@ def tune(
     settings = MeasureSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, chat_template=chat_template,
                                ppl=str(ppl) if ppl is not None else None)
     log_settings = {
-        "base": _identity(base), "harmful": _identity(harmful), "target": _identity(target),
+        **identities,  # the models by content: the same paths with other files are other models
         "prompts": {part: [[p.label, p.text] for p in group] for part, group in
                     (("tune_harmful", split.tune_harmful), ("tune_benign", split.tune_benign),
                      ("held_harmful", split.held_harmful), ("held_benign", split.held_benign))},
         "max_new_tokens": max_new_tokens, "batch_size": batch_size, "chat_template": chat_template,
-        "ppl": _identity(ppl) if ppl is not None else None, "judge": loaded_judge.name, "scope": scope,
+        "ppl": file_identity(ppl), "judge": loaded_judge.name, "scope": scope,
         "exclude": list(exclude), "icv_rule": icv_rule,
-        "icv_demos": _identity(icv_demos) if icv_demos is not None else None,
+        "icv_demos": file_identity(icv_demos),
     }
+    trial_log = TrialLog(out_path, log_settings)  # a damaged log or other settings: refused before the model loads
     say(f"tune: {len(split.tune_harmful)} harmful + {len(split.tune_benign)} benign tuning prompts, "
         f"{len(split.held_harmful)} + {len(split.held_benign)} held out; "
         f"{trials if trials is not None else len(candidates)} candidate(s)")
@@ -301,7 +311,6 @@ def tune(
         session = TuneSession(base, harmful, target, scope=scope, exclude=exclude, icv_rule=icv_rule,
                               icv_demos=icv_demos, quiet=not progress)
     try:
-        trial_log = TrialLog(out_path, log_settings)
         return _search(session, split, candidates, trials, limits, settings, loaded_judge, trial_log, out_path,
                        seed=seed, scope=scope, exclude=list(exclude), icv_rule=icv_rule, icv_demos=icv_demos,
                        alphas=alpha_list, models={"base": _identity(base), "harmful": _identity(harmful),

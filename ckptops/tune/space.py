@@ -1,7 +1,8 @@
 """The search space: which (scale, top-k, ICV alpha) candidates ``tune`` tries, and their checks.
 
-Every value is checked before any model loads, so a typo costs nothing: scales must be finite,
-top-k fractions must lie in (0, 1] (as ``sanitize`` requires), ICV alphas finite and >= 0
+Every value is checked before any model loads, so a typo costs nothing: scales must be finite and
+>= 0 (a negative scale ADDS the harm vector: ``sanitize`` and ``run`` refuse it without ``--force``,
+and a search has no reason to try it; scale 0 is the target itself), top-k fractions must lie in (0, 1] (as ``sanitize`` requires), ICV alphas finite and >= 0
 (alpha 0 means "no ICV").
 """
 
@@ -79,6 +80,9 @@ def check_space(scales: list[float], top_ks: list[float], alphas: list[float]) -
     for s in scales:
         if not math.isfinite(s):
             raise UsageError(f"--scales: {s!r} is not a finite number")
+        if s < 0:
+            raise UsageError(f"--scales: {s:g} is negative: HDR would ADD the harm vector (a more harmful model); "
+                             "give scales >= 0 (0 is the target itself)")
     for k in top_ks:
         if not math.isfinite(k) or not 0 < k <= 1:
             raise UsageError(f"--top-ks: {k!r} is not a fraction in (0, 1] (0.1 keeps the largest 10%)")
