@@ -20,7 +20,10 @@ from ckptops.errors import OutputError
 
 
 def check_destination(out: Path, inputs: list[Path], overwrite: bool) -> Path:
-    """Refuse an output that exists (without --overwrite), is an input, or contains one."""
+    """Refuse an output that exists (without --overwrite), is an input, or contains one.
+
+    ``inputs`` are folders or files (an ICV file, say): ``--overwrite`` replaces the whole folder,
+    so one that holds an input file would delete it."""
     out = Path(out).expanduser()
     resolved = out.resolve()
     here = Path.cwd().resolve()
@@ -30,7 +33,7 @@ def check_destination(out: Path, inputs: list[Path], overwrite: bool) -> Path:
     for path in inputs:
         source = Path(path).resolve()
         if resolved == source or resolved in source.parents:
-            raise OutputError(f"--out {out} is an input folder (or holds one); choose another output folder")
+            raise OutputError(f"--out {out} is an input folder or holds an input ({path}); choose another output folder")
         if source in resolved.parents:
             raise OutputError(f"--out {out} is inside the input folder {path}; choose a folder outside it")
     if out.exists() or out.is_symlink():
