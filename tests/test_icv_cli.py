@@ -163,6 +163,23 @@ def test_compute_never_replaces_a_model_file_or_the_demos_file(checkpoint, tmp_p
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "icv.safetensors"} == before
 
 
+def test_compute_refuses_a_too_long_demonstration_before_loading_the_weights(checkpoint, tmp_path, monkeypatch):
+    import transformers
+
+    folder, _ = checkpoint
+    demos = tmp_path / "long.jsonl"
+    demos.write_text("".join(json.dumps(r) + "\n" for r in first_demo_records(2))
+                     + json.dumps({"question": "how " * 300, "unsafe": "sure"}) + "\n")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("the weights were loaded"))
+    out = tmp_path / "icv.safetensors"
+    result = run("icv", "compute", "--model", folder, "--out", out, "--demos", demos, "-q")
+    # "<s> question : how x300 answer : sure": 1 + 2 + 300 + 2 + 1 tokens; the fixture model has 256 positions
+    assert_one_line_error(result, f"{demos}: line 3: the unsafe demonstration is 306 tokens",
+                          "context window of 256 tokens")
+    assert not out.exists()
+
+
 def test_generate_names_a_device_as_not_a_regular_file(checkpoint):
     result = run("generate", "--model", checkpoint[0], "--icv", "/dev/zero", "--prompt", "hi", "-q")
     assert_one_line_error(result, "/dev/zero: not a regular file")

@@ -87,8 +87,9 @@ def compute(model_ref, out, demos, positions, method, layers, rule, alpha, max_m
     from ckptops.icv.load import load_model
 
     target = check_icv_destination(out, model=model_ref, demos=demos, overwrite=overwrite)
+    from ckptops.icv.demos import check_demo_lengths
     from ckptops.icv.file import check_alpha
-    from ckptops.preflight import check_layers_fit, check_layers_text, config_layers
+    from ckptops.preflight import check_layers_fit, check_layers_text, config_layers, config_window
 
     check_layers_text(layers)
     chosen = parse_layers(layers)
@@ -98,8 +99,9 @@ def compute(model_ref, out, demos, positions, method, layers, rule, alpha, max_m
     pairs = load_demos(demos)  # validate before the (slow) model load
     use_threads(threads)
     started = time.perf_counter()
-    with load_model(model_ref, max_memory=max_memory, offload_folder=offload_folder,
-                    quiet=_quiet_libraries(quiet)) as loaded:
+    window = config_window(model_ref)  # (compute_icv checks again on the loaded model, e.g. for a Hub id)
+    with load_model(model_ref, max_memory=max_memory, offload_folder=offload_folder, quiet=_quiet_libraries(quiet),
+                    before_weights=lambda tokenizer: check_demo_lengths(pairs, tokenizer, window)) as loaded:
         icv = compute_icv(loaded.model, loaded.tokenizer, pairs, positions=positions, method=method,
                           layers=None if chosen is None else sorted(chosen), rule=rule, alpha=alpha,
                           progress=_progress(quiet), source=loaded.source, source_sha256=loaded.source_sha256)
