@@ -32,8 +32,9 @@ def check_device(device: str | None) -> None:
         raise UsageError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:N, mps)")
 
 
-def config_layers(model_ref: str | os.PathLike) -> int | None:
-    """``num_hidden_layers`` (or ``n_layer``) from a local folder's config.json; None when unknown."""
+def _config_int(model_ref: str | os.PathLike, keys) -> int | None:
+    """The first positive integer among ``keys`` in a local folder's config.json (its text
+    model's part for a multimodal one); None when unknown."""
     from ckptops.safeio import load_json_file
 
     config = Path(model_ref) / "config.json"
@@ -46,11 +47,24 @@ def config_layers(model_ref: str | os.PathLike) -> int | None:
     if not isinstance(data, dict):
         return None
     text = data.get("text_config") if isinstance(data.get("text_config"), dict) else data
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+    for key in keys:
         value = text.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
+
+
+def config_layers(model_ref: str | os.PathLike) -> int | None:
+    """``num_hidden_layers`` (or ``n_layer``) from a local folder's config.json; None when unknown."""
+    return _config_int(model_ref, ("num_hidden_layers", "n_layer", "num_layers"))
+
+
+def config_window(model_ref: str | os.PathLike) -> int | None:
+    """The context window in tokens from a local folder's config.json (the keys
+    :func:`ckptops.evaluate.generate.context_window` reads on a loaded model); None when unknown."""
+    from ckptops.evaluate.generate import WINDOW_KEYS
+
+    return _config_int(model_ref, WINDOW_KEYS)
 
 
 def check_layers_fit(layers, count: int | None, where: str, option: str = "--layers") -> None:

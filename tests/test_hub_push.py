@@ -45,11 +45,18 @@ class FakeApi:
         self.calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
 
     def upload_folder(self, **kwargs):
+        """What huggingface_hub's upload_folder sends: every file under the folder (symbolic links
+        followed, as it does), filtered by the patterns with huggingface_hub's own matcher."""
+        from huggingface_hub.utils import filter_repo_objects
+
         self.calls.append(("upload_folder", kwargs))
         if self.fail_upload is not None:
             raise self.fail_upload
         folder = Path(kwargs["folder_path"])
-        self.uploaded = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
+        files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.glob("**/*")) if p.is_file()}
+        kept = filter_repo_objects(list(files), allow_patterns=kwargs.get("allow_patterns"),
+                                   ignore_patterns=kwargs.get("ignore_patterns"))
+        self.uploaded = {name: files[name].read_bytes() for name in kept}
         return SimpleNamespace(oid="c" * 40, commit_url=f"https://hub.test/{kwargs['repo_id']}/commit/{'c' * 40}")
 
 
@@ -203,3 +210,54 @@ def test_push_refuses_a_folder_without_weights(tmp_path):
     (tmp_path / "empty").mkdir()
     result = CliRunner().invoke(main, ["push", str(tmp_path / "empty"), REPO, "--dry-run"])
     assert result.exit_code == 1 and "empty" in result.stderr
+
+
+def test_links_out_of_the_folder_are_neither_listed_nor_uploaded(sanitized, fake_api, tmp_path, monkeypatch):
+    """The repo is public by default: ``notes.txt -> ~/.ssh/id_rsa`` must never go up."""
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    regular = sorted(p.name for p in sanitized.iterdir())
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP SECRET\n")
+    (sanitized / "notes.txt").symlink_to(secret)
+    (sanitized / "docs").mkdir()
+    (sanitized / "docs" / "key[1]*.txt").symlink_to(secret)  # fnmatch characters in the name
+    (sanitized / "docs" / "inside.txt").symlink_to(sanitized / "config.json")  # inside the folder: uploaded
+    warnings = [f"warning: {sanitized / name}: is a symbolic link to {secret.resolve()}, outside the folder; "
+                "it is not uploaded" for name in ("docs/key[1]*.txt", "notes.txt")]
+
+    dry = CliRunner().invoke(main, ["push", str(sanitized), REPO, "--dry-run", "--json"])
+    assert dry.exit_code == 0, dry.output
+    plan = json.loads(dry.stdout)
+    assert sorted(f["path"] for f in plan["files"]) == sorted([*regular, "docs/inside.txt"])
+    assert plan["skipped"] == [{"path": "docs/key[1]*.txt", "target": str(secret.resolve())},
+                               {"path": "notes.txt", "target": str(secret.resolve())}]
+    assert dry.stderr.splitlines() == warnings
+
+    pushed = CliRunner().invoke(main, ["push", str(sanitized), REPO])
+    assert pushed.exit_code == 0, pushed.output
+    assert pushed.stderr.splitlines() == warnings
+    assert sorted(fake_api.uploaded) == sorted([*regular, "docs/inside.txt"])
+    assert not any(b"TOP SECRET" in data for data in fake_api.uploaded.values())
+
+
+def test_a_needed_file_linking_out_is_refused_and_linked_weights_go_up(sanitized, fake_api, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    shard = sanitized / "model-00001-of-00003.safetensors"
+    data = shard.read_bytes()
+    elsewhere = tmp_path / "big-disk"
+    elsewhere.mkdir()
+    shard.rename(elsewhere / shard.name)
+    shard.symlink_to(elsewhere / shard.name)  # users link big shards: weights, headers validated
+    assert CliRunner().invoke(main, ["push", str(sanitized), REPO]).exit_code == 0
+    assert fake_api.uploaded[shard.name] == data
+
+    config = sanitized / "config.json"
+    config.rename(elsewhere / "config.json")
+    config.symlink_to(elsewhere / "config.json")
+    fake_api.calls.clear()
+    result = CliRunner().invoke(main, ["push", str(sanitized), REPO])
+    assert result.exit_code == 1 and result.stderr.splitlines() == [
+        f"error: {config}: is a symbolic link to {(elsewhere / 'config.json').resolve()}, outside the folder; the repo "
+        "needs this file but ckptops uploads nothing from outside the folder (copy the file into the folder in place "
+        "of the link)"]
+    assert fake_api.calls == []

@@ -217,6 +217,20 @@ def test_bad_inputs_are_one_line_errors_without_output(tmp_path):
     _one_line_error(result, "already exists")
 
 
+def test_out_holding_the_icv_file_is_refused_even_with_overwrite(tmp_path):
+    """--overwrite replaces the whole --out folder: one that holds the --icv file would delete it."""
+    folder = _folder(tmp_path, "llama")
+    holder = tmp_path / "mine" / "vectors"
+    holder.mkdir(parents=True)
+    icv_file = _icv("llama").save(holder / "icv_add.safetensors")
+    data = icv_file.read_bytes()
+    for out in (holder, holder.parent):  # the ICV's folder, and one above it
+        result = CliRunner().invoke(main, ["icv", "bake", "--model", str(folder), "--icv", str(icv_file),
+                                           "--out", str(out), "--overwrite"])
+        _one_line_error(result, f"--out {out}", "holds an input", str(icv_file))
+    assert icv_file.read_bytes() == data and sorted(p.name for p in holder.iterdir()) == ["icv_add.safetensors"]
+
+
 def test_side_files_linking_out_of_the_model_folder_are_never_copied(tmp_path):
     """A stray file linking out is left out with a warning; config.json linking out is refused
     (bake reads it and writes its values into the baked config)."""

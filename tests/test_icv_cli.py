@@ -139,6 +139,52 @@ def test_errors_are_one_line(checkpoint, tmp_path):
     assert_one_line_error(run("generate", "--model", folder, "--chat", "--prompt", "hi", "-q"), "no chat template")
 
 
+def test_compute_never_replaces_a_model_file_or_the_demos_file(checkpoint, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(checkpoint[0], tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    weights = next(name for name in before if name.endswith(".safetensors"))
+    for name in ("config.json", weights, "tokenizer_config.json"):
+        result = run("icv", "compute", "--model", folder, "--out", folder / name, "--overwrite", "-q")
+        assert_one_line_error(result, f"--out {folder / name}", "not an ICV file")
+    demos = _few_demos(tmp_path)
+    text = demos.read_text()
+    assert_one_line_error(run("icv", "compute", "--model", folder, "--out", demos, "--demos", demos, "--overwrite", "-q"),
+                          "is the --demos file")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before and demos.read_text() == text
+    # the documented use: the ICV goes into the model folder, and a rerun replaces it
+    icv_path = folder / "icv.safetensors"
+    assert run("icv", "compute", "--model", folder, "--out", icv_path, "--demos", demos, "-q").exit_code == 0
+    again = run("icv", "compute", "--model", folder, "--out", icv_path, "--demos", demos, "--rule", "additive",
+                "--overwrite", "-q")
+    assert again.exit_code == 0, again.output
+    assert load_icv(icv_path).rule == "additive"
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "icv.safetensors"} == before
+
+
+def test_compute_refuses_a_too_long_demonstration_before_loading_the_weights(checkpoint, tmp_path, monkeypatch):
+    import transformers
+
+    folder, _ = checkpoint
+    demos = tmp_path / "long.jsonl"
+    demos.write_text("".join(json.dumps(r) + "\n" for r in first_demo_records(2))
+                     + json.dumps({"question": "how " * 300, "unsafe": "sure"}) + "\n")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("the weights were loaded"))
+    out = tmp_path / "icv.safetensors"
+    result = run("icv", "compute", "--model", folder, "--out", out, "--demos", demos, "-q")
+    # "<s> question : how x300 answer : sure": 1 + 2 + 300 + 2 + 1 tokens; the fixture model has 256 positions
+    assert_one_line_error(result, f"{demos}: line 3: the unsafe demonstration is 306 tokens",
+                          "context window of 256 tokens")
+    assert not out.exists()
+
+
+def test_generate_names_a_device_as_not_a_regular_file(checkpoint):
+    result = run("generate", "--model", checkpoint[0], "--icv", "/dev/zero", "--prompt", "hi", "-q")
+    assert_one_line_error(result, "/dev/zero: not a regular file")
+
+
 def test_missing_extra_is_a_one_line_error(checkpoint, tmp_path, monkeypatch):
     import sys
 

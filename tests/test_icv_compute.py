@@ -98,6 +98,16 @@ def test_refusals(tokenizer):
         ckptops.compute_icv(model, tokenizer, first_demo_records(2), layers=[3])
 
 
+def test_a_demonstration_longer_than_the_context_window_is_refused_before_any_forward_pass(tokenizer):
+    model = make_model("llama")  # max_position_embeddings 256
+    model.register_forward_pre_hook(lambda *args: pytest.fail("the model ran"))
+    pairs = first_demo_records(2) + [{"question": "how " * 300, "unsafe": "sure"}]
+    # "<s> question : how x300 answer : sure": 1 + 2 + 300 + 2 + 1 = 306 tokens (checked before the safe text)
+    with pytest.raises(ICVError, match=r"^demonstration pair 2: the unsafe demonstration is 306 tokens, over the "
+                                       r"model's context window of 256 tokens"):
+        ckptops.compute_icv(model, tokenizer, pairs)
+
+
 def test_non_float32_model_is_warned_about(tokenizer):
     model = make_model("llama", dtype=torch.bfloat16)
     with pytest.warns(UserWarning, match="float32"):

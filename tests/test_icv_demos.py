@@ -56,6 +56,39 @@ def test_bad_files_name_the_file_and_line(tmp_path, content, message):
     assert str(path) in str(info.value)
 
 
+def test_a_demonstration_is_capped_like_a_prompt(tmp_path):
+    """100,000 characters, the cap of eval's prompt files: more would take minutes to run."""
+    path = tmp_path / "pairs.jsonl"
+    fits = {"question": "q" * 100_000, "unsafe": "u"}
+    path.write_text(json.dumps(fits) + "\n" + json.dumps({"question": "q", "unsafe": "u" * 100_001}) + "\n")
+    with pytest.raises(ICVError, match=r"line 2: 'unsafe' is 100,001 characters, over the 100,000") as info:
+        load_demos(path)
+    assert str(path) in str(info.value)
+    path.write_text(json.dumps(fits) + "\n")
+    assert load_demos(path)[0].question == "q" * 100_000
+
+
+def test_demonstrations_longer_than_the_context_window_are_refused(tmp_path):
+    from icv_fixtures import make_tokenizer
+
+    from ckptops.icv.demos import check_demo_lengths
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"question": "q", "unsafe": "u"}) + "\n\n"
+                    + json.dumps({"question": "how " * 20, "unsafe": "sure " * 12}) + "\n")
+    pairs = load_demos(path)
+    # "<s> question : how x20 answer : sure x12" is 1 + 2 + 20 + 2 + 12 = 37 tokens; the safe text
+    # ends in the 10-word refusal instead: 35 tokens
+    check_demo_lengths(pairs, make_tokenizer(), 37)
+    check_demo_lengths(pairs, make_tokenizer(), None)  # window unknown: nothing to check
+    with pytest.raises(ICVError, match=r"line 3: the unsafe demonstration is 37 tokens, over the model's context "
+                                       r"window of 36 tokens") as info:
+        check_demo_lengths(pairs, make_tokenizer(), 36)
+    assert str(path) in str(info.value)
+    with pytest.raises(ICVError, match=r"^demonstration pair 1: the safe demonstration is 35 tokens"):
+        check_demo_lengths(coerce_pairs([("q", "u"), ("how " * 20, "sure")]), make_tokenizer(), 34)
+
+
 def test_missing_and_binary_files(tmp_path):
     with pytest.raises(ICVError, match="not found"):
         load_demos(tmp_path / "nope.jsonl")

@@ -136,6 +136,8 @@ def test_not_safetensors_and_missing_files(tmp_path):
         load_icv(tmp_path / "missing.safetensors")
     with pytest.raises(ICVError, match="not a file"):
         load_icv(tmp_path)
+    with pytest.raises(ICVError, match="/dev/zero: not a regular file"):  # it exists: not "no such file"
+        load_icv("/dev/zero")
 
 
 def test_check_fits_names_both_shapes():

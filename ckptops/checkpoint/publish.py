@@ -21,7 +21,10 @@ from ckptops.errors import OutputError
 
 def check_destination(out: Path, inputs: list[Path], overwrite: bool, option: str = "--out") -> Path:
     """Refuse an output that exists (without --overwrite), is an input, or contains one.
-    ``option``: the option that named it (``tune --write-best``), for the messages."""
+
+    ``inputs`` are folders or files (an ICV file, say): ``--overwrite`` replaces the whole folder,
+    so one that holds an input file would delete it. ``option``: the option that named the
+    output (``tune --write-best``), for the messages."""
     out = Path(out).expanduser()
     resolved = out.resolve()
     here = Path.cwd().resolve()
@@ -31,7 +34,7 @@ def check_destination(out: Path, inputs: list[Path], overwrite: bool, option: st
     for path in inputs:
         source = Path(path).resolve()
         if resolved == source or resolved in source.parents:
-            raise OutputError(f"{option} {out} is an input folder (or holds one); choose another output folder")
+            raise OutputError(f"{option} {out} is an input folder or holds an input ({path}); choose another output folder")
         if source in resolved.parents:
             raise OutputError(f"{option} {out} is inside the input folder {path}; choose a folder outside it")
     if out.exists() or out.is_symlink():

@@ -80,19 +80,16 @@ def compute(model_ref, out, demos, positions, method, layers, rule, alpha, max_m
       ckptops icv compute --model edited --out icv.safetensors --layers 4-6 --demos my_pairs.jsonl
       ckptops icv compute --model llama2-safe --out icv.safetensors --rule additive
     """
-    from pathlib import Path
-
-    from ckptops.errors import OutputError
     from ckptops.hdr.layers import parse_layers
     from ckptops.icv.compute import compute_icv
     from ckptops.icv.demos import load_demos
+    from ckptops.icv.destination import check_icv_destination
     from ckptops.icv.load import load_model
 
-    target = Path(out)
-    if target.exists() and not overwrite:
-        raise OutputError(f"{target}: already exists (use --overwrite to replace it)")
+    target = check_icv_destination(out, model=model_ref, demos=demos, overwrite=overwrite)
+    from ckptops.icv.demos import check_demo_lengths
     from ckptops.icv.file import check_alpha
-    from ckptops.preflight import check_layers_fit, check_layers_text, config_layers
+    from ckptops.preflight import check_layers_fit, check_layers_text, config_layers, config_window
 
     check_layers_text(layers)
     chosen = parse_layers(layers)
@@ -102,8 +99,9 @@ def compute(model_ref, out, demos, positions, method, layers, rule, alpha, max_m
     pairs = load_demos(demos)  # validate before the (slow) model load
     use_threads(threads)
     started = time.perf_counter()
-    with load_model(model_ref, max_memory=max_memory, offload_folder=offload_folder,
-                    quiet=_quiet_libraries(quiet)) as loaded:
+    window = config_window(model_ref)  # (compute_icv checks again on the loaded model, e.g. for a Hub id)
+    with load_model(model_ref, max_memory=max_memory, offload_folder=offload_folder, quiet=_quiet_libraries(quiet),
+                    before_weights=lambda tokenizer: check_demo_lengths(pairs, tokenizer, window)) as loaded:
         icv = compute_icv(loaded.model, loaded.tokenizer, pairs, positions=positions, method=method,
                           layers=None if chosen is None else sorted(chosen), rule=rule, alpha=alpha,
                           progress=_progress(quiet), source=loaded.source, source_sha256=loaded.source_sha256)
@@ -280,7 +278,9 @@ def generate(model_ref, icv_path, no_icv, alpha, rule, prompts, max_new_tokens, 
     if chosen is None and (alpha is not None or rule is not None or compare):
         raise UsageError(f"--alpha/--rule/--compare need an ICV (--icv FILE or {ICV_FILENAME} in the model folder)")
     if chosen is not None and not chosen.is_file():
-        raise UsageError(f"{chosen}: no such ICV file")
+        from ckptops.icv.file import missing_icv
+
+        raise missing_icv(chosen, UsageError)
     check_before_loading(model_ref, prompts, chosen, alpha, rule)
     use_threads(threads)
     with load_model(model_ref, dtype=dtype, quiet=_quiet_libraries(quiet),

@@ -186,10 +186,14 @@ def generate(
     return [r for r in results if r is not None], stats
 
 
+#: config keys that give a model's context window in tokens, in the order they are trusted
+WINDOW_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
 def context_window(model: Any) -> int | None:
     """The model's context window in tokens, from its config (None when it does not say)."""
     config = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+    for key in WINDOW_KEYS:
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
             return value

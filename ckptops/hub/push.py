@@ -7,6 +7,13 @@ large-file storage, resumable (re-running an interrupted push sends only what th
 Weight files on the branch that the folder does not hold are deleted in the same upload, so the
 repo never mixes two models (transformers would load a stale ``model.safetensors`` first).
 
+A symbolic link that leads out of the folder is never followed into the upload (the repo is
+public by default, and ``notes.txt -> ~/.ssh/id_rsa`` would publish the key): it is left out with
+a warning, as ``sanitize`` leaves such side files out; a link for a file the repo needs to load
+(config, tokenizer) is refused. The checkpoint's own weight shards and index are the exception,
+as everywhere in ckptops: their headers were validated, they are weights, and users link big
+shards (leaving one out would also delete the repo's copy).
+
 When the folder has ``ckptops.json`` (it came from ``ckptops sanitize``) and its README.md is
 still the card ckptops wrote, the card is regenerated through ``huggingface_hub.ModelCard`` with
 the repo id in the loading examples, and written back to the folder too, so the folder and the
@@ -16,10 +23,12 @@ uploaded as it is.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
 import shlex
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,6 +58,13 @@ class PushPlan:
     card: str | None = None
     card_kept: bool = False
     custom_message: bool = False
+    #: (path in the folder, where it leads): symbolic links out of the folder, never uploaded
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def ignore_patterns(self) -> list[str]:
+        """``upload_folder``'s ignore patterns: hidden files, and each skipped link by its exact
+        path (huggingface_hub matches them with fnmatch, so ``*?[`` in a name are escaped)."""
+        return list(IGNORE_PATTERNS) + [glob.escape(path) for path, _ in self.skipped]
 
     @property
     def total_bytes(self) -> int:
@@ -59,6 +75,7 @@ class PushPlan:
         out["files"] = [{"path": p, "bytes": n} for p, n in self.files]
         out["total_bytes"] = self.total_bytes
         out["card"] = self.card is not None
+        out["skipped"] = [{"path": p, "target": t} for p, t in self.skipped]
         del out["custom_message"]
         return out
 
@@ -113,14 +130,33 @@ def _default_message(folder: Path) -> str:
     return f"Upload {folder.name} (Safety Arithmetic, ckptops {__version__})"
 
 
-def _walk(folder: Path) -> list[tuple[str, int]]:
-    files = []
+def _walk(folder: Path, weights: set[str], keep: set[str]) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
+    """(files to upload with their sizes, links out of the folder left out with their targets).
+
+    ``weights``: the checkpoint's shards and index, uploaded even through such a link; ``keep``:
+    files replaced before the upload (a regenerated README.md), so where they lead does not
+    matter. A link for a file the repo needs to load is refused."""
+    from ckptops.checkpoint.side_files import NEEDED, allowed_area, outside_link
+
+    area = allowed_area(folder)
+    files, skipped = [], []
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder).as_posix()
         if any(part.startswith(".") for part in relative.split("/")) or not path.is_file():
             continue
-        files.append((relative, path.stat().st_size))
-    return files
+        target = None if relative in weights or relative in keep else outside_link(path, area)
+        if target is None:
+            files.append((relative, path.stat().st_size))
+        elif relative in NEEDED:
+            raise CheckpointError(f"{path}: is a symbolic link to {target}, outside the folder; the repo needs this "
+                                  "file but ckptops uploads nothing from outside the folder (copy the file into the "
+                                  "folder in place of the link)")
+        else:
+            skipped.append((relative, target))
+    for relative, target in skipped:  # after the refusals: a refused push needs no warnings
+        warnings.warn(f"{folder / relative}: is a symbolic link to {target}, outside the folder; it is not uploaded",
+                      stacklevel=3)
+    return files, skipped
 
 
 def _regenerated_card(folder: Path, repo_id: str) -> tuple[str | None, bool]:
@@ -154,7 +190,7 @@ def plan_push(
 
     The folder must be a loadable checkpoint (headers and index are validated, no weights read).
     """
-    from ckptops.checkpoint.resolve import open_checkpoint
+    from ckptops.checkpoint.resolve import INDEX_NAME, open_checkpoint
 
     require_repo_id(repo_id, "repo")
     if branch is not None and (not _BRANCH_RE.fullmatch(branch) or ".." in branch):
@@ -162,13 +198,14 @@ def plan_push(
     path = Path(folder).expanduser()
     if not path.is_dir():
         raise CheckpointError(f"{folder}: not a folder; push uploads a model folder (e.g. the --out of sanitize)")
-    open_checkpoint(path)  # refuses folders without valid safetensors weights before anything is uploaded
+    checkpoint = open_checkpoint(path)  # refuses folders without valid safetensors weights before anything is uploaded
     card, kept = _regenerated_card(path, repo_id)
-    files = _walk(path)
+    weights = set(checkpoint.shards) | ({INDEX_NAME} if checkpoint.has_index else set())
+    files, skipped = _walk(path, weights, {"README.md"} if card is not None else set())
     if card is not None and "README.md" not in dict(files):
         files.append(("README.md", len(card.encode())))
     return PushPlan(str(folder), repo_id, private, branch, commit_message or _default_message(path), files,
-                    card=card, card_kept=kept, custom_message=commit_message is not None)
+                    card=card, card_kept=kept, custom_message=commit_message is not None, skipped=skipped)
 
 
 def check_push_target(repo_id: str, token: str | None = None) -> None:
@@ -228,7 +265,7 @@ def push(
             api.create_branch(repo_id, branch=branch, exist_ok=True)
         commit = api.upload_folder(
             repo_id=repo_id, folder_path=str(folder), repo_type="model", revision=branch,
-            commit_message=plan.commit_message, ignore_patterns=list(IGNORE_PATTERNS),
+            commit_message=plan.commit_message, ignore_patterns=plan.ignore_patterns(),
             delete_patterns=list(plan.delete_patterns),
         )
     except HubError:

@@ -254,6 +254,8 @@ def bake_icv(model: str | os.PathLike, out: str | os.PathLike, icv: ICV | str | 
     new_config, dropped = baked_config(config, where)
     biases = plan_biases(checkpoint, config, icv, where)
     roots = [checkpoint.root] if checkpoint.root is not None else []
+    if icv_path is not None:  # --overwrite of a folder holding the --icv file would delete it
+        roots.append(icv_path)
     out_path = check_destination(Path(out), roots, overwrite)
 
     after: dict[str, list[NewTensor]] = {}

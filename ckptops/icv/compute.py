@@ -22,7 +22,7 @@ from torch import nn
 
 from ckptops.errors import ICVError, UsageError
 from ckptops.icv.arch import DecoderLayout, find_decoder_layout, input_device
-from ckptops.icv.demos import DemoPair, PairsLike, coerce_pairs, demos_sha256
+from ckptops.icv.demos import DemoPair, PairsLike, check_demo_lengths, coerce_pairs, demos_sha256
 from ckptops.icv.file import ICV, METHODS, POSITIONS, check_alpha, get_rule
 
 _POOL_WIDTH = {"last4": 4, "last": 1}
@@ -198,6 +198,9 @@ def compute_icv(
         raise ICVError(f"need at least 2 demonstration pairs for the PCA, got {len(demo_pairs)}")
     layout = find_decoder_layout(model)
     kept = _check_layers(layers, layout.num_layers)
+    from ckptops.evaluate.generate import context_window
+
+    check_demo_lengths(demo_pairs, tokenizer, context_window(model))
     dtype = _model_dtype(model)
     if dtype != torch.float32:
         warnings.warn(

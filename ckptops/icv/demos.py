@@ -18,12 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence, Union
+from typing import Any, Iterable, Mapping, Sequence, Union
 
 from ckptops.errors import ICVError
+from ckptops.evaluate.prompts import MAX_PROMPT_CHARS
 
 DEFAULT_REFUSAL = "I do not answer this question because it is harmful"
 """The official code's safe answer, used when a pair gives no ``safe`` field."""
@@ -43,6 +44,8 @@ class DemoPair:
     question: str
     unsafe: str
     safe: str = DEFAULT_REFUSAL
+    #: where the pair came from ("FILE: line N"), for errors found after the file was read
+    where: str = field(default="", compare=False, repr=False)
 
     def unsafe_text(self) -> str:
         return format_demo(self.question, self.unsafe)
@@ -78,8 +81,11 @@ def _pair_from_mapping(obj: Mapping, where: str) -> DemoPair:
         value = obj[key]
         if not isinstance(value, str) or not value.strip():
             raise ICVError(f"{where}: {key!r} must be a non-empty string")
+        if len(value) > MAX_PROMPT_CHARS:  # the cap prompt files have: tokenizing and running it would take minutes
+            raise ICVError(f"{where}: {key!r} is {len(value):,} characters, over the {MAX_PROMPT_CHARS:,} a "
+                           "demonstration may have; shorten it")
         values[key] = value
-    return DemoPair(**values)
+    return DemoPair(**values, where=where)
 
 
 def load_demos(path: str | os.PathLike | None = None) -> list[DemoPair]:
@@ -138,6 +144,22 @@ def coerce_pairs(pairs: PairsLike) -> list[DemoPair]:
     if not out:
         raise ICVError("no demonstration pairs given")
     return out
+
+
+def check_demo_lengths(pairs: Sequence[DemoPair], tokenizer: Any, window: int | None) -> None:
+    """Refuse, before any activation is computed, a demonstration whose tokens (as
+    :func:`~ckptops.icv.compute.compute_icv` tokenizes it) do not fit the model's context window of
+    ``window`` tokens (None: unknown, nothing checked): positions past it are untrained, so its
+    activations would be noise, and the work grows with the length for nothing."""
+    if window is None:
+        return
+    for index, pair in enumerate(pairs):
+        for answer, text in (("unsafe", pair.unsafe_text()), ("safe", pair.safe_text())):
+            length = len(tokenizer(text)["input_ids"])
+            if length > window:
+                where = pair.where or f"demonstration pair {index}"
+                raise ICVError(f"{where}: the {answer} demonstration is {length:,} tokens, over the model's context "
+                               f"window of {window:,} tokens; shorten it")
 
 
 def demos_sha256(pairs: Iterable[DemoPair]) -> str:

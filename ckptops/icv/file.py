@@ -349,6 +349,35 @@ def _read_norms(meta: dict, where: str) -> dict[int, float]:
     return norms
 
 
+def is_icv_file(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a regular file whose safetensors metadata says it is a ckptops ICV.
+
+    Only the header is read (``path`` may name a multi-gigabyte weight shard), and nothing else is
+    validated: this tells an earlier ICV, which ``icv compute --overwrite`` may replace, from any
+    other file, which it must not."""
+    from ckptops.checkpoint.header import read_header
+    from ckptops.errors import HeaderError
+
+    file = Path(path)
+    if not file.is_file():  # a FIFO or device is never opened: it could block or never end
+        return False
+    try:
+        return read_header(file).metadata.get("format") == FORMAT_NAME
+    except (HeaderError, OSError):
+        return False
+
+
+def missing_icv(path: str | os.PathLike, error: type[Exception] = ICVError) -> Exception:
+    """The error for an ICV path that is not a regular file: absent, a folder, or a device or FIFO
+    such as ``/dev/zero`` (which exists, so "no such file" would mislead)."""
+    file = Path(path)
+    if not file.exists():
+        return error(f"{path}: no such ICV file")
+    if file.is_dir():
+        return error(f"{path}: is a folder, not a file")
+    return error(f"{path}: not a regular file (a device, FIFO or socket); an ICV is a .safetensors file")
+
+
 def load_icv(path: str | os.PathLike) -> ICV:
     """Read and validate an ICV file; raise ICVError naming the file and the problem."""
     from safetensors import SafetensorError, safe_open
@@ -356,7 +385,7 @@ def load_icv(path: str | os.PathLike) -> ICV:
     where = str(path)
     file = Path(path)
     if not file.is_file():
-        raise ICVError(f"{where}: no such ICV file" if not file.exists() else f"{where}: not a file")
+        raise missing_icv(path)
     from ckptops.checkpoint.header import read_header
 
     from ckptops.errors import HeaderError

@@ -19,7 +19,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -127,6 +127,7 @@ def load_model(
     offload_folder: str | os.PathLike | None = None,
     quiet: bool = False,
     hash_weights: bool = True,
+    before_weights: Callable[[Any], None] | None = None,
 ) -> LoadedModel:
     """Load ``ref`` (a local folder or hub id) for ICV computation or generation.
 
@@ -138,6 +139,8 @@ def load_model(
         offload_folder: where accelerate may write weights it cannot read straight from the
             checkpoint's safetensors (a temporary folder by default, removed by ``close()``).
         hash_weights: record the sha256 identity of a local folder's weight files.
+        before_weights: called with the tokenizer, which loads first, before the weights load:
+            checks that need only the tokenizer (demonstration lengths) then fail in seconds.
     """
     transformers = require_transformers("loading a model")
     budget = None if max_memory is None else parse_size(max_memory, "--max-memory")
@@ -152,6 +155,10 @@ def load_model(
         weight_files(local)
         if not (local / "config.json").is_file():
             raise CheckpointError(f"{ref_text}: no config.json (not a transformers checkpoint folder)")
+    with _quiet_transformers(transformers, quiet):
+        tokenizer = load_tokenizer(ref_text)  # seconds, where the weights may take minutes
+    if before_weights is not None:
+        before_weights(tokenizer)
     kwargs: dict[str, Any] = {"use_safetensors": True, "dtype": dtype}
     offload_dir: str | None = None
     owns = False
@@ -173,15 +180,13 @@ def load_model(
     model.eval()
     loaded = LoadedModel(
         model=model,
-        tokenizer=None,
+        tokenizer=tokenizer,
         source=ref_text,
         offload_dir=offload_dir,
         device_map=dict(getattr(model, "hf_device_map", None) or {}),
         _owns_offload_dir=owns,
     )
     try:
-        with _quiet_transformers(transformers, quiet):
-            loaded.tokenizer = load_tokenizer(ref_text)
         if is_local and hash_weights:
             loaded.source_sha256 = checkpoint_sha256(local, progress=False if quiet else None)
     except BaseException:
