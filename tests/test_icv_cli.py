@@ -161,6 +161,11 @@ def test_compute_never_replaces_a_model_file_or_the_demos_file(checkpoint, tmp_p
     assert again.exit_code == 0, again.output
     assert load_icv(icv_path).rule == "additive"
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "icv.safetensors"} == before
+    # under another .safetensors name in the folder the ICV would be read as one more weight file
+    other = folder / "my_icv.safetensors"
+    assert_one_line_error(run("icv", "compute", "--model", folder, "--out", other, "--demos", demos, "-q"),
+                          "must be named icv.safetensors")
+    assert not other.exists()
 
 
 def test_compute_refuses_a_too_long_demonstration_before_loading_the_weights(checkpoint, tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from ckptops.errors import OutputError
-from ckptops.icv.file import is_icv_file
+from ckptops.icv.file import ICV_FILENAME, is_icv_file
 from ckptops.safeio import same_file
 
 
@@ -31,10 +31,16 @@ def check_icv_destination(out: str | os.PathLike, *, model: str | os.PathLike, d
     # so an HF-cache snapshot's config.json (a link into blobs/) counts as inside the folder
     entry = out.absolute().parent.resolve() / out.name
     exists = out.exists() or out.is_symlink()
-    if exists and folder.is_dir() and folder.resolve() in entry.parents and not is_icv_file(out):
+    inside = folder.is_dir() and folder.resolve() in entry.parents
+    if exists and inside and not is_icv_file(out):
         raise OutputError(f"--out {out} is a file of the model folder {model} and not an ICV file: the ICV would "
                           f"replace it and damage the model; write to a new name such as "
-                          f"{folder / 'icv.safetensors'} or outside the folder")
+                          f"{folder / ICV_FILENAME} or outside the folder")
+    if inside and out.name.endswith(".safetensors") and out.name != ICV_FILENAME:
+        # the folder's loaders skip only icv.safetensors: under another name the ICV would be
+        # read as one more weight file of the model
+        raise OutputError(f"--out {out}: inside the model folder {model} the ICV file must be named "
+                          f"{ICV_FILENAME} (other .safetensors files there are read as the model's weights)")
     if exists and not overwrite:
         raise OutputError(f"{out}: already exists (use --overwrite to replace it)")
     return out

@@ -47,6 +47,9 @@ SHOWN_CHARS = 40
 #: integer metadata (hidden size, layer and demonstration counts) above this is not a real model's
 MAX_META_INT = 2**31 - 1
 
+#: the ICV file name inside a model folder: loaders apply it, and skip it when listing weights
+ICV_FILENAME = "icv.safetensors"
+
 
 def shown(value: object, quoted: bool = True) -> str:
     """``repr(value)`` (or ``str`` when not ``quoted``) cut to :data:`SHOWN_CHARS` characters, for

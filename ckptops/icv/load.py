@@ -26,6 +26,7 @@ import torch
 from ckptops.errors import CheckpointError
 from ckptops.hub.refs import is_repo_id
 from ckptops.icv._extras import require_accelerate, require_transformers
+from ckptops.icv.file import ICV_FILENAME
 from ckptops.units import parse_size
 
 _HASH_CHUNK = 8 << 20
@@ -63,7 +64,7 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors weight files of a local checkpoint folder (refusing pickle-only folders)."""
     files = sorted(folder.glob("*.safetensors"))
-    files = [f for f in files if f.name != "icv.safetensors"]
+    files = [f for f in files if f.name != ICV_FILENAME]
     if not files:
         pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
         hint = f" (found {', '.join(pickled[:3])}: ckptops never loads pickled weights)" if pickled else ""

@@ -36,9 +36,7 @@ from torch import nn
 from ckptops.errors import ICVError
 from ckptops.icv._extras import require_transformers
 from ckptops.icv.arch import DecoderLayout, find_decoder_layout
-from ckptops.icv.file import ICV, check_strength, load_icv
-
-ICV_FILENAME = "icv.safetensors"
+from ckptops.icv.file import ICV, ICV_FILENAME, check_strength, load_icv
 """A checkpoint folder holding this file gets it applied by :func:`from_pretrained`."""
 
 _HANDLE_ATTR = "_ckptops_icv_handle"
