@@ -188,7 +188,11 @@ def generate(
 
 def context_window(model: Any) -> int | None:
     """The model's context window in tokens, from its config (None when it does not say)."""
-    config = getattr(model, "config", None)
+    return config_window(getattr(model, "config", None))
+
+
+def config_window(config: Any) -> int | None:
+    """:func:`context_window` from a config alone (checks that run before the model loads)."""
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
