@@ -306,3 +306,47 @@ def test_kill_during_the_band_miss_fallback(triple, uninterrupted, tmp_path):
     assert report["one_read"]["band_missed"] == ["all"]
     reused = report["resumed"]["reused_shards"]
     assert reused and len(reused) < 8 and report["resumed"]["redone_shards"]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("size", "12"),
+    ("kept", {"a": "b"}),
+    ("checksum", 12),
+    ("hists", {"all": ["1", 2]}),
+    ("peaks", {"a": 1.5}),
+    ("records", {"count": 1, "bytes": "3", "checksum": "x"}),
+    ("drift", {"layer 0": {"parts": [["a", "0", "k", [0, 0, 0, 0, 0]]], "sums": {}, "counts": {}}}),
+])
+def test_a_journal_entry_of_the_wrong_types_is_computed_again(triple, uninterrupted, tmp_path, field, value):
+    """A shard entry whose value has another type than this version writes is a damaged entry:
+    that shard is computed again (it was a TypeError traceback)."""
+    out = tmp_path / "out"
+    staged = _kill_at(_command(triple, out, resume=False), "publish", tmp_path)
+    finished = _finished(staged)
+    entry_path = staged / JOURNAL / "shard-00001.json"
+    entry = json.loads(entry_path.read_text())
+    entry[field] = value
+    entry_path.write_text(json.dumps(entry))
+    report = _run(_command(triple, out))
+    _same(out, uninterrupted)
+    assert report["resumed"]["redone_shards"] == [entry["name"]]
+    assert report["resumed"]["reused_shards"] == [n for n in finished if n != entry["name"]]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("bands", {"all": ["0", 1, 2, 3]}),
+    ("phase", 3),
+    ("preselected", {"other": [0.5, "1", 2]}),
+])
+def test_a_journal_state_of_the_wrong_types_starts_over(triple, uninterrupted, tmp_path, field, value):
+    out = tmp_path / "out"
+    staged = _kill_at(_command(triple, out, resume=False), "publish", tmp_path)
+    state_path = staged / JOURNAL / "journal.json"
+    state = json.loads(state_path.read_text())
+    state[field] = value
+    state_path.write_text(json.dumps(state))
+    report = _run(_command(triple, out))
+    _same(out, uninterrupted)
+    assert report["resumed"]["reused_shards"] == []
+    assert report["io"]["target"]["read"] == sum(_data_bytes(triple["target"]).values())  # all computed again
+
