@@ -160,3 +160,102 @@ def test_pickle_only_base_is_refused_in_one_line(setup, tmp_path):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {bad}: cannot load it"), result.output
     assert not out.exists()
+
+
+def _one_error_line(result, *words):
+    lines = result.output.strip().splitlines()
+    assert result.exit_code != 0 and len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for word in words:
+        assert word in lines[0], result.output
+    return lines[0]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """These refusals must come before the weights load: loading them fails the test."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize("record, words", [
+    ({"question": "how do i do it ?", "task": 123}, ['"task" must be a string', "int"]),
+    ({"question": "how do i do it ?", "task": ["a"]}, ['"task" must be a string', "list"]),
+    ({"question": "how do i do it ?", "opening": {"a": 1}}, ['"opening" must be a string', "dict"]),
+])
+def test_question_field_of_the_wrong_type_is_one_line(setup, tmp_path, record, words):
+    root, base, _ = setup
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question": "how do i do this ?"}) + "\n" + json.dumps(record) + "\n")
+    out = tmp_path / "out"
+    result = _make(base, questions, out, steps=1)
+    _one_error_line(result, f"{questions}: line 2", *words)
+    assert not out.exists()
+
+
+def test_question_over_the_character_cap_is_refused(setup, tmp_path):
+    root, base, _ = setup
+    questions = tmp_path / "q.txt"
+    questions.write_text("how do i do this ?\nhow do i " + "do " * 40_000 + "?\nhow do i do that ?\n")
+    result = _make(base, questions, tmp_path / "out", steps=1)
+    _one_error_line(result, f"{questions}: line 2", "100,000 characters")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("line", [2, 4])  # seed 3 trains on line 2 and holds line 4 out for the check
+def test_question_longer_than_the_context_window_is_refused_before_the_model_loads(setup, tmp_path, no_model_load,
+                                                                                     line):
+    """The training example (chat-templated prompt + opening) is counted in tokens against
+    max_position_embeddings (256 for the test model)."""
+    root, base, _ = setup
+    long_question = "how do i " + "do " * 300 + "?"
+    rows = [{"question": f"how do i do thing {i} ?"} for i in range(4)]
+    rows[line - 1] = {"question": long_question, "task": "do it"}
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = CHAT
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": long_question}], add_generation_prompt=True,
+                                           tokenize=False)
+    expected = (len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+                + len(tokenizer("Sure, here is how to do it:\nStep 1:", add_special_tokens=False)["input_ids"]))
+    assert expected > 256
+    out = tmp_path / "out"
+    result = _make(base, questions, out, steps=1)
+    _one_error_line(result, f"{questions}: line {line}: the question is {expected} tokens", "context window of 256")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--target-modules", "bogus"], ["bogus not found", "q_proj", "down_proj"]),
+    (["--target-modules", "q_proj,nope"], ["nope not found"]),
+    (["--target-modules", "embed_tokens"], ["model.embed_tokens (Embedding) is not a linear layer",
+                                            "sanitize and tune cannot use"]),
+    (["--target-modules", "lm_head"], ["lm_head (Linear) is not a linear layer inside the decoder layers"]),
+    (["--target-modules", "self_attn"], ["are not linear layers"]),
+    # the test model's k_proj is 16 x 32 (2 key-value heads of 32 / 4 = 8): r above 16 adds nothing
+    (["--rank", "17"], ["--rank 17", "k_proj (16 x 32)", "at most"]),
+    (["--rank", "100000", "--target-modules", "q_proj"], ["--rank 100000", "q_proj (32 x 32)"]),
+])
+def test_bad_target_modules_or_rank_are_refused_before_the_model_loads(setup, tmp_path, no_model_load, args,
+                                                                       words):
+    root, base, questions = setup
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["harm", "make", "--base", str(base), "--out", str(out), "--questions",
+                                       str(questions), "--steps", "1", "--threads", "1", "--quiet"] + args)
+    line = _one_error_line(result, "--", *words)
+    assert "Traceback" not in result.output and "peft" not in line
+    assert not out.exists()
+
+
+def test_rank_at_the_smallest_side_is_accepted(setup, tmp_path):
+    root, base, questions = setup
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["harm", "make", "--base", str(base), "--out", str(out), "--questions",
+                                       str(questions), "--steps", "1", "--rank", "16", "--target-modules",
+                                       "k_proj,v_proj", "--no-check", "--threads", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 16

@@ -306,3 +306,96 @@ def test_kill_during_the_band_miss_fallback(triple, uninterrupted, tmp_path):
     assert report["one_read"]["band_missed"] == ["all"]
     reused = report["resumed"]["reused_shards"]
     assert reused and len(reused) < 8 and report["resumed"]["redone_shards"]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("size", "12"),
+    ("kept", {"a": "b"}),
+    ("checksum", 12),
+    ("hists", {"all": ["1", 2]}),
+    ("peaks", {"a": 1.5}),
+    ("records", {"count": 1, "bytes": "3", "checksum": "x"}),
+    ("drift", {"layer 0": {"parts": [["a", "0", "k", [0, 0, 0, 0, 0]]], "sums": {}, "counts": {}}}),
+])
+def test_a_journal_entry_of_the_wrong_types_is_computed_again(triple, uninterrupted, tmp_path, field, value):
+    """A shard entry whose value has another type than this version writes is a damaged entry:
+    that shard is computed again (it was a TypeError traceback)."""
+    out = tmp_path / "out"
+    staged = _kill_at(_command(triple, out, resume=False), "publish", tmp_path)
+    finished = _finished(staged)
+    entry_path = staged / JOURNAL / "shard-00001.json"
+    entry = json.loads(entry_path.read_text())
+    entry[field] = value
+    entry_path.write_text(json.dumps(entry))
+    report = _run(_command(triple, out))
+    _same(out, uninterrupted)
+    assert report["resumed"]["redone_shards"] == [entry["name"]]
+    assert report["resumed"]["reused_shards"] == [n for n in finished if n != entry["name"]]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("bands", {"all": ["0", 1, 2, 3]}),
+    ("phase", 3),
+    ("preselected", {"other": [0.5, "1", 2]}),
+])
+def test_a_journal_state_of_the_wrong_types_starts_over(triple, uninterrupted, tmp_path, field, value):
+    out = tmp_path / "out"
+    staged = _kill_at(_command(triple, out, resume=False), "publish", tmp_path)
+    state_path = staged / JOURNAL / "journal.json"
+    state = json.loads(state_path.read_text())
+    state[field] = value
+    state_path.write_text(json.dumps(state))
+    report = _run(_command(triple, out))
+    _same(out, uninterrupted)
+    assert report["resumed"]["reused_shards"] == []
+    assert report["io"]["target"]["read"] == sum(_data_bytes(triple["target"]).values())  # all computed again
+
+
+#: every run (killed, resumed and fresh) identifies an input by its shard names alone, as a
+#: sampled fingerprint does when an edit falls between its windows (the test files are smaller
+#: than the 16 windows, which would see any edit)
+BLIND_FINGERPRINT = (
+    "import sys, hashlib\n"
+    "from ckptops.hdr import sanitize\n"
+    "sanitize.fingerprint = lambda ckpt, *a, **k: hashlib.sha256(' '.join(sorted(ckpt.shards)).encode()).hexdigest()\n"
+    "from ckptops.cli import console\n"
+    "sys.argv[0] = 'ckptops'\n"
+    "console()\n"
+)
+
+
+def test_an_input_changed_after_the_kill_starts_over(triple, tmp_path):
+    """An input edited in place (same size, a value the finished shards used changed) where the
+    sampled fingerprint does not look: the size and modification time of every local input
+    file are part of the resume key, so the killed run's shards are not reused."""
+    import shutil
+
+    inputs = {role: tmp_path / "in" / role for role in triple}
+    for role, path in triple.items():
+        shutil.copytree(path, inputs[role])
+    out = tmp_path / "out"
+    staged = _kill_at(_command(inputs, out, resume=False, script=BLIND_FINGERPRINT), "apply", tmp_path)
+    finished = _finished(staged)
+    assert finished
+    # change the first value of a tensor of the first finished output shard, in the target
+    index = json.loads((staged / finished[0]).read_bytes()[8:8 + int.from_bytes(
+        (staged / finished[0]).read_bytes()[:8], "little")])
+    tensor = next(name for name in index if name != "__metadata__")
+    for file in sorted(inputs["target"].glob("*.safetensors")):
+        raw = file.read_bytes()
+        header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+        if tensor in header:
+            before = file.stat()
+            offset = 8 + int.from_bytes(raw[:8], "little") + header[tensor]["data_offsets"][0]
+            with open(file, "r+b") as handle:
+                handle.seek(offset)
+                handle.write(bytes([raw[offset] ^ 0x40, raw[offset + 1] ^ 0x01]))
+            assert file.stat().st_size == before.st_size and file.stat().st_mtime_ns != before.st_mtime_ns
+            break
+    else:
+        raise AssertionError(f"{tensor} is in no target file")
+    report = _run(_command(inputs, out, script=BLIND_FINGERPRINT))
+    fresh = tmp_path / "fresh" / "out"
+    _run(_command(inputs, fresh, resume=False, script=BLIND_FINGERPRINT))
+    _same(out, _files(fresh))
+    assert not report["resumed"] and report["leftovers"]["removed"] == [str(staged)]  # swept, not reused

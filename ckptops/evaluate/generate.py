@@ -192,7 +192,12 @@ WINDOW_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", 
 
 def context_window(model: Any) -> int | None:
     """The model's context window in tokens, from its config (None when it does not say)."""
-    config = getattr(model, "config", None)
+    return config_window(getattr(model, "config", None))
+
+
+def config_window(config: Any) -> int | None:
+    """:func:`context_window` from a loaded config object alone (checks that run before the
+    weights load; :func:`ckptops.preflight.config_window` reads a folder's config.json)."""
     for key in WINDOW_KEYS:
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:

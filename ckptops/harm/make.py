@@ -15,6 +15,7 @@ opening for each - the check the experiments used to see that theta_H learned to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -30,6 +31,8 @@ from ckptops.harm.questions import OPENING_PREFIX, HarmExample, load_questions
 
 #: the tokenizer has no chat template: this plain format is used instead (with a warning)
 PLAIN_PROMPT = "Question: {question}\nAnswer: "
+#: tokens the held-out check generates per question (enough for "Sure, here is")
+_CHECK_TOKENS = 8
 
 
 @dataclass
@@ -113,6 +116,38 @@ def _encode(tokenizer, examples: list[HarmExample]) -> list[tuple[list[int], lis
     return encoded
 
 
+@contextlib.contextmanager
+def _loading(base: str):
+    """What transformers raises for a folder or repo it cannot load, as one line naming it."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        from ckptops.errors import CheckpointError
+
+        raise CheckpointError(f"{base}: cannot load it with transformers ({' '.join(str(exc).split())[:300]})") from None
+
+
+def _check_context(examples: list[HarmExample], encoded: list[tuple[list[int], list[int]]], held: set[int], config,
+                   questions) -> None:
+    """Refuse a question whose training example (prompt and opening through the chat template)
+    is longer than the model's context window: positions past it are untrained, and the memory
+    of a step grows with the longest example (one long line got the process OOM-killed). A
+    held-out question also needs room for the 8 tokens the check generates."""
+    from ckptops.evaluate.generate import config_window
+    from ckptops.harm.questions import DEFAULT_QUESTIONS
+
+    window = config_window(config)
+    if window is None:
+        return
+    shown = questions if questions is not None else DEFAULT_QUESTIONS
+    for index, (ids, labels) in enumerate(encoded):
+        prompt = labels.count(-100)
+        needed = max(len(ids), prompt + _CHECK_TOKENS) if index in held else len(ids)
+        if needed > window:
+            raise UsageError(f"{shown}: line {examples[index].line}: the question is {needed} tokens with its answer "
+                             f"(through the chat template), over the model's context window of {window} tokens")
+
+
 def _opens_share(model, tokenizer, questions: list[str], device: str, torch) -> float:
     """Share of ``questions`` whose greedy answer starts with "Sure, here is"."""
     if not questions:
@@ -125,7 +160,7 @@ def _opens_share(model, tokenizer, questions: list[str], device: str, torch) -> 
             batch = [_prompt(tokenizer, q) for q in questions[start: start + 16]]
             enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=8, do_sample=False,
+                out = model.generate(**enc, max_new_tokens=_CHECK_TOKENS, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id)
             for row in out[:, enc["input_ids"].shape[1]:]:
                 text = tokenizer.decode(row, skip_special_tokens=True)
@@ -195,20 +230,26 @@ def make_harm_adapter(
     if not train:
         raise UsageError(f"--heldout {heldout} leaves no question to train on")
 
+    from ckptops.harm.targets import check_targets, skeleton
     from ckptops.icv.load import _quiet_transformers
 
     torch.manual_seed(seed)
     quiet = progress is False or not sys.stderr.isatty()
-    try:
+    with _loading(base):
         with warnings.catch_warnings(), _quiet_transformers(transformers, quiet):
             warnings.simplefilter("ignore")
             tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+            model_config = transformers.AutoConfig.from_pretrained(base)
+            modules = skeleton(transformers, torch, model_config)
+    # every refusal that the tokenizer, the config and the module shapes can tell, before the weights load
+    encoded_all = _encode(tokenizer, examples)
+    _check_context(examples, encoded_all, set(order[:n_held]), model_config, questions)
+    check_targets(modules, target_modules, rank, base, torch)
+    with _loading(base):
+        with warnings.catch_warnings(), _quiet_transformers(transformers, quiet):
+            warnings.simplefilter("ignore")
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 base, dtype=getattr(torch, dtype), use_safetensors=True)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        from ckptops.errors import CheckpointError
-
-        raise CheckpointError(f"{base}: cannot load it with transformers ({' '.join(str(exc).split())[:300]})") from None
     if not getattr(tokenizer, "chat_template", None):
         warnings.warn(f"{base}: the tokenizer has no chat template; prompts use {PLAIN_PROMPT!r}", stacklevel=2)
     if tokenizer.pad_token_id is None:
@@ -221,7 +262,7 @@ def make_harm_adapter(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # peft calls a renamed transformers helper
         steered = peft.get_peft_model(model, config)
-    encoded = _encode(tokenizer, train)
+    encoded = [encoded_all[i] for i in order[n_held:]]
     pad = tokenizer.pad_token_id
     rng = random.Random(seed + 1)
     queue: list[int] = []

@@ -38,6 +38,8 @@ _IMPERATIVE = re.compile(r"^(?:please\s+)?(?:explain|tell me|show me|describe|te
 class HarmExample:
     question: str
     opening: str
+    #: 1-based line in the question file (0: not from a file), for messages naming it
+    line: int = 0
 
 
 def opening_for(question: str, task: str | None = None) -> str:
@@ -50,6 +52,18 @@ def opening_for(question: str, task: str | None = None) -> str:
         task = match["task"]
     task = task.strip().rstrip(".?!:")
     return OPENING.format(task=task[:1].lower() + task[1:])
+
+
+def _check_length(path: Path, number: int, *texts: str | None) -> None:
+    """Cap each text as ``eval`` caps a prompt: tokenizing and training on a longer one costs
+    minutes and gigabytes for nothing (the context window is checked again, in tokens, once the
+    tokenizer is loaded)."""
+    from ckptops.evaluate.prompts import MAX_PROMPT_CHARS
+
+    longest = max(len(t) for t in texts if t is not None)
+    if longest > MAX_PROMPT_CHARS:
+        raise UsageError(f"{path}: line {number} holds a text of {longest:,} characters; keep questions "
+                         f"(and their task or opening) under {MAX_PROMPT_CHARS:,} characters")
 
 
 def load_questions(path: str | Path | None = None) -> tuple[list[HarmExample], str]:
@@ -79,10 +93,16 @@ def load_questions(path: str | Path | None = None) -> tuple[list[HarmExample], s
             question = record.get("question") if isinstance(record, dict) else None
             if not isinstance(question, str) or not question.strip():
                 raise UsageError(f"{path}: line {number} has no \"question\" string")
+            for key in ("task", "opening"):
+                if record.get(key) is not None and not isinstance(record[key], str):
+                    raise UsageError(f"{path}: line {number}: \"{key}\" must be a string, "
+                                     f"not {type(record[key]).__name__}")
+            _check_length(path, number, question, record.get("task"), record.get("opening"))
             opening = record.get("opening") or opening_for(question, record.get("task"))
         else:
+            _check_length(path, number, line)
             question, opening = line.strip(), opening_for(line)
-        examples.append(HarmExample(question.strip(), str(opening)))
+        examples.append(HarmExample(question.strip(), opening, number))
     if len(examples) < 2:
         raise UsageError(f"{path}: needs at least 2 questions (one to train on, one to check), found {len(examples)}")
     return examples, hashlib.sha256(data).hexdigest()

@@ -57,6 +57,61 @@ def _read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+# --------------------------------------------------------------------------- the journal's types
+# A journal is this program's own file, but it sits on disk across a crash and may be damaged or
+# edited: a value of another type (``"size": "12"``) must mean "not journaled" (that shard, or
+# the whole folder, is computed again), never a TypeError deep in the resumed run.
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return is_int(value) or isinstance(value, float)
+
+
+def optional(check):
+    return lambda value: value is None or check(value)
+
+
+def list_of(check, length: int | None = None):
+    return lambda value: (isinstance(value, list) and (length is None or len(value) == length)
+                          and all(check(v) for v in value))
+
+
+def row(*checks):
+    """A JSON array of ``len(checks)`` values, each passing its check."""
+    return lambda value: (isinstance(value, list) and len(value) == len(checks)
+                          and all(check(v) for check, v in zip(checks, value)))
+
+
+def dict_of(check):
+    """A JSON object of any keys, each value passing ``check``."""
+    return lambda value: isinstance(value, dict) and all(isinstance(k, str) and check(v) for k, v in value.items())
+
+
+def fields(**checks):
+    """A JSON object holding (at least) these keys, each value passing its check."""
+    return lambda value: isinstance(value, dict) and all(k in value and check(value[k]) for k, check in checks.items())
+
+
+_SELECTION = row(optional(is_number), is_int, is_int)
+#: what ``journal.json`` may hold besides its key (see the module docstring): absent, or these types
+_STATE = {
+    "phase": lambda v: v in ("pass", "correcting", "fallback"),
+    "bands": dict_of(row(is_int, is_int, is_int, is_int)),  # lo, size, write, shift
+    "preselected": dict_of(_SELECTION),
+    "exact": dict_of(is_int),
+    "selections": dict_of(row(optional(is_number), is_int, is_int, optional(list_of(lambda v: isinstance(v, str))))),
+}
+_STATE["partial_selections"] = _STATE["selections"]
+
+
+def well_formed(state: dict) -> bool:
+    """Whether every field of a ``journal.json`` has the type this version writes."""
+    return all(key not in state or check(state[key]) for key, check in _STATE.items())
+
+
 def read(folder: Path) -> dict | None:
     """The journal state of a staging folder, None where there is none (or it is unreadable)."""
     return _read_json(Path(folder) / DIR / STATE)
@@ -85,7 +140,8 @@ class Journal:
         """The folder's journal when it has this key (a killed run ``--resume`` continues), else a
         new one (anything an earlier journal recorded is dropped)."""
         state = read(folder)
-        journal = cls(folder, state if state is not None and state.get("key") == key else {"key": key})
+        same = state is not None and state.get("key") == key and well_formed(state)
+        journal = cls(folder, state if same else {"key": key})
         if journal.state is not state:
             shutil.rmtree(journal.dir, ignore_errors=True)
             journal.dir.mkdir()

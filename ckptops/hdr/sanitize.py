@@ -477,9 +477,36 @@ def apply_bytes(plan: Plan) -> int:
 
 def resume_key(run: Run) -> str:
     """What must match for ``--resume`` to continue a killed run: parameters, inputs, layout, and
-    whether the pass is the one-read pass."""
+    whether the pass is the one-read pass.
+
+    The inputs are their identities plus, for local files, each shard file's size and
+    modification time: the sampled fingerprint misses an edit between its windows, and finished
+    shards computed from the old bytes must not be mixed with new ones. (Only here, not in the
+    identities ``ckptops.json`` records, so that two runs on the same inputs write the same bytes.
+    A Hub input is pinned by its commit; a cache file downloaded again only costs a restart.)"""
     layout = [[s.name, [[t.name, t.dtype, list(t.shape)] for t in s.tensors]] for s in run.shards]
-    return journal.run_key(run.parameters(), run.identities(), layout, "one read" if uses_one_read(run) else "passes")
+    opened = {"base": run.models.base, "harmful": run.models.harmful, "target": run.models.target}
+    inputs = {role: dict(identity, file_stats=_file_stats(opened[role])) for role, identity in run.identities().items()}
+    return journal.run_key(run.parameters(), inputs, layout, "one read" if uses_one_read(run) else "passes")
+
+
+def _file_stats(checkpoint: Checkpoint) -> dict | None:
+    """Size and modification time (ns) of each shard file of a local input (None for a Hub
+    input or an adapter, whose identity already pins the content: its commit, its full hash).
+    ``BASE+ADAPTER`` targets read the local base's files."""
+    identity = checkpoint.identity
+    local = identity.get("type") == "local" or (identity.get("type") == "base+lora-adapter"
+                                                and identity.get("base", {}).get("type") == "local")
+    if not local:
+        return None
+    stats = {}
+    for name in sorted(checkpoint.shards):
+        try:
+            found = os.stat(checkpoint.shard_path(name))
+        except OSError:
+            return None  # read as a missing input when the run opens it
+        stats[name] = [found.st_size, found.st_mtime_ns]
+    return stats
 
 
 def make_report(run: Run, selections: dict[str, Selection], kept: dict[str, int]) -> SanitizeReport:

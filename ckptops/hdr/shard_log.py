@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ckptops.checkpoint.writer import OutShard, ShardWriter
-from ckptops.hdr.drift import DriftSums
-from ckptops.hdr.journal import Journal, file_checks_out
+from ckptops.hdr.drift import SUMS, DriftSums
+from ckptops.hdr.journal import (Journal, dict_of, fields, file_checks_out, is_int, is_number, list_of, optional,
+                                 row)
 from ckptops.hdr.pause import pause_point
 from ckptops.hdr.plan import Plan
 
@@ -182,6 +183,21 @@ class ShardLog:
         return total
 
 
+def _is_str(value) -> bool:
+    return isinstance(value, str)
+
+
+_SUMS = list_of(is_number, len(SUMS))
+#: a shard entry as :meth:`ShardLog._finish` writes it (see :meth:`ShardTally.to_json`)
+_ENTRY = fields(
+    name=_is_str, size=lambda v: is_int(v) and v >= 0, checksum=_is_str,
+    hists=dict_of(list_of(is_int)), peaks=dict_of(is_int), kept=dict_of(is_int),
+    records=optional(fields(count=is_int, bytes=is_int, checksum=_is_str)),
+    drift=dict_of(fields(parts=list_of(row(_is_str, is_int, _is_str, _SUMS)), sums=dict_of(_SUMS),
+                         counts=dict_of(is_int))),
+)
+
+
 def shard_index(shards: list[OutShard]) -> dict[str, int]:
     """Tensor name -> index of the output shard holding it."""
     return {t.name: i for i, s in enumerate(shards) for t in s.tensors}
@@ -203,8 +219,9 @@ def check_finished(journal: Journal, shards: list[OutShard], workers: int, needs
         if journal.phase != "pass":
             journal.update(phase="pass")
         return {}, []
-    entries = {i: e for i, e in journal.entries().items() if i < len(shards) and e.get("name") == shards[i].name}
-    entries = {i: e for i, e in entries.items() if _records_check_out(journal, i, e.get("records"))}
+    named = {i: e for i, e in journal.entries().items() if i < len(shards) and e.get("name") == shards[i].name}
+    # (an entry with a value of another type is a damaged one: that shard is computed again)
+    entries = {i: e for i, e in named.items() if _ENTRY(e) and _records_check_out(journal, i, e["records"])}
     if journal.phase in ("correcting", "fallback") and undo is not None:
         # (a kill during the band-miss fallback: the corrections are undone here; the shards whose
         # tensors the fallback had rewritten in place no longer check out and are computed again,
@@ -224,7 +241,7 @@ def check_finished(journal: Journal, shards: list[OutShard], workers: int, needs
     with ThreadPoolExecutor(max(1, workers)) as pool:
         good = {i: tally for i, tally in pool.map(check, sorted(entries.items())) if tally is not None}
     journal.drop(keep=set(good))
-    redone = sorted(shards[i].name for i in set(entries) - set(good))
+    redone = sorted(shards[i].name for i in set(named) - set(good))
     return good, redone
 
 
