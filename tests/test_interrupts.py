@@ -116,8 +116,17 @@ def _before_ckptops(returncode: int, lines: list[str]) -> bool:
     if returncode == -signal.SIGINT and not any(_ckptops_frame(line) for line in lines):
         return True
     frames = [line for line in lines if _ckptops_frame(line)]
-    return (bool(lines) and lines[-1] == "KeyboardInterrupt"
-            and all(line.split('"')[1].endswith(os.path.join("ckptops", "__init__.py")) for line in frames))
+    return bool(lines) and lines[-1] == "KeyboardInterrupt" and all(_before_guard(line) for line in frames)
+
+
+def _before_guard(frame: str) -> bool:
+    """A frame of code that runs before ckptops installs its start-up guard: ``ckptops/__init__.py``
+    up to the guard, and ``ckptops/_startup.py``'s module body (its own imports), which
+    ``__init__`` runs to get the guard."""
+    path = frame.split('"')[1]
+    if path.endswith(os.path.join("ckptops", "__init__.py")):
+        return True
+    return path.endswith(os.path.join("ckptops", "_startup.py")) and frame.rstrip().endswith("in <module>")
 
 
 def _ckptops_frame(line: str) -> bool:
@@ -205,6 +214,12 @@ def test_start_up_interrupts_are_told_from_ckptops_own():
     assert _before_ckptops(-signal.SIGINT, []) and _before_ckptops(-signal.SIGINT, editable)
     assert not _before_ckptops(1, ours) and not _before_ckptops(-signal.SIGINT, ours)
     assert not _before_ckptops(1, ["error: something else"])
+    # _startup's own imports run before the guard exists; its functions run after (the guard's)
+    startup_body = package_init[:3] + [f'  File "{os.sep}repo{os.sep}ckptops{os.sep}_startup.py", line 16, in <module>',
+                                       '    from typing import Callable', 'KeyboardInterrupt']
+    startup_function = package_init[:3] + [
+        f'  File "{os.sep}repo{os.sep}ckptops{os.sep}_startup.py", line 90, in release', 'KeyboardInterrupt']
+    assert _before_ckptops(-signal.SIGINT, startup_body) and not _before_ckptops(1, startup_function)
 
 
 @pytest.fixture(scope="module")
