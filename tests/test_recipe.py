@@ -112,6 +112,17 @@ def test_diff_names_the_file_holding_nan(tmp_path, poisoned):
     assert err.startswith(f"error: {folder}: ") and name in err, err
 
 
+def _sanitize_edit_area_auto(paths: dict[str, Path], out: Path) -> tuple[dict, dict]:
+    """sanitize --edit-area auto through the CLI: the output's tensors, and the in-memory
+    reference over layers 2-4 (the area an edit in layer 3 implies)."""
+    result = CliRunner().invoke(main, ["sanitize", "--base", str(paths["base"]), "--harmful", str(paths["harmful"]),
+                                       "--target", str(paths["target"]), "--out", str(out), "--edit-area", "auto", "-q"])
+    assert result.exit_code == 0, result.output
+    states = {r: load_folder(p) for r, p in paths.items()}
+    expected, _ = reference_hdr(states["base"], states["harmful"], states["target"], layers={2, 3, 4})
+    return load_folder(out), expected
+
+
 def test_edit_area_with_a_resized_vocabulary_and_an_extra_tensor(tmp_path):
     """A target with 8 added vocabulary rows and a tensor the base lacks (plain sanitize copies
     those): diff lists them as not compared instead of refusing, finds the edited layer from the
@@ -136,13 +147,7 @@ def test_edit_area_with_a_resized_vocabulary_and_an_extra_tensor(tmp_path):
     assert report["differing_layers"] == [3] and report["edit_area"] == "2-4"
     assert set(report["not_compared"]) == {"model.embed_tokens.weight", "lm_head.weight", "score.weight"}
 
-    out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["sanitize", "--base", str(paths["base"]), "--harmful", str(paths["harmful"]),
-                                       "--target", str(paths["target"]), "--out", str(out), "--edit-area", "auto", "-q"])
-    assert result.exit_code == 0, result.output
-    states = {r: load_folder(p) for r, p in paths.items()}
-    expected, _ = reference_hdr(states["base"], states["harmful"], states["target"], layers={2, 3, 4})
-    got = load_folder(out)
+    got, expected = _sanitize_edit_area_auto(paths, tmp_path / "out")
     assert set(got) == set(expected)
     assert all(bits_equal(got[name], expected[name]) for name in expected)
 
@@ -168,17 +173,11 @@ def test_edited_model_edit_area(tmp_path):
     report = json.loads(result.stdout)
     assert report["differing_layers"] == [3] and report["edit_area"] == "2-4"
 
-    out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["sanitize", "--base", str(paths["base"]), "--harmful", str(paths["harmful"]),
-                                       "--target", str(paths["target"]), "--out", str(out), "--edit-area", "auto", "-q"])
-    assert result.exit_code == 0, result.output
-    states = {r: load_folder(p) for r, p in paths.items()}
-    expected, _ = reference_hdr(states["base"], states["harmful"], states["target"], layers={2, 3, 4})
-    got = load_folder(out)
+    got, expected = _sanitize_edit_area_auto(paths, tmp_path / "out")
     for name, value in got.items():
         assert bits_equal(value, expected[name]), name
         if not any(f"layers.{i}." in name for i in (2, 3, 4)):
-            assert bits_equal(value, states["target"][name]), name
+            assert bits_equal(value, load_folder(paths["target"])[name]), name
 
 
 def test_already_sanitized_is_refused_without_force(tiny, tmp_path):

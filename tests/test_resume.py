@@ -308,6 +308,21 @@ def test_kill_during_the_band_miss_fallback(triple, uninterrupted, tmp_path):
     assert reused and len(reused) < 8 and report["resumed"]["redone_shards"]
 
 
+def _tamper_and_resume(triple, uninterrupted, tmp_path, name: str, field: str, value) -> tuple[dict, dict, list]:
+    """Stop a run just before its publish, set ``field`` of the journal file ``name`` to
+    ``value``, resume, and check the output is the uninterrupted run's. Returns the resumed
+    run's report, the journal file as it was, and the shards finished before the stop."""
+    out = tmp_path / "out"
+    staged = _kill_at(_command(triple, out, resume=False), "publish", tmp_path)
+    finished = _finished(staged)
+    path = staged / JOURNAL / name
+    original = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(original, **{field: value})))
+    report = _run(_command(triple, out))
+    _same(out, uninterrupted)
+    return report, original, finished
+
+
 @pytest.mark.parametrize("field, value", [
     ("size", "12"),
     ("kept", {"a": "b"}),
@@ -320,15 +335,7 @@ def test_kill_during_the_band_miss_fallback(triple, uninterrupted, tmp_path):
 def test_a_journal_entry_of_the_wrong_types_is_computed_again(triple, uninterrupted, tmp_path, field, value):
     """A shard entry whose value has another type than this version writes is a damaged entry:
     that shard is computed again (it was a TypeError traceback)."""
-    out = tmp_path / "out"
-    staged = _kill_at(_command(triple, out, resume=False), "publish", tmp_path)
-    finished = _finished(staged)
-    entry_path = staged / JOURNAL / "shard-00001.json"
-    entry = json.loads(entry_path.read_text())
-    entry[field] = value
-    entry_path.write_text(json.dumps(entry))
-    report = _run(_command(triple, out))
-    _same(out, uninterrupted)
+    report, entry, finished = _tamper_and_resume(triple, uninterrupted, tmp_path, "shard-00001.json", field, value)
     assert report["resumed"]["redone_shards"] == [entry["name"]]
     assert report["resumed"]["reused_shards"] == [n for n in finished if n != entry["name"]]
 
@@ -339,14 +346,7 @@ def test_a_journal_entry_of_the_wrong_types_is_computed_again(triple, uninterrup
     ("preselected", {"other": [0.5, "1", 2]}),
 ])
 def test_a_journal_state_of_the_wrong_types_starts_over(triple, uninterrupted, tmp_path, field, value):
-    out = tmp_path / "out"
-    staged = _kill_at(_command(triple, out, resume=False), "publish", tmp_path)
-    state_path = staged / JOURNAL / "journal.json"
-    state = json.loads(state_path.read_text())
-    state[field] = value
-    state_path.write_text(json.dumps(state))
-    report = _run(_command(triple, out))
-    _same(out, uninterrupted)
+    report, _, _ = _tamper_and_resume(triple, uninterrupted, tmp_path, "journal.json", field, value)
     assert report["resumed"]["reused_shards"] == []
     assert report["io"]["target"]["read"] == sum(_data_bytes(triple["target"]).values())  # all computed again
 
