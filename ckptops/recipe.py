@@ -338,7 +338,8 @@ def run_recipe(recipe: Recipe, *, out: str | None = None, progress: bool | None 
     check_models_exist(recipe)
     # serialised before any work: a value TOML cannot hold (undecodable bytes in a path) is
     # refused now, not after minutes of sanitizing
-    recipe_text = "# resolved by ckptops; run again with: ckptops run recipe.toml --out NEW_FOLDER\n" + stored.to_toml()
+    recipe_text = ("# resolved by ckptops; local paths are read from the folder the run started in: from there,\n"
+                   "# run again with: ckptops run OUT/recipe.toml --out NEW_FOLDER\n" + stored.to_toml())
     models, hdr, icv, output = recipe["models"], recipe["hdr"], recipe["icv"], recipe["output"]
     destination = Path(output["out"]).expanduser()
     roots = [Path(models[r]) for r in ("base", "harmful", "target") if models[r] and Path(models[r]).exists()]

@@ -394,7 +394,11 @@ def test_an_input_changed_after_the_kill_starts_over(triple, tmp_path):
             break
     else:
         raise AssertionError(f"{tensor} is in no target file")
-    report = _run(_command(inputs, out, script=BLIND_FINGERPRINT))
+    result = subprocess.run(_command(inputs, out, script=BLIND_FINGERPRINT), env=_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert "warning: --resume: nothing to continue" in result.stderr, result.stderr  # said, not silent
+    assert "inputs, their files or the settings differ" in result.stderr
     fresh = tmp_path / "fresh" / "out"
     _run(_command(inputs, fresh, resume=False, script=BLIND_FINGERPRINT))
     _same(out, _files(fresh))

@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ckptops import __version__
 from ckptops.checkpoint.card import render_card
 from ckptops.checkpoint.dtypes import CONFIG_DTYPE_NAMES, itemsize
-from ckptops.checkpoint.leftovers import Leftovers, sweep
+from ckptops.checkpoint.leftovers import Leftovers, is_live, staging_folders, sweep
 from ckptops.checkpoint.lora import Inputs, open_inputs
 from ckptops.checkpoint.publish import check_destination, copy_side_files, staging_folder, write_index
 from ckptops.checkpoint.resolve import Checkpoint, fingerprint, full_sha256
@@ -233,6 +234,8 @@ def sanitize(
     check_before_work(run)  # harmful settings and silent no-ops, before any tensor data
     key = resume_key(run)
     reuse = journal.find(run.out_path, key) if options.resume else None
+    if options.resume and reuse is None:
+        _say_why_not_resumed(run.out_path)
     run.leftovers = sweep(run.out_path, keep=reuse)
     with staging_folder(run.out_path, options.overwrite, reuse) as folder, single_threaded_torch():
         run.journal = journal.Journal.start(folder, key)  # every run: --resume may continue it
@@ -442,6 +445,15 @@ def _encode_selections(selections: dict[str, Selection]) -> dict:
 def _decode_selections(recorded: dict) -> dict[str, Selection]:
     return {g: Selection(t, c, k, None if changed is None else frozenset(changed))
             for g, (t, c, k, changed) in recorded.items()}
+
+
+def _say_why_not_resumed(out: Path) -> None:
+    """``--resume`` with nothing to continue: one line saying so, and why when a dead run's folder
+    is there (its inputs, files or settings differ: continuing it would mix two runs' shards)."""
+    dead = [f for f in staging_folders(out) if ".ckptops-tmp-" in f.name and not is_live(f)]
+    why = ("an interrupted run's folder is there, but its inputs, their files or the settings differ"
+           if dead else "no interrupted run into it was found")
+    warnings.warn(f"--resume: nothing to continue for {out} ({why}); starting over", stacklevel=3)
 
 
 def select_pass(run: Run, pool: WorkerPool) -> dict[str, Selection]:
