@@ -322,6 +322,37 @@ def test_hub_cache_snapshot_links_into_its_blobs_are_copied(tmp_path):
     assert not (out / "notes.txt").exists() and not _holds_secret(out)
 
 
+def test_a_local_dir_folder_linking_its_large_files_to_cache_blobs_works(tmp_path):
+    """``huggingface-cli download --local-dir`` (older huggingface_hub) copies small files and
+    links large ones (shards, a big tokenizer.json) to absolute paths in the cache's blobs/:
+    those links count as inside, the files are copied; a link elsewhere is still refused."""
+    paths = _side_triple(tmp_path)
+    blobs = tmp_path / "cache" / "models--org--target" / "blobs"
+    blobs.mkdir(parents=True)
+    local_dir = tmp_path / "local-dir"
+    local_dir.mkdir()
+    (paths["target"] / "tokenizer.json").write_text('{"version": "1.0"}')
+    for file in sorted(paths["target"].iterdir()):
+        if file.is_symlink():
+            continue
+        if file.suffix == ".safetensors" or file.name == "tokenizer.json":
+            blob = blobs / f"{len(file.name):040d}{file.stem}"
+            blob.write_bytes(file.read_bytes())
+            (local_dir / file.name).symlink_to(blob.resolve())
+        else:
+            (local_dir / file.name).write_bytes(file.read_bytes())
+    out = tmp_path / "out"
+    result = _run(_sanitize_args(dict(paths, target=local_dir), out))
+    assert result.exit_code == 0, result.output
+    assert (out / "tokenizer.json").read_bytes() == b'{"version": "1.0"}'
+    elsewhere = tmp_path / "models--x" / "other" / "tokenizer.json"  # not a cache blob
+    elsewhere.parent.mkdir(parents=True)
+    elsewhere.write_text("{}")
+    (local_dir / "tokenizer.json").unlink()
+    (local_dir / "tokenizer.json").symlink_to(elsewhere)
+    _one_line(_run(_sanitize_args(dict(paths, target=local_dir), tmp_path / "out2")), "outside the model folder")
+
+
 @pytest.mark.parametrize("role", ["--out", "--target"])
 def test_a_path_that_is_not_utf8_is_refused_before_any_work(tmp_path, role):
     """Bytes that are not UTF-8 in a file name reach Python as lone surrogates, which no UTF-8

@@ -8,9 +8,11 @@ So a side file that is a symbolic link whose target lies outside the model folde
 copied: a stray file is skipped with a warning, and a file the output needs to load (its config,
 its tokenizer) is refused, since an output without it would not load as the input did.
 
-One exception keeps the Hugging Face cache working: every file of a cache snapshot
+Two exceptions keep the Hugging Face cache working: every file of a cache snapshot
 (``.../models--ORG--NAME/snapshots/REV/``) is a link into ``.../models--ORG--NAME/blobs/``, so
-targets anywhere inside the same ``models--*`` repo folder count as inside.
+targets anywhere inside the same ``models--*`` repo folder count as inside; and a link to a blob
+of any cache repo (``models--*/blobs/<hash>``, as ``huggingface-cli download --local-dir``
+made them) counts as inside too.
 
 Weight shards reached through symbolic links are read as before (users link big shards, and the
 cache relies on it): they are read, never copied verbatim, and their headers are validated.
@@ -47,11 +49,19 @@ def allowed_area(root: Path) -> Path:
 
 
 def outside_link(entry: Path, area: Path) -> str | None:
-    """Where ``entry`` finally leads when it is a symbolic link out of ``area``, else None."""
+    """Where ``entry`` finally leads when it is a symbolic link out of ``area``, else None. A link
+    to a blob of a Hugging Face cache counts as inside: a folder made by ``huggingface-cli download
+    --local-dir`` (older huggingface_hub) links its large files (a 9 MB tokenizer.json) to
+    ``~/.cache/huggingface/hub/models--ORG--NAME/blobs/<hash>``, content the Hub served."""
     if not entry.is_symlink():
         return None
     target = Path(os.path.realpath(entry))
-    return None if target.is_relative_to(area) else str(target)
+    return None if target.is_relative_to(area) or is_cache_blob(target) else str(target)
+
+
+def is_cache_blob(path: Path) -> bool:
+    """``path`` is a file in the ``blobs/`` folder of a Hugging Face cache repo folder."""
+    return path.parent.name == "blobs" and path.parent.parent.name.startswith("models--") and path.is_file()
 
 
 def _candidates(root: Path):
