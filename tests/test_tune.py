@@ -468,7 +468,8 @@ def _json_edit(change):
     (_json_edit(lambda r: r["measurement"]["outputs"][0].update(prompt=None)), 2, "measurement outputs[0] lacks one"),
     (_json_edit(lambda r: r.update(split="other")), 3, "split is 'other'"),
     (lambda line: b"null", 1, "not a ckptops tune log"),
-    (lambda line: b'{"format": "ckptops.tune.trials/1"}', 1, "the format record lacks its settings"),
+    (lambda line: b'{"format": "ckptops.tune.trials/2"}', 1, "the format record lacks its settings"),
+    (_json_edit(lambda r: r.update(format="ckptops.tune.trials/1")), 1, "written by an earlier ckptops"),
     (lambda line: b"\xff\xfe", 2, "not a line of JSON text"),
 ])
 def test_a_damaged_log_is_one_line_before_any_model_loads(triple, finished_log, tmp_path, monkeypatch, edit, number,
@@ -527,6 +528,14 @@ def test_the_log_identifies_models_and_files_by_content(triple, session, tmp_pat
     with pytest.raises(UsageError, match=r"made with other settings \(target differ\)"):
         tune(models["base"], models["harmful"], models["target"], harmful, xs, out, **args)
     weights.write_bytes(original)
+    # the same weights with another file transformers reads (a new chat template, say)
+    loading = next(models["target"] / name for name in ("tokenizer_config.json", "config.json")
+                   if (models["target"] / name).is_file())
+    kept = loading.read_bytes()
+    loading.write_bytes(kept.rstrip() + b"\n\n")
+    with pytest.raises(UsageError, match=r"made with other settings \(target differ\)"):
+        tune(models["base"], models["harmful"], models["target"], harmful, xs, out, **args)
+    loading.write_bytes(kept)
     text.write_text("a different text .\n")
     with pytest.raises(UsageError, match=r"made with other settings \(ppl differ\)"):
         tune(models["base"], models["harmful"], models["target"], harmful, xs, out, **args)

@@ -43,10 +43,23 @@ def open_models(base: str | os.PathLike, harmful: str | os.PathLike, target: str
     warn_if_nothing_takes_part(plan, "every candidate equals the target")
     roles = (("base", opened.base), ("harmful", opened.harmful), ("target", opened.target))
     identities = {role: _without_refs(input_identity(checkpoint)) for role, checkpoint in roles}
+    for role, checkpoint in roles:  # what the weights' fingerprint does not cover: config, tokenizer, template
+        if checkpoint.root is not None:
+            identities[role]["loading_files"] = loading_files_identity(Path(checkpoint.root))
     parts = split_base_plus_adapter(os.fspath(target)) or (target,)  # BASE+ADAPTER: the adapter's folder too
     roots = [checkpoint.root for _, checkpoint in roles if checkpoint.root is not None]
     roots += [Path(ref) for ref in (base, harmful, *parts) if Path(ref).exists()]
     return identities, roots
+
+
+def loading_files_identity(root: Path) -> dict[str, str]:
+    """The sha256 of each file transformers reads besides the weights (config, generation config,
+    tokenizer, chat template) in a local folder: a new chat template changes every answer while
+    the weights stay the same."""
+    from ckptops.checkpoint.resolve import full_sha256
+    from ckptops.checkpoint.side_files import NEEDED
+
+    return {name: full_sha256(root / name) for name in sorted(NEEDED) if (root / name).is_file()}
 
 
 def file_identity(path: str | os.PathLike | None) -> dict | None:

@@ -27,7 +27,9 @@ from ckptops.tune.measure import Measurement
 from ckptops.tune.space import Candidate
 
 LOG_NAME = "trials.jsonl"
-FORMAT = "ckptops.tune.trials/1"
+FORMAT = "ckptops.tune.trials/2"
+#: version 1 recorded the models by path: its trials cannot be matched to models identified by content
+OLD_FORMATS = ("ckptops.tune.trials/1",)
 START_OVER = "move the file away to start over"
 
 
@@ -71,6 +73,10 @@ class TrialLog:
             self._cut(data, 0)
             return False
         number, header = found[0]
+        if isinstance(header, dict) and header.get("format") in OLD_FORMATS:
+            raise UsageError(f"{self.path}:{number}: written by an earlier ckptops, which recorded the models by "
+                             "path, not by content, so its trials cannot be matched to these models; use another "
+                             f"--out, or {START_OVER}")
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise UsageError(f"{self.path}:{number}: not a ckptops tune log (its first line is not the "
                              f"{FORMAT} format record); use another --out, or {START_OVER}")
