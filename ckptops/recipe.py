@@ -312,11 +312,12 @@ def check_models_exist(recipe: Recipe) -> None:
         ref = recipe["models"][role]
         if role == "harmful" and recipe["harm"]["make"]:
             continue
-        if role == "target" and split_base_plus_adapter(ref) is not None:
-            continue  # BASE+ADAPTER: both parts exist or are Hub ids
-        if not Path(ref).expanduser().exists() and (parse_hub_ref(ref) is None or looks_local(ref)):
-            raise RecipeError(f"{recipe.source}: models.{role} = {ref!r}: no such folder "
-                              "(a Hub model is org/name, and its org is not a local folder)")
+        parts = split_base_plus_adapter(ref) if role == "target" else None
+        for part in parts or (ref,):  # BASE+ADAPTER: each part a local folder or a Hub id
+            if not Path(part).expanduser().exists() and (parse_hub_ref(part) is None or looks_local(part)):
+                named = f"{ref!r}" if parts is None else f"{ref!r}: {part!r}"
+                raise RecipeError(f"{recipe.source}: models.{role} = {named}: no such folder "
+                                  "(a Hub model is org/name, and its org is not a local folder)")
 
 
 def run_recipe(recipe: Recipe, *, out: str | None = None, progress: bool | None = None,

@@ -212,6 +212,17 @@ def test_recipe_errors_are_one_line(tiny, tmp_path, content, override, needle):
     assert err.startswith("error: ") and len(err.splitlines()) == 1 and needle in err, err
 
 
+def test_check_names_a_missing_adapter_of_a_base_plus_adapter_target(tiny, tmp_path):
+    recipe = tmp_path / "r.toml"
+    target = f'{tiny["base"]}+{tmp_path / "no-adapter"}'
+    recipe.write_text(f'[models]\nbase = "{tiny["base"]}"\nharmful = "{tiny["harmful"]}"\ntarget = "{target}"\n'
+                      '[output]\nout = "o"\n')
+    result = CliRunner().invoke(main, ["run", str(recipe), "--check"])
+    err = result.stderr.strip()
+    assert result.exit_code != 0 and len(err.splitlines()) == 1, err
+    assert f"models.target = {target!r}: {str(tmp_path / 'no-adapter')!r}: no such folder" in err, err
+
+
 @pytest.mark.parametrize("check", [False, True])
 def test_recipe_missing_model_is_named(tiny, tmp_path, check):
     recipe = tmp_path / "r.toml"

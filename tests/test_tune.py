@@ -656,3 +656,15 @@ def test_ctrl_c_during_the_search_says_what_the_log_keeps(triple, tmp_path, monk
     assert result.output.strip().splitlines() == [
         (f"error: interrupted; {out} keeps the 2 trial(s) measured so far in trials.jsonl; "
          "rerun the same command to continue")]
+
+
+def test_the_recipe_records_each_part_of_base_plus_adapter_absolute(tmp_path, monkeypatch):
+    """tune's recipe.toml must run from any folder: a relative BASE+ADAPTER target is recorded
+    with both parts absolute (it was kept as typed while base and harmful were absolute)."""
+    from ckptops.tune.run import _identity
+
+    for name in ("base", "adapter"):
+        (tmp_path / "m" / name).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert _identity("m/base+m/adapter") == f"{tmp_path / 'm' / 'base'}+{tmp_path / 'm' / 'adapter'}"
+    assert _identity("m/base") == str(tmp_path / "m" / "base") and _identity("org/name") == "org/name"

@@ -176,6 +176,13 @@ def _objective(m: Measurement, target: Measurement, limits: Limits) -> float:
 
 
 def _identity(ref: str | os.PathLike) -> str:
+    """A model reference as the recipe records it: local paths absolute (the recipe runs from any
+    folder), each part of BASE+ADAPTER on its own; Hub ids as given."""
+    from ckptops.checkpoint.lora import split_base_plus_adapter
+
+    parts = split_base_plus_adapter(os.fspath(ref))
+    if parts is not None:
+        return "+".join(_identity(part) for part in parts)
     path = Path(ref)
     return str(path.resolve()) if path.exists() else str(ref)
 
