@@ -25,7 +25,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from ckptops.errors import CkptopsError, RecipeError, UsageError
+from ckptops.errors import CkptopsError, OutputError, RecipeError, UsageError
 
 # section -> key -> (expected python types, default, required)
 _NUM = (int, float)
@@ -272,16 +272,21 @@ _RECIPE_KEYS = {"--top-k": "hdr.top_k", "--scale": "hdr.scale", "--scope": "hdr.
                 "--steps": "harm.steps", "--lr": "harm.lr", "--batch-size": "harm.batch_size"}
 
 
+#: the same for the checks of ``harm make`` (its --dtype and --out are [harm]'s, not [hdr]'s)
+_HARM_KEYS = {"--rank": "harm.rank", "--steps": "harm.steps", "--lr": "harm.lr", "--batch-size": "harm.batch_size",
+              "--device": "harm.device", "--dtype": "harm.dtype", "--out": "harm.out"}
+
+
 @contextmanager
-def in_recipe_terms(source: str):
+def in_recipe_terms(source: str, keys: dict[str, str] | None = None):
     """The option checks are shared with the command line and name their flag (``--scale -3 is
     negative``); from a recipe the user needs the file and the key to edit, so say those."""
     try:
         yield
-    except UsageError as exc:
+    except (UsageError, OutputError) as exc:
         text = str(exc)
         flag = re.match(r"--[a-z-]+", text)
-        key = _RECIPE_KEYS.get(flag.group()) if flag else None
+        key = (keys or _RECIPE_KEYS).get(flag.group()) if flag else None
         if key is None:
             raise
         raise RecipeError(f"{source}: {key}{text[flag.end():]}") from None
@@ -299,6 +304,55 @@ def check_hdr_settings(recipe: Recipe, force: bool = False) -> None:
         SanitizeOptions.from_recipe(hdr, progress=False, force=force)
         compile_excludes(hdr["exclude"])
         check_sign(hdr["scale"], force)
+
+
+def check_icv_settings(recipe: Recipe) -> None:
+    """The ``[icv]`` values the ICV step would refuse only after the whole HDR: sizes, layer
+    specs and the demonstrations file, named by key (``run --check`` reports them too)."""
+    from ckptops.hdr.layers import parse_layers
+    from ckptops.units import parse_size
+
+    icv, source = recipe["icv"], recipe.source
+    if not icv["enabled"]:
+        return
+    try:
+        if icv["max_memory"]:
+            if parse_size(icv["max_memory"], "icv.max_memory") <= 0:
+                raise UsageError(f"icv.max_memory: must be positive, got {icv['max_memory']!r}")
+        if icv["layers"]:
+            parse_layers(icv["layers"])
+    except CkptopsError as exc:
+        text = str(exc).removeprefix("--layers: ")
+        raise RecipeError(f"{source}: {text if text.startswith('icv.') else 'icv.layers: ' + text}") from None
+    if icv["demos"] and not Path(icv["demos"]).expanduser().is_file():
+        raise RecipeError(f"{source}: icv.demos = {icv['demos']!r}: no such file")
+
+
+def check_harm_settings(recipe: Recipe) -> None:
+    """With ``[harm] make``: the values ``harm make`` refuses before training, named by key."""
+    harm, source = recipe["harm"], recipe.source
+    if not harm["make"]:
+        return
+    from ckptops.harm.make import check_settings
+
+    with in_recipe_terms(source, _HARM_KEYS):
+        check_settings(harm["rank"], None, harm["steps"], harm["lr"], harm["batch_size"], 0.0, harm["device"],
+                       harm["dtype"])
+    if harm["questions"] and not Path(harm["questions"]).expanduser().is_file():
+        raise RecipeError(f"{source}: harm.questions = {harm['questions']!r}: no such file")
+
+
+def check_output(recipe: Recipe) -> Path:
+    """``output.out``: not an input, not holding one, new unless ``output.overwrite`` (named by
+    key; ``run --check`` reports it too). Returns it."""
+    from ckptops.checkpoint.publish import check_destination
+
+    models, output = recipe["models"], recipe["output"]
+    destination = Path(output["out"]).expanduser()
+    roots = [Path(models[r]) for r in ("base", "harmful", "target") if models[r] and Path(models[r]).exists()]
+    with in_recipe_terms(recipe.source, {"--out": "output.out"}):
+        check_destination(destination, roots, output["overwrite"])
+    return destination
 
 
 def check_models_exist(recipe: Recipe) -> None:
@@ -336,15 +390,15 @@ def run_recipe(recipe: Recipe, *, out: str | None = None, progress: bool | None 
         data["output"]["out"] = out
     recipe = validate(data, recipe.source)
     check_hdr_settings(recipe, force)
+    check_icv_settings(recipe)
+    check_harm_settings(recipe)
     check_models_exist(recipe)
     # serialised before any work: a value TOML cannot hold (undecodable bytes in a path) is
     # refused now, not after minutes of sanitizing
     recipe_text = ("# resolved by ckptops; local paths are read from the folder the run started in: from there,\n"
                    "# run again with: ckptops run OUT/recipe.toml --out NEW_FOLDER\n" + stored.to_toml())
     models, hdr, icv, output = recipe["models"], recipe["hdr"], recipe["icv"], recipe["output"]
-    destination = Path(output["out"]).expanduser()
-    roots = [Path(models[r]) for r in ("base", "harmful", "target") if models[r] and Path(models[r]).exists()]
-    check_destination(destination, roots, output["overwrite"])
+    destination = check_output(recipe)
     if not models["harmful"]:  # harm make trains for minutes first: check what sanitize would refuse now
         from ckptops.checkpoint.lora import open_model
         from ckptops.checkpoint.side_files import check_side_files
@@ -399,7 +453,7 @@ def _harm_adapter(recipe: Recipe, destination: Path, progress: bool | None) -> s
         if not recipe["output"]["overwrite"]:
             raise RecipeError(f"{folder}: holds a harm adapter made with other parameters (set output.overwrite "
                               "= true to replace it, or harm.out to put the new one elsewhere)")
-    with in_recipe_terms(recipe.source):
+    with in_recipe_terms(recipe.source, _HARM_KEYS):
         make_harm_adapter(base, folder, questions=harm["questions"] or None, rank=harm["rank"], steps=harm["steps"],
                           lr=harm["lr"], batch_size=harm["batch_size"], seed=harm["seed"], device=harm["device"],
                           dtype=harm["dtype"], overwrite=True, progress=progress)

@@ -320,3 +320,31 @@ def test_a_path_toml_cannot_hold_is_refused_before_any_work(tiny, tmp_path):
     err = result.stderr.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1 and "output.out" in err and "not valid Unicode" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.toml"]  # nothing written, not even a work folder
+
+
+@pytest.mark.parametrize("section,override,key", [
+    ("icv", 'icv.max_memory="lots"', "icv.max_memory"),
+    ("icv", 'icv.max_memory="0"', "icv.max_memory"),
+    ("icv", 'icv.layers="x"', "icv.layers"),
+    ("icv", 'icv.demos="no-such-demos.jsonl"', "icv.demos"),
+    ("harm", 'harm.device="tpu"', "harm.device"),
+    ("harm", "harm.rank=0", "harm.rank"),
+    ("harm", "harm.steps=0", "harm.steps"),
+    ("harm", 'harm.questions="no-such-questions.jsonl"', "harm.questions"),
+    ("output", "OUT_IS_BASE", "output.out"),
+])
+def test_check_refuses_icv_harm_and_output_values_by_key(tiny, tmp_path, section, override, key):
+    """`run --check` refuses the [icv], [harm] and [output] values the run would refuse (the ICV
+    ones only after the whole HDR before), naming the recipe file and key, not a flag."""
+    harmful = "" if section == "harm" else f'harmful = {json.dumps(str(tiny["harmful"]))}\n'
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[models]\nbase = {json.dumps(str(tiny["base"]))}\n{harmful}'
+                      f'target = {json.dumps(str(tiny["target"]))}\n'
+                      + ("[harm]\nmake = true\n" if section == "harm" else "")
+                      + f'[output]\nout = {json.dumps(str(tmp_path / "o"))}\n')
+    if override == "OUT_IS_BASE":
+        override = f"output.out={json.dumps(str(tiny['base']))}"
+    result = CliRunner().invoke(main, ["run", str(recipe), "--set", override, "--check"])
+    err = result.stderr.strip()
+    assert result.exit_code != 0 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {recipe}: {key}"), err

@@ -37,12 +37,18 @@ def run_cmd(recipe, overrides, out, push_to_hub, force, check, as_json, quiet, t
     extra = list(overrides)
     if push_to_hub:
         extra.append(f"output.push_to_hub={json.dumps(push_to_hub)}")
+    if check and out:  # what is checked is the run this command line would make
+        extra.append(f"output.out={json.dumps(out)}")
     resolved = load_recipe(recipe, extra)
     if check:
-        from ckptops.recipe import check_hdr_settings, check_models_exist
+        from ckptops.recipe import (check_harm_settings, check_hdr_settings, check_icv_settings, check_models_exist,
+                                    check_output)
 
         check_hdr_settings(resolved, force)  # what --check is run for: what the run would refuse, it refuses
+        check_icv_settings(resolved)
+        check_harm_settings(resolved)
         check_models_exist(resolved)
+        check_output(resolved)
         click.echo(resolved.to_toml())
         return
     if resolved["icv"]["enabled"]:

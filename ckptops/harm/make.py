@@ -68,8 +68,9 @@ class HarmReport:
         return "\n".join(lines)
 
 
-def _check(rank: int, alpha: float | None, steps: int, lr: float, batch_size: int, heldout: float,
-           device: str, dtype: str) -> None:
+def check_settings(rank: int, alpha: float | None, steps: int, lr: float, batch_size: int, heldout: float,
+                   device: str, dtype: str) -> None:
+    """The option values ``harm make`` refuses before loading anything (a recipe's [harm] too)."""
     if not isinstance(rank, int) or rank < 1:
         raise UsageError(f"--rank must be a positive integer, got {rank!r}")
     if alpha is not None and (not math.isfinite(alpha) or alpha <= 0):
@@ -210,7 +211,7 @@ def make_harm_adapter(
     from ckptops.harm.card import render_harm_card
 
     started = time.perf_counter()
-    _check(rank, alpha, steps, lr, batch_size, heldout, device, dtype)
+    check_settings(rank, alpha, steps, lr, batch_size, heldout, device, dtype)
     examples, questions_sha = load_questions(questions)
     out_path = check_destination(Path(out), [p for p in [Path(base)] if Path(base).exists()], overwrite)
     if not Path(base).exists():  # before the slow imports: a local typo never goes to the Hub
