@@ -654,8 +654,8 @@ def test_ctrl_c_during_the_search_says_what_the_log_keeps(triple, tmp_path, monk
     records = (out / "trials.jsonl").read_text().splitlines()[1:]
     assert len(records) == 2
     assert result.output.strip().splitlines() == [
-        (f"error: interrupted; {out} keeps the 2 trial(s) measured so far in trials.jsonl; "
-         "rerun the same command to continue")]
+        (f"error: interrupted; {out} keeps the 1 candidate(s) measured so far in trials.jsonl (with the "
+         "target's figures); rerun the same command to continue")]
 
 
 def test_the_recipe_records_each_part_of_base_plus_adapter_absolute(tmp_path, monkeypatch):

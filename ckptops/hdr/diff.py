@@ -71,8 +71,9 @@ class DiffReport:
         lines = [f"{'layer':>5}  {'values differ':>15}  {'of':>12}  {'L2 norm of difference':>22}"]
         for layer, (differ, values, norm) in self.by_layer().items():
             lines.append(f"{layer:>5}  {differ:>15,}  {values:>12,}  {norm:>22.6g}")
-        if self.other_tensors_differ:
-            lines.append(f"outside the layers: {', '.join(self.other_tensors_differ)} differ")
+        differ = [name for name in self.other_tensors_differ if name not in self.not_compared]
+        if differ:
+            lines.append(f"outside the layers: {', '.join(differ)} differ")
         if self.not_compared:
             shown = [f"{name} ({why})" for name, why in list(self.not_compared.items())[:5]]
             more = f" and {len(self.not_compared) - 5} more" if len(self.not_compared) > 5 else ""
@@ -157,7 +158,7 @@ def diff_checkpoints(base: str | Checkpoint, edited: str | Checkpoint, *, worker
     changed_layers = {d.layer for d in diffs.values() if d.layer is not None and d.differ}
     changed_layers |= {i for i in map(layer_index, not_compared) if i is not None}  # a layer changed in shape
     differing = sorted(changed_layers)
-    others = [d.name for d in diffs.values() if d.layer is None and d.differ]
-    others += [name for name in not_compared if layer_index(name) is None]
+    others = sorted({d.name for d in diffs.values() if d.layer is None and d.differ}
+                    | {name for name in not_compared if layer_index(name) is None})
     return DiffReport(list(diffs.values()), num_layers, differing, edit_area(differing, num_layers), others,
                       not_compared)

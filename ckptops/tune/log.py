@@ -24,7 +24,7 @@ from ckptops import _startup
 from ckptops.errors import UsageError
 from ckptops.tune import records
 from ckptops.tune.measure import Measurement
-from ckptops.tune.space import Candidate
+from ckptops.tune.space import TARGET, Candidate
 
 LOG_NAME = "trials.jsonl"
 FORMAT = "ckptops.tune.trials/2"
@@ -114,8 +114,13 @@ class TrialLog:
     def _kept(self) -> None:
         """From here OUT holds this log: an interrupt leaves it (by design), and says so."""
         _startup.interrupt_note(self.folder, lambda: (
-            f"keeps the {len(self.done) + len(self.references)} trial(s) measured so far in {LOG_NAME}; "
-            "rerun the same command to continue"))
+            f"keeps the {self._candidates_measured()} candidate(s) measured so far in {LOG_NAME} (with the "
+            "target's figures); rerun the same command to continue"))
+
+    def _candidates_measured(self) -> int:
+        """Search candidates in the log, counted as the summary counts them (not the target's row
+        nor held-out rows)."""
+        return sum(1 for (split, key) in self.done if split == "tune" and self.candidates[key] != TARGET)
 
     def _append(self, record: dict) -> None:
         if self._new:  # the first trial: the log starts with its settings
