@@ -90,13 +90,15 @@ class _Group(click.Group):
         surrogates): ckptops writes the paths it was given into model cards, recipes and
         reports, UTF-8 text that cannot hold them, and would fail only when writing them, at
         the end of the work."""
-        for arg in args:
+        for position, arg in enumerate(args):
             try:
                 arg.encode("utf-8")
             except UnicodeEncodeError:
-                shown = _printable(arg)
-                click.echo(f"error: argument '{shown}' is not valid Unicode (it holds bytes that are not UTF-8); "
-                           "ckptops records its paths in text files: rename the file or folder", err=True)
+                option = args[position - 1] if position and args[position - 1].startswith("-") else ""
+                which = f"the value of {option} " if option else "argument "
+                click.echo(f"error: {which}'{_printable(arg)}' is not valid Unicode (it holds bytes that are not "
+                           "UTF-8); ckptops writes its arguments into UTF-8 text (model cards, recipes, reports): "
+                           "pass UTF-8 text (for a path, rename the file or folder)", err=True)
                 ctx.exit(2)
         return super().parse_args(ctx, args)
 

@@ -368,5 +368,5 @@ def test_a_path_that_is_not_utf8_is_refused_before_any_work(tmp_path, role):
     result = CliRunner().invoke(main, ["sanitize", *[x for kv in args.items() for x in kv], "-q"])
     err = result.stderr.strip()
     assert result.exit_code == 2 and len(err.splitlines()) == 1, err
-    assert err.startswith("error: argument '") and "model\\xff" in err and "not valid Unicode" in err, err
+    assert err.startswith(f"error: the value of {role} '") and "model\\xff" in err and "not valid Unicode" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "harmful", "target"]
