@@ -214,3 +214,16 @@ def test_an_earlier_eval_report_is_recognised(tmp_path):
         assert is_eval_report(tmp_path / name) is expected, name
     assert not is_eval_report(tmp_path / "missing.json")
     assert not is_eval_report(tmp_path)
+
+
+def test_out_that_is_a_folder_or_empty_is_one_line(tmp_path, no_generation):
+    """--out naming a folder was click's four-line usage error, and --out "" ran without writing
+    any report (exit 0): both are one line now, before any generation."""
+    model = tmp_path / "model"
+    model.mkdir()
+    prompts = _jsonl(tmp_path / "p.jsonl", [{"prompt": "x"}])
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    base = ["--model", str(model), "--prompts", str(prompts)]
+    _one_line_error(_eval_out([*base, "--out", str(folder)]), f"--out {folder}: is a folder")
+    _one_line_error(_eval_out([*base, "--out", ""]), "--out is empty")

@@ -55,7 +55,7 @@ _LABELS = ["harmful", "benign", "unsafe", "safe", AUTO_LABEL]
     help="Compute dtype; the ICV is specified in float32.",
 )
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda, cuda:1.")
-@click.option("--out", "out_file", type=click.Path(dir_okay=False),
+@click.option("--out", "out_file", type=click.Path(),
               help="Write the JSON report (every prompt, output and verdict). An existing file is replaced only "
                    "if it is an earlier eval report, or with --overwrite; never an input file or a file in a model folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file that is not an eval report.")
@@ -94,6 +94,8 @@ def eval_cmd(
         raise UsageError("give exactly one of --model DIR or --compare ORIGINAL SANITIZED")
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be at least 1, got {limit}")
+    if out_file is not None and not out_file.strip():
+        raise UsageError("--out is empty: name the JSON report file, e.g. --out report.json")
     if out_file:  # before any generation: a refused --out must not cost the run
         inputs = [("--prompts", path) for path in prompt_files] + [("--ppl", ppl_file), ("--icv", icv)]
         check_report_destination(out_file, input_files=inputs, model_folders=[model_dir] if model_dir else compare_dirs,
