@@ -380,7 +380,7 @@ def run_recipe(recipe: Recipe, *, out: str | None = None, progress: bool | None 
 
     Returns a summary dict (``sanitize`` report, ``icv`` metadata, ``out``, ``pushed``).
     """
-    from ckptops.checkpoint.publish import check_destination, move_into_place
+    from ckptops.checkpoint.publish import move_into_place
     from ckptops.hdr.sanitize import SanitizeOptions, sanitize
 
     data = json.loads(json.dumps(recipe.data))
