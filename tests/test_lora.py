@@ -393,3 +393,16 @@ def test_a_mistyped_adapter_after_plus_is_no_such_folder_without_the_hub(tiny, t
     assert result.exit_code != 0 and len(err.splitlines()) == 1, err
     assert err.startswith(f"error: {typo}: no such adapter folder"), err
     assert not (tmp_path / "o").exists()
+
+
+def test_diff_takes_a_base_plus_adapter_as_the_edited_model(tiny):
+    """diff BASE BASE+ADAPTER: the adapter merged as sanitize reads it; exactly the tensors the
+    adapter changes (by an independent float64 merge, rounded to the base's dtype) differ."""
+    from ckptops.hdr.diff import diff_checkpoints
+
+    report = diff_checkpoints(str(tiny["base"]), f"{tiny['base']}+{tiny['adapter']}", workers=1)
+    base = load_folder(tiny["base"])
+    changed = {name for name, d in _reference_delta(tiny["adapter"]).items()
+               if not torch.equal((base[name].double() + d).to(base[name].dtype), base[name])}
+    assert changed and {t.name for t in report.tensors if t.differ} == changed
+    assert not report.not_compared

@@ -75,6 +75,8 @@ def diff(base, edited, as_json):
 
     Prints, per layer, the number of values that differ and the L2 norm of the difference, and
     the edit area (l-1, l, l+1 around each differing layer) that `sanitize --edit-area auto` uses.
+    EDITED may be BASE+ADAPTER (a LoRA adapter merged as sanitize reads it). Tensors in one model
+    only, or with other shapes (a resized vocabulary), are listed as not compared.
 
     \b
     Example:

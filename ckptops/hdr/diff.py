@@ -97,7 +97,10 @@ def diff_checkpoints(base: str | Checkpoint, edited: str | Checkpoint, *, worker
                      chunk: int = 1 << 20) -> DiffReport:
     """Stream both checkpoints and count, per tensor, the values that differ (bitwise)."""
     base = base if isinstance(base, Checkpoint) else open_checkpoint(base)
-    edited = edited if isinstance(edited, Checkpoint) else open_checkpoint(edited)
+    if not isinstance(edited, Checkpoint):
+        from ckptops.checkpoint.lora import open_model  # BASE+ADAPTER: the adapter merged, as sanitize reads it
+
+        edited = open_model(edited)
     for ckpt in (base, edited):
         if ckpt.root is not None and (ckpt.root / "adapter_config.json").is_file():
             raise MismatchError(f"{ckpt.ref}: is a LoRA adapter, not a model; diff compares two full checkpoints "
