@@ -48,6 +48,7 @@ from ckptops.checkpoint.dtypes import FLOAT_CODES, itemsize, round_float32, wide
 from ckptops.checkpoint.header import TensorInfo, read_header
 from ckptops.checkpoint.resolve import PICKLE_SUFFIXES, Checkpoint, Shard, full_sha256, open_checkpoint
 from ckptops.errors import CheckpointError, MismatchError
+from ckptops.jsontypes import is_int, is_number
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -214,12 +215,11 @@ def _check_config(folder: Path, config: dict) -> None:
 
 
 def _is_rank(value) -> bool:
-    # bool is an int subclass: JSON ``true`` would otherwise pass as rank 1
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return is_int(value) and value >= 1  # (not JSON ``true``, which Python reads as 1)
 
 
 def _is_alpha(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return is_number(value) and math.isfinite(value)
 
 
 def _check_patterns(where: str, config: dict, key: str, valid, what: str) -> None:

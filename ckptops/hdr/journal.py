@@ -36,6 +36,7 @@ from pathlib import Path
 
 from ckptops.checkpoint import checksum
 from ckptops.checkpoint.leftovers import is_live, staging_folders
+from ckptops.jsontypes import dict_of, is_int, is_number, is_str, list_of, optional, row
 
 DIR = ".ckptops-journal"
 STATE = "journal.json"
@@ -60,40 +61,8 @@ def _read_json(path: Path) -> dict | None:
 # --------------------------------------------------------------------------- the journal's types
 # A journal is this program's own file, but it sits on disk across a crash and may be damaged or
 # edited: a value of another type (``"size": "12"``) must mean "not journaled" (that shard, or
-# the whole folder, is computed again), never a TypeError deep in the resumed run.
-
-def is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value) -> bool:
-    return is_int(value) or isinstance(value, float)
-
-
-def optional(check):
-    return lambda value: value is None or check(value)
-
-
-def list_of(check, length: int | None = None):
-    return lambda value: (isinstance(value, list) and (length is None or len(value) == length)
-                          and all(check(v) for v in value))
-
-
-def row(*checks):
-    """A JSON array of ``len(checks)`` values, each passing its check."""
-    return lambda value: (isinstance(value, list) and len(value) == len(checks)
-                          and all(check(v) for check, v in zip(checks, value)))
-
-
-def dict_of(check):
-    """A JSON object of any keys, each value passing ``check``."""
-    return lambda value: isinstance(value, dict) and all(isinstance(k, str) and check(v) for k, v in value.items())
-
-
-def fields(**checks):
-    """A JSON object holding (at least) these keys, each value passing its check."""
-    return lambda value: isinstance(value, dict) and all(k in value and check(value[k]) for k, check in checks.items())
-
+# the whole folder, is computed again), never a TypeError deep in the resumed run (the predicates:
+# :mod:`ckptops.jsontypes`).
 
 _SELECTION = row(optional(is_number), is_int, is_int)
 #: what ``journal.json`` may hold besides its key (see the module docstring): absent, or these types
@@ -102,7 +71,7 @@ _STATE = {
     "bands": dict_of(row(is_int, is_int, is_int, is_int)),  # lo, size, write, shift
     "preselected": dict_of(_SELECTION),
     "exact": dict_of(is_int),
-    "selections": dict_of(row(optional(is_number), is_int, is_int, optional(list_of(lambda v: isinstance(v, str))))),
+    "selections": dict_of(row(optional(is_number), is_int, is_int, optional(list_of(is_str)))),
 }
 _STATE["partial_selections"] = _STATE["selections"]
 

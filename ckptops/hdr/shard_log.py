@@ -21,10 +21,10 @@ import numpy as np
 
 from ckptops.checkpoint.writer import OutShard, ShardWriter
 from ckptops.hdr.drift import SUMS, DriftSums
-from ckptops.hdr.journal import (Journal, dict_of, fields, file_checks_out, is_int, is_number, list_of, optional,
-                                 row)
+from ckptops.hdr.journal import Journal, file_checks_out
 from ckptops.hdr.pause import pause_point
 from ckptops.hdr.plan import Plan
+from ckptops.jsontypes import dict_of, fields, is_int, is_number, is_str, list_of, optional, row
 
 
 @dataclass
@@ -183,17 +183,13 @@ class ShardLog:
         return total
 
 
-def _is_str(value) -> bool:
-    return isinstance(value, str)
-
-
 _SUMS = list_of(is_number, len(SUMS))
 #: a shard entry as :meth:`ShardLog._finish` writes it (see :meth:`ShardTally.to_json`)
 _ENTRY = fields(
-    name=_is_str, size=lambda v: is_int(v) and v >= 0, checksum=_is_str,
+    name=is_str, size=lambda v: is_int(v) and v >= 0, checksum=is_str,
     hists=dict_of(list_of(is_int)), peaks=dict_of(is_int), kept=dict_of(is_int),
-    records=optional(fields(count=is_int, bytes=is_int, checksum=_is_str)),
-    drift=dict_of(fields(parts=list_of(row(_is_str, is_int, _is_str, _SUMS)), sums=dict_of(_SUMS),
+    records=optional(fields(count=is_int, bytes=is_int, checksum=is_str)),
+    drift=dict_of(fields(parts=list_of(row(is_str, is_int, is_str, _SUMS)), sums=dict_of(_SUMS),
                          counts=dict_of(is_int))),
 )
 

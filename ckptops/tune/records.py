@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ckptops.jsontypes import is_int, is_number
 from ckptops.tune.measure import Measurement
 from ckptops.tune.space import Candidate
 
@@ -27,12 +28,8 @@ class BadRecord(ValueError):
     """What is wrong with one record (the caller names the file and line)."""
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _count(value: Any, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    if not is_int(value) or value < 0:
         raise BadRecord(f"{what} is {value!r}, not a count")
     return value
 
@@ -44,7 +41,7 @@ def candidate(data: Any) -> Candidate:
         got = ", ".join(sorted(map(str, data))) if isinstance(data, dict) else type(data).__name__
         raise BadRecord(f"candidate must hold exactly scale, top_k and alpha (got {got or 'nothing'})")
     for key in ("scale", "top_k", "alpha"):
-        if not _is_number(data[key]) or not math.isfinite(data[key]):
+        if not is_number(data[key]) or not math.isfinite(data[key]):
             raise BadRecord(f"candidate {key} is {data[key]!r}, not a finite number")
     made = Candidate(top_k=float(data["top_k"]), scale=float(data["scale"]), alpha=float(data["alpha"]))
     if made.scale < 0:
@@ -73,10 +70,10 @@ def measurement(data: Any) -> Measurement:
         if key not in COUNT_KEYS:
             _count(value, f"measurement counts {key}")
     for key in ("kl", "perplexity"):
-        if data.get(key) is not None and not _is_number(data[key]):
+        if data.get(key) is not None and not is_number(data[key]):
             raise BadRecord(f"measurement {key} is {data[key]!r}, not a number")
     seconds = data.get("seconds", {})
-    if not isinstance(seconds, dict) or not all(_is_number(v) for v in seconds.values()):
+    if not isinstance(seconds, dict) or not all(is_number(v) for v in seconds.values()):
         raise BadRecord("measurement seconds is not an object of numbers")
     outputs = data.get("outputs", [])
     if not isinstance(outputs, list):
