@@ -268,8 +268,7 @@ def dump_toml(data: dict[str, dict[str, Any]], source: str = "<recipe>") -> str:
 #: the flag each shared option check names, and the recipe key that sets that option
 _RECIPE_KEYS = {"--top-k": "hdr.top_k", "--scale": "hdr.scale", "--scope": "hdr.scope", "--exclude": "hdr.exclude",
                 "--layers": "hdr.layers", "--edit-area": "hdr.edit_area", "--dtype": "hdr.dtype",
-                "--max-memory": "hdr.max_memory", "--shard-size": "hdr.shard_size", "--rank": "harm.rank",
-                "--steps": "harm.steps", "--lr": "harm.lr", "--batch-size": "harm.batch_size"}
+                "--max-memory": "hdr.max_memory", "--shard-size": "hdr.shard_size"}
 
 
 #: the same for the checks of ``harm make`` (its --dtype and --out are [harm]'s, not [hdr]'s)
@@ -317,8 +316,7 @@ def check_icv_settings(recipe: Recipe) -> None:
         return
     try:
         if icv["max_memory"]:
-            if parse_size(icv["max_memory"], "icv.max_memory") <= 0:
-                raise UsageError(f"icv.max_memory: must be positive, got {icv['max_memory']!r}")
+            parse_size(icv["max_memory"], "icv.max_memory")  # (refuses 0 and negative sizes too)
         if icv["layers"]:
             parse_layers(icv["layers"])
     except CkptopsError as exc:
@@ -355,6 +353,16 @@ def check_output(recipe: Recipe) -> Path:
     return destination
 
 
+def check_recipe(recipe: Recipe, force: bool = False) -> Path:
+    """Everything the run would refuse before its work, named by recipe key: what ``run --check``
+    reports and what ``run`` checks first. Returns the output folder."""
+    check_hdr_settings(recipe, force)
+    check_icv_settings(recipe)
+    check_harm_settings(recipe)
+    check_models_exist(recipe)
+    return check_output(recipe)
+
+
 def check_models_exist(recipe: Recipe) -> None:
     """Missing local models are reported before any work (Hub refs are checked when resolved)."""
     from ckptops.hub.refs import parse_hub_ref
@@ -389,16 +397,12 @@ def run_recipe(recipe: Recipe, *, out: str | None = None, progress: bool | None 
     if out:
         data["output"]["out"] = out
     recipe = validate(data, recipe.source)
-    check_hdr_settings(recipe, force)
-    check_icv_settings(recipe)
-    check_harm_settings(recipe)
-    check_models_exist(recipe)
+    destination = check_recipe(recipe, force)
     # serialised before any work: a value TOML cannot hold (undecodable bytes in a path) is
     # refused now, not after minutes of sanitizing
     recipe_text = ("# resolved by ckptops; local paths are read from the folder the run started in: from there,\n"
                    "# run again with: ckptops run OUT/recipe.toml --out NEW_FOLDER\n" + stored.to_toml())
     models, hdr, icv, output = recipe["models"], recipe["hdr"], recipe["icv"], recipe["output"]
-    destination = check_output(recipe)
     if not models["harmful"]:  # harm make trains for minutes first: check what sanitize would refuse now
         from ckptops.checkpoint.lora import open_model
         from ckptops.checkpoint.side_files import check_side_files

@@ -41,14 +41,9 @@ def run_cmd(recipe, overrides, out, push_to_hub, force, check, as_json, quiet, t
         extra.append(f"output.out={json.dumps(out)}")
     resolved = load_recipe(recipe, extra)
     if check:
-        from ckptops.recipe import (check_harm_settings, check_hdr_settings, check_icv_settings, check_models_exist,
-                                    check_output)
+        from ckptops.recipe import check_recipe
 
-        check_hdr_settings(resolved, force)  # what --check is run for: what the run would refuse, it refuses
-        check_icv_settings(resolved)
-        check_harm_settings(resolved)
-        check_models_exist(resolved)
-        check_output(resolved)
+        check_recipe(resolved, force)  # what --check is run for: what the run would refuse, it refuses
         click.echo(resolved.to_toml())
         return
     if resolved["icv"]["enabled"]:
