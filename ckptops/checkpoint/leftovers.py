@@ -129,8 +129,10 @@ def _size(folder: Path) -> int:
     return total
 
 
-def _remove(folder: Path) -> None:
-    if folder.is_symlink():  # a replaced OUT that was a link: the link only, never what it points to
+def remove_folder_or_link(folder: Path) -> None:
+    """Delete a leftover or a replaced OUT: a folder with what it holds, or, for an OUT that was a
+    symbolic link to a folder, the link only, never the folder it points to (that is not ours)."""
+    if folder.is_symlink():
         try:
             folder.unlink()
         except FileNotFoundError:
@@ -164,7 +166,7 @@ def sweep(out: Path, keep: Path | None = None) -> Leftovers:
             found.live.append(str(folder))
             continue
         size = _size(folder)
-        _remove(folder)
+        remove_folder_or_link(folder)
         if not os.path.lexists(folder):
             found.removed.append(str(folder))
             found.removed_bytes += size

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ckptops import _startup
-from ckptops.checkpoint.leftovers import claim, release
+from ckptops.checkpoint.leftovers import claim, release, remove_folder_or_link
 from ckptops.checkpoint.resolve import INDEX_NAME
 from ckptops.errors import OutputError
 
@@ -109,11 +109,11 @@ def _replace(tmp: Path, out: Path) -> None:
     except BaseException:
         if not os.path.lexists(tmp):  # the new OUT is in place: complete, and kept
             _startup.published(out)
-            _discard(trash)
+            remove_folder_or_link(trash)
         elif os.path.lexists(trash):  # the old OUT is aside and the new one is not in: put it back
             _put_back(trash, out)
         raise
-    _discard(trash)  # an interrupt here leaves the old copy beside a complete OUT: a later run's sweep removes it
+    remove_folder_or_link(trash)  # an interrupt here leaves the old copy beside a complete OUT: a later run's sweep removes it
 
 
 def _put_back(trash: Path, out: Path) -> None:
@@ -126,18 +126,6 @@ def _put_back(trash: Path, out: Path) -> None:
         except KeyboardInterrupt:
             if not os.path.lexists(trash):
                 return
-
-
-def _discard(old: Path) -> None:
-    """Delete the replaced OUT. An OUT that was a symlink to a folder: the link only, never the
-    folder it points to (that folder is not ours)."""
-    if old.is_symlink():
-        try:
-            old.unlink()
-        except FileNotFoundError:
-            pass
-    else:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _taken(out: Path) -> str:
