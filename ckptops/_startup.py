@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Callable
+from collections.abc import Callable  # (not typing: this runs before the guard, on every start)
 
 _guarding = False
 

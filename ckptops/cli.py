@@ -110,8 +110,7 @@ class _Group(click.Group):
             with _warnings_as_lines():
                 result = super().invoke(ctx)
             _startup.raise_if_interrupted()  # a Ctrl-C that Python dropped (in a weakref callback, a __del__)
-            _startup.finish()  # the command printed its last line: a later Ctrl-C is ignored
-            return result
+            return result  # (the finally below ignores a later Ctrl-C: the command printed its last line)
         except CkptopsError as exc:
             _startup.finish()
             if os.environ.get("CKPTOPS_DEBUG"):

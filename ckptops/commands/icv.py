@@ -82,14 +82,13 @@ def compute(model_ref, out, demos, positions, method, layers, rule, alpha, max_m
     """
     from ckptops.hdr.layers import parse_layers
     from ckptops.icv.compute import compute_icv
-    from ckptops.icv.demos import load_demos
+    from ckptops.icv.demos import check_demo_lengths, load_demos
     from ckptops.icv.destination import check_icv_destination
+    from ckptops.icv.file import check_alpha
     from ckptops.icv.load import load_model
+    from ckptops.preflight import check_layers_fit, check_layers_text, config_layers, config_window
 
     target = check_icv_destination(out, model=model_ref, demos=demos, overwrite=overwrite)
-    from ckptops.icv.demos import check_demo_lengths
-    from ckptops.icv.file import check_alpha
-    from ckptops.preflight import check_layers_fit, check_layers_text, config_layers, config_window
 
     check_layers_text(layers)
     chosen = parse_layers(layers)

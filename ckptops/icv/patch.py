@@ -37,7 +37,6 @@ from ckptops.errors import ICVError
 from ckptops.icv._extras import require_transformers
 from ckptops.icv.arch import DecoderLayout, find_decoder_layout
 from ckptops.icv.file import ICV, ICV_FILENAME, check_strength, load_icv
-"""A checkpoint folder holding this file gets it applied by :func:`from_pretrained`."""
 
 _HANDLE_ATTR = "_ckptops_icv_handle"
 _ORIGINAL_ATTR = "_ckptops_original_from_pretrained"
